@@ -1,0 +1,183 @@
+"""The raw ASGI application: lifespan, and dispatch of http / websocket scopes.
+
+The app owns the shared resources (upstream pool, usage store writer) for the lifetime of the
+server: they are opened in lifespan start-up inside the lifespan task's nursery and closed at
+shutdown. Requests get those resources explicitly; nothing lives at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sniffio
+import trio
+
+from . import headers as hdr
+from .config import ConfigError, Settings
+from .errors import ClientRequestError, ProxyError
+from .exchange import Exchange, adopt_request_id
+from .log import log_access, request_id_var, setup_logging
+from .relay import HttpRelay, Receive, Scope, Send, read_body, send_error
+from .routing import provider_hint, resolve
+from .upstream import UpstreamPool
+
+log = logging.getLogger("trioproxy")
+
+WRONG_WORKER = (
+    "trioproxy runs on Trio only. Start it with `hypercorn trioproxy:app --worker-class trio` "
+    "or `trioproxy serve`."
+)
+
+
+@dataclass(eq=False)
+class Runtime:
+    """Resources that live from lifespan start-up to shutdown."""
+
+    settings: Settings
+    pool: UpstreamPool
+    relay: HttpRelay
+    finishers: list[Callable[[Exchange], Awaitable[None]]]
+
+
+class TrioProxy:
+    """The ASGI callable. ``settings=None`` reads ``TRIOPROXY_*`` at lifespan start-up."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        configure_logging: bool = True,
+    ) -> None:
+        self._settings = settings
+        self._ssl_context = ssl_context
+        self._configure_logging = configure_logging
+        self.runtime: Runtime | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+
+    # -- lifespan --------------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        if sniffio.current_async_library() != "trio":
+            await send({"type": "lifespan.startup.failed", "message": WRONG_WORKER})
+            return
+        try:
+            settings = self._settings or Settings.from_env()
+        except ConfigError as exc:
+            await send({"type": "lifespan.startup.failed", "message": f"configuration: {exc}"})
+            return
+        if self._configure_logging:
+            setup_logging(settings.log_level)
+        pool = UpstreamPool(settings, self._ssl_context)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.runtime = Runtime(settings, pool, HttpRelay(settings, pool), [])
+                await self._startup_extras(nursery, settings)
+                await send({"type": "lifespan.startup.complete"})
+                log.info(
+                    "trioproxy ready: anthropic=%s openai=%s",
+                    settings.anthropic_upstream, settings.openai_upstream,
+                )
+                message = await receive()
+                assert message["type"] == "lifespan.shutdown"
+                nursery.cancel_scope.cancel()
+        finally:
+            self.runtime = None
+            with trio.CancelScope(shield=True):
+                await pool.aclose()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _startup_extras(self, nursery: trio.Nursery, settings: Settings) -> None:
+        """Hook for resources added by later layers (accounting store, extensions)."""
+
+    # -- http ------------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = self.runtime
+        if runtime is None:
+            raise RuntimeError("trioproxy received a request before lifespan start-up")
+        settings = runtime.settings
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        ex = Exchange(
+            request_id=adopt_request_id(hdr.get(headers, settings.request_id_header.encode())),
+            method=scope["method"],
+            path=raw_path.decode("latin-1"),
+            provider=provider_hint(raw_path, headers),
+            request_headers=headers,
+        )
+        token = request_id_var.set(ex.request_id)
+        try:
+            await self._handle(runtime, ex, scope, raw_path, receive, send)
+        except Exception as exc:  # a proxy-side fault: 500 if we still can, never silent
+            log.exception("proxy fault")
+            ex.fail("proxy_error", f"{type(exc).__name__}: {exc}")
+            if not ex.response_started:
+                with trio.CancelScope(shield=True):
+                    await send_error(send, ex, ProxyError("internal proxy error"))
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish(runtime, ex)
+            request_id_var.reset(token)
+
+    async def _handle(
+        self, runtime: Runtime, ex: Exchange, scope: Scope, raw_path: bytes,
+        receive: Receive, send: Send,
+    ) -> None:
+        try:
+            ex.route = resolve(ex.method, raw_path, ex.request_headers)
+            if ex.route is None:
+                raise ClientRequestError(
+                    f"trioproxy has no route for {ex.method} {ex.path}: use /v1/messages, "
+                    "/v1/chat/completions, /v1/responses, or the /anthropic/... and /openai/... "
+                    "prefixes",
+                    404,
+                    "unknown_path",
+                )
+            ex.provider = ex.route.provider
+            body = await read_body(receive, ex, runtime.settings.max_body_bytes)
+        except ClientRequestError as exc:
+            ex.fail(exc.kind, exc.message)
+            await send_error(send, ex, exc)
+            return
+        if body is None:
+            ex.fail("client_disconnect", "client disconnected while sending the body")
+            return
+        await runtime.relay.relay(ex, body, scope.get("query_string", b""), receive, send)
+
+    async def _finish(self, runtime: Runtime, ex: Exchange) -> None:
+        """Runs exactly once per request, shielded: access line, then accounting."""
+        ex.finished_at = trio.current_time()
+        if ex.end_reason is None:
+            ex.end_reason = "complete" if ex.response_started else "proxy_error"
+        log_access(ex.access_fields())
+        for finisher in runtime.finishers:
+            try:
+                await finisher(ex)
+            except Exception:
+                log.exception("finaliser %r failed", finisher)
+
+    # -- websocket -------------------------------------------------------------------------
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1008})
+
+
+def create_app(settings: Settings | None = None, **kwargs: Any) -> TrioProxy:
+    return TrioProxy(settings, **kwargs)

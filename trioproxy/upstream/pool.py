@@ -1,0 +1,312 @@
+"""A keep-alive connection pool per upstream origin: h11 over trio streams, TLS via SSLStream.
+
+Timeouts are separate and phase-named (connect, write, read, pool). The read timeout bounds
+each read, never the whole exchange. A reused connection that fails before any response byte
+is retried once on a fresh connection; nothing else is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from itertools import count
+
+import h11
+import trio
+
+from ..config import Settings, UpstreamURL
+from ..errors import (
+    StaleConnection,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+log = logging.getLogger("trioproxy.upstream")
+
+READ_SIZE = 65536
+Headers = list[tuple[bytes, bytes]]
+Origin = tuple[str, str, int]
+
+
+def default_ssl_context() -> ssl.SSLContext:
+    """The system trust store (honours SSL_CERT_FILE / SSL_CERT_DIR), HTTP/1.1 via ALPN."""
+    ctx = ssl.create_default_context()
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+_conn_ids = count(1)
+
+
+@dataclass(eq=False)
+class Connection:
+    stream: trio.abc.Stream
+    origin: Origin
+    h11: h11.Connection = field(
+        default_factory=lambda: h11.Connection(h11.CLIENT, max_incomplete_event_size=256 * 1024)
+    )
+    conn_id: int = field(default_factory=lambda: next(_conn_ids))
+    requests: int = 0
+    idle_since: float = 0.0
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+
+class UpstreamResponse:
+    """Status and headers of an upstream response; the body is read chunk by chunk."""
+
+    def __init__(self, conn: Connection, event: h11.Response, read_timeout: float) -> None:
+        self._conn = conn
+        self.status: int = event.status_code
+        self.reason: bytes = event.reason
+        self.headers: Headers = list(event.headers)
+        self.trailers: Headers = []
+        self.complete = False
+        self._read_timeout = read_timeout
+        self._release: Callable[[Connection], Awaitable[None]] | None = None
+
+    async def aclose(self) -> None:
+        """Give the connection back (body complete and reusable) or close it. Idempotent."""
+        release, self._release = self._release, None
+        if release is None:
+            return
+        if not self.complete:
+            await self._conn.aclose()
+        with trio.CancelScope(shield=True):
+            await release(self._conn)
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def conn_id(self) -> int:
+        return self._conn.conn_id
+
+    async def receive_chunk(self, deadline: float | None = None) -> bytes | None:
+        """Next body bytes, or None once the body is complete.
+
+        ``deadline`` (trio time) bounds the wait; by default one read timeout from now.
+        Raises UpstreamTimeout('read') or UpstreamProtocolError on a cut connection.
+        """
+        if self.complete:
+            return None
+        conn = self._conn.h11
+        if deadline is None:
+            deadline = trio.current_time() + self._read_timeout
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamProtocolError(f"upstream broke the response body: {exc}") from exc
+            if event is h11.NEED_DATA:
+                conn.receive_data(await _read(self._conn, deadline, self._read_timeout))
+                continue
+            if type(event) is h11.Data:
+                return event.data
+            if type(event) is h11.EndOfMessage:
+                self.trailers = list(event.headers)
+                self.complete = True
+                return None
+            raise UpstreamProtocolError(f"unexpected upstream event {type(event).__name__}")
+
+
+async def _read(conn: Connection, deadline: float, timeout: float) -> bytes:
+    try:
+        with trio.fail_at(deadline):
+            return await conn.stream.receive_some(READ_SIZE)
+    except trio.TooSlowError:
+        raise UpstreamTimeout("read", timeout) from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise UpstreamProtocolError(f"upstream connection lost: {exc!r}") from exc
+
+
+class UpstreamPool:
+    """Owns every upstream connection. Close with ``aclose()`` (the app's lifespan does)."""
+
+    def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._settings = settings
+        self._ssl_context = ssl_context
+        self._idle: dict[Origin, list[Connection]] = {}
+        self._limits: dict[Origin, trio.Semaphore] = {}
+        self.opened = 0  # statistics, handy in tests and logs
+        self.reused = 0
+        self.retried = 0
+
+    def statistics(self) -> dict[str, int]:
+        idle = sum(len(v) for v in self._idle.values())
+        return {"opened": self.opened, "reused": self.reused, "retried": self.retried, "idle": idle}
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await conn.aclose()
+
+    def _ssl(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            self._ssl_context = default_ssl_context()
+        return self._ssl_context
+
+    async def _connect(self, base: UpstreamURL) -> Connection:
+        timeout = self._settings.connect_timeout
+        try:
+            with trio.fail_after(timeout):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(base.host, base.port)
+                if base.scheme == "https":
+                    stream = trio.SSLStream(
+                        stream, self._ssl(), server_hostname=base.host, https_compatible=True
+                    )
+                    await stream.do_handshake()
+        except trio.TooSlowError:
+            raise UpstreamTimeout("connect", timeout) from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise UpstreamConnectError(f"cannot connect to {base}: {exc}") from exc
+        self.opened += 1
+        return Connection(stream, (base.scheme, base.host, base.port))
+
+    def _take_idle(self, origin: Origin) -> Connection | None:
+        conns = self._idle.get(origin)
+        now = trio.current_time()
+        while conns:
+            conn = conns.pop()
+            if now - conn.idle_since < self._settings.keepalive_expiry:
+                return conn
+            _close_nowait(conn)
+        return None
+
+    def _put_idle(self, conn: Connection) -> None:
+        conn.h11.start_next_cycle()
+        conn.idle_since = trio.current_time()
+        self._idle.setdefault(conn.origin, []).append(conn)
+
+    def _limit(self, origin: Origin) -> trio.Semaphore:
+        sem = self._limits.get(origin)
+        if sem is None:
+            sem = self._limits[origin] = trio.Semaphore(self._settings.max_connections)
+        return sem
+
+    async def send_request(
+        self, base: UpstreamURL, method: bytes, target: bytes, headers: Headers, body: bytes
+    ) -> UpstreamResponse:
+        """Send one request and return the response once its headers have arrived.
+
+        The caller owns the response and must ``aclose()`` it (or use ``async with``): the
+        connection then goes back to the pool if the body was read to the end and both sides
+        allow keep-alive; otherwise it is closed, shielded, whatever the exit reason.
+        """
+        origin = (base.scheme, base.host, base.port)
+        limit = self._limit(origin)
+        try:
+            with trio.fail_after(self._settings.pool_timeout):
+                await limit.acquire()
+        except trio.TooSlowError:
+            raise UpstreamTimeout("pool", self._settings.pool_timeout) from None
+        try:
+            response = await self._exchange(base, origin, method, target, headers, body)
+        except BaseException:
+            limit.release()
+            raise
+        response._release = lambda conn: self._release(conn, limit)
+        return response
+
+    async def _release(self, conn: Connection, limit: trio.Semaphore) -> None:
+        try:
+            h = conn.h11
+            if h.our_state is h11.DONE and h.their_state is h11.DONE:
+                self._put_idle(conn)
+            else:
+                await conn.aclose()
+        finally:
+            limit.release()
+
+    async def _exchange(
+        self, base: UpstreamURL, origin: Origin, method: bytes, target: bytes,
+        headers: Headers, body: bytes,
+    ) -> UpstreamResponse:
+        conn = self._take_idle(origin)
+        if conn is not None:
+            self.reused += 1
+            try:
+                return await self._send_and_read_head(conn, method, target, headers, body)
+            except StaleConnection as exc:
+                log.info("stale keep-alive connection %d (%s); retrying once", conn.conn_id, exc)
+                self.retried += 1
+            except BaseException:
+                await conn.aclose()
+                raise
+            await conn.aclose()
+        conn = await self._connect(base)
+        try:
+            return await self._send_and_read_head(conn, method, target, headers, body)
+        except BaseException:
+            await conn.aclose()
+            raise
+
+    async def _send_and_read_head(
+        self, conn: Connection, method: bytes, target: bytes, headers: Headers, body: bytes
+    ) -> UpstreamResponse:
+        reused = conn.requests > 0
+        conn.requests += 1
+        h = conn.h11
+        data = h.send(h11.Request(method=method, target=target, headers=headers))
+        if body:
+            data += h.send(h11.Data(data=body))
+        data += h.send(h11.EndOfMessage())
+        timeout = self._settings.write_timeout
+        try:
+            with trio.fail_after(timeout):
+                await conn.stream.send_all(data)
+        except trio.TooSlowError:
+            raise UpstreamTimeout("write", timeout) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if reused:
+                raise StaleConnection(f"write failed: {exc!r}") from exc
+            raise UpstreamProtocolError(f"upstream closed while sending request: {exc!r}") from exc
+        return await self._read_head(conn, reused)
+
+    async def _read_head(self, conn: Connection, reused: bool) -> UpstreamResponse:
+        h = conn.h11
+        timeout = self._settings.read_timeout
+        deadline = trio.current_time() + timeout
+        got_bytes = False
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                if reused and not got_bytes:
+                    raise StaleConnection(str(exc)) from exc
+                raise UpstreamProtocolError(f"invalid upstream response: {exc}") from exc
+            if event is h11.NEED_DATA:
+                try:
+                    data = await _read(conn, deadline, timeout)
+                except UpstreamProtocolError as exc:
+                    if reused and not got_bytes:
+                        raise StaleConnection(str(exc)) from exc
+                    raise
+                got_bytes = got_bytes or bool(data)
+                h.receive_data(data)
+                continue
+            if type(event) is h11.Response:
+                return UpstreamResponse(conn, event, timeout)
+            if type(event) is h11.InformationalResponse:
+                continue
+            if reused and not got_bytes:
+                raise StaleConnection(f"connection closed ({type(event).__name__})")
+            raise UpstreamProtocolError(f"upstream closed before responding ({event!r})")
+
+
+def _close_nowait(conn: Connection) -> None:
+    """Close an expired idle connection without awaiting (plain sockets close synchronously)."""
+    stream = conn.stream
+    sock_stream = getattr(stream, "transport_stream", stream)
+    sock = getattr(sock_stream, "socket", None)
+    if sock is not None:
+        sock.close()
