@@ -42,6 +42,22 @@ class Runtime:
     relay: HttpRelay
     finishers: list[Callable[[Exchange], Awaitable[None]]]
 
+    async def finish(self, ex: Exchange) -> None:
+        """Finalise one exchange (an HTTP request, or one WebSocket response) exactly once:
+        the access line, then every finisher (accounting, complete hooks). Shielded."""
+        with trio.CancelScope(shield=True):
+            if ex.finished_at is not None:
+                return
+            ex.finished_at = trio.current_time()
+            if ex.end_reason is None:
+                ex.end_reason = "complete" if ex.response_started else "proxy_error"
+            log_access(ex.access_fields())
+            for finisher in self.finishers:
+                try:
+                    await finisher(ex)
+                except Exception:
+                    log.exception("finaliser %r failed", finisher)
+
 
 class TrioProxy:
     """The ASGI callable. ``settings=None`` reads ``TRIOPROXY_*`` at lifespan start-up."""
@@ -130,8 +146,7 @@ class TrioProxy:
                 with trio.CancelScope(shield=True):
                     await send_error(send, ex, ProxyError("internal proxy error"))
         finally:
-            with trio.CancelScope(shield=True):
-                await self._finish(runtime, ex)
+            await runtime.finish(ex)
             request_id_var.reset(token)
 
     async def _handle(
@@ -159,24 +174,15 @@ class TrioProxy:
             return
         await runtime.relay.relay(ex, body, scope.get("query_string", b""), receive, send)
 
-    async def _finish(self, runtime: Runtime, ex: Exchange) -> None:
-        """Runs exactly once per request, shielded: access line, then accounting."""
-        ex.finished_at = trio.current_time()
-        if ex.end_reason is None:
-            ex.end_reason = "complete" if ex.response_started else "proxy_error"
-        log_access(ex.access_fields())
-        for finisher in runtime.finishers:
-            try:
-                await finisher(ex)
-            except Exception:
-                log.exception("finaliser %r failed", finisher)
-
     # -- websocket -------------------------------------------------------------------------
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = await receive()
-        if message["type"] == "websocket.connect":
-            await send({"type": "websocket.close", "code": 1008})
+        runtime = self.runtime
+        if runtime is None:
+            raise RuntimeError("trioproxy received a websocket before lifespan start-up")
+        from .websocket import relay_websocket
+
+        await relay_websocket(runtime, scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, **kwargs: Any) -> TrioProxy:
