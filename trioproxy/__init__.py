@@ -12,4 +12,4 @@ __version__ = "0.1.0"
 
 app = TrioProxy()
 
-__all__ = ["Settings", "TrioProxy", "app", "create_app", "__version__"]
+__all__ = ["Settings", "TrioProxy", "__version__", "app", "create_app"]

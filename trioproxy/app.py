@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,9 @@ from . import headers as hdr
 from .config import ConfigError, Settings
 from .errors import ClientRequestError, ProxyError
 from .exchange import Exchange, adopt_request_id
+from .extensions import Extension, ExtensionFailed, ExtensionManager, load_extensions
 from .log import log_access, request_id_var, setup_logging
+from .payload import is_bypass, prepare
 from .relay import HttpRelay, Receive, Scope, Send, read_body, send_error
 from .routing import provider_hint, resolve
 from .upstream import UpstreamPool
@@ -41,6 +43,7 @@ class Runtime:
     pool: UpstreamPool
     relay: HttpRelay
     finishers: list[Callable[[Exchange], Awaitable[None]]]
+    extensions: ExtensionManager
 
     async def finish(self, ex: Exchange) -> None:
         """Finalise one exchange (an HTTP request, or one WebSocket response) exactly once:
@@ -68,8 +71,11 @@ class TrioProxy:
         *,
         ssl_context: ssl.SSLContext | None = None,
         configure_logging: bool = True,
+        extensions: Sequence[Extension] | None = None,
     ) -> None:
+        """``extensions`` replaces entry-point/env discovery (tests, embedding)."""
         self._settings = settings
+        self._extensions = extensions
         self._ssl_context = ssl_context
         self._configure_logging = configure_logging
         self.runtime: Runtime | None = None
@@ -98,10 +104,20 @@ class TrioProxy:
             return
         if self._configure_logging:
             setup_logging(settings.log_level)
+        try:
+            extensions = ExtensionManager(
+                self._extensions if self._extensions is not None
+                else load_extensions(settings.extension_specs),
+                fail_closed=settings.extensions_fail_closed,
+            )
+        except Exception as exc:  # noqa: BLE001 - a broken extension must stop start-up, loudly
+            await send({"type": "lifespan.startup.failed", "message": f"extensions: {exc!r}"})
+            return
         pool = UpstreamPool(settings, self._ssl_context)
         try:
             async with trio.open_nursery() as nursery:
-                self.runtime = Runtime(settings, pool, HttpRelay(settings, pool), [])
+                relay = HttpRelay(settings, pool, extensions)
+                self.runtime = Runtime(settings, pool, relay, [], extensions)
                 await self._startup_extras(nursery, settings)
                 await send({"type": "lifespan.startup.complete"})
                 log.info(
@@ -172,7 +188,24 @@ class TrioProxy:
         if body is None:
             ex.fail("client_disconnect", "client disconnected while sending the body")
             return
-        await runtime.relay.relay(ex, body, scope.get("query_string", b""), receive, send)
+        settings = runtime.settings
+        ex.bypass = is_bypass(ex.request_headers, settings.bypass_header_names)
+        relay = runtime.relay
+        base = relay.upstream_for(ex)
+        query = scope.get("query_string", b"")
+        target = base.prefix + ex.route.path + (b"?" + query if query else b"")
+        has_body = bool(body) or ex.method in ("POST", "PUT", "PATCH")
+        headers = hdr.upstream_request_headers(
+            ex.request_headers, base.host_header, len(body) if has_body else None,
+            drop=settings.bypass_header_names,
+        )
+        try:
+            out = await prepare(ex, body, headers, runtime.extensions)
+        except ExtensionFailed as exc:
+            ex.fail("extension_error", str(exc))
+            await send_error(send, ex, ProxyError(f"request rejected: {exc}"))
+            return
+        await relay.relay(ex, base, target, out.headers, out.body, receive, send)
 
     # -- websocket -------------------------------------------------------------------------
 

@@ -141,12 +141,13 @@ def set_stream_socket_options(sock: socket.socket, user_timeout_ms: int) -> None
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    for field, env in _SETTING_FLAGS.items():
-        value = getattr(args, field, None)
-        if value is not None:
-            os.environ[env] = str(value)
+    updates = {
+        env: str(getattr(args, name))
+        for name, env in _SETTING_FLAGS.items()
+        if getattr(args, name, None) is not None
+    }
     try:
-        settings = Settings.from_env()  # fail fast, before forking workers
+        settings = Settings.from_env({**os.environ, **updates})  # fail fast, before any worker
     except ConfigError as exc:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2
@@ -155,6 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     from hypercorn.run import run
 
+    os.environ.update(updates)  # workers are spawned processes: they read the environment
     scheme = "https" if args.certfile else "http"
     print(
         f"trioproxy {__version__} on {scheme}://{args.host}:{args.port} "

@@ -96,6 +96,13 @@ class Settings:
     accounting: bool = True
     log_level: str = "INFO"
     channel_size: int = 16  # chunks buffered between upstream reader and client writer
+    admin_token: str | None = None  # may read every usage record via GET /v1/usage/{id}
+    extensions: str = ""  # "module:attr,module:attr" loaded after the entry points
+    extensions_fail_closed: bool = False
+    bypass_headers: str = "x-trioproxy-bypass"  # comma list; "true" in any of them = bypass
+    include_usage: bool = True  # inject stream_options.include_usage for Chat streams
+    ws_max_message_size: int = 64 * MiB
+    ws_ping_interval: float | None = 20.0
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -116,6 +123,16 @@ class Settings:
     @property
     def openai_upstream(self) -> UpstreamURL:
         return UpstreamURL.parse(self.openai_base_url, name="TRIOPROXY_OPENAI_BASE_URL")
+
+    @property
+    def bypass_header_names(self) -> tuple[bytes, ...]:
+        return tuple(
+            n.strip().lower().encode() for n in self.bypass_headers.split(",") if n.strip()
+        )
+
+    @property
+    def extension_specs(self) -> list[str]:
+        return [s.strip() for s in self.extensions.split(",") if s.strip()]
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -139,9 +156,9 @@ _DEFAULTS = Settings.__dataclass_fields__
 
 def _convert(name: str, raw: str, key: str) -> object:
     default = _DEFAULTS[name].default
-    if name == "sse_keepalive":
+    if name in ("sse_keepalive", "ws_ping_interval"):
         return _float_or_none(raw, key)
-    if name == "database_url":
+    if name in ("database_url", "admin_token"):
         return raw or None
     if isinstance(default, bool):
         return _bool(raw, key)

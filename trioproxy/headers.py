@@ -42,9 +42,11 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
     return frozenset(names)
 
 
-def _filter(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> Headers:
+def _filter(
+    headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes], extra: Iterable[bytes] = ()
+) -> Headers:
     headers = list(headers)
-    named = connection_tokens(headers)
+    named = connection_tokens(headers) | frozenset(extra)
     out: Headers = []
     for name, value in headers:
         low = name.lower()
@@ -55,11 +57,14 @@ def _filter(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> H
 
 
 def upstream_request_headers(
-    headers: Iterable[tuple[bytes, bytes]], host: bytes, body_length: int | None
+    headers: Iterable[tuple[bytes, bytes]], host: bytes, body_length: int | None,
+    drop: Iterable[bytes] = (),
 ) -> Headers:
-    """Client request headers -> headers sent upstream (``Host`` set to the upstream's)."""
+    """Client request headers -> headers sent upstream (``Host`` set to the upstream's).
+
+    ``drop`` names extra headers to withhold (the configured bypass header names)."""
     out = [(b"host", host)]
-    out.extend(_filter(headers, _REQUEST_DROP))
+    out.extend(_filter(headers, _REQUEST_DROP, drop))
     if body_length is not None:
         out.append((b"content-length", str(body_length).encode()))
     return out
@@ -83,7 +88,7 @@ UPSTREAM_REQUEST_ID_HEADERS = (b"request-id", b"x-request-id", b"anthropic-reque
 
 def upstream_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The upstream's own request id (Anthropic ``request-id``, OpenAI ``x-request-id``)."""
-    found = dict((k, v) for k, v in headers if k in UPSTREAM_REQUEST_ID_HEADERS)
+    found = {k: v for k, v in headers if k in UPSTREAM_REQUEST_ID_HEADERS}
     for name in UPSTREAM_REQUEST_ID_HEADERS:
         if name in found:
             return found[name].decode("latin-1")

@@ -17,9 +17,11 @@ from typing import Any
 import trio
 
 from . import headers as hdr
-from .config import Settings
+from .config import Settings, UpstreamURL
 from .errors import ClientRequestError, ProxyError, UpstreamError, error_body
 from .exchange import Exchange
+from .extensions import ExtensionManager, MutableHeaders
+from .payload import hook_context
 from .upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("trioproxy.relay")
@@ -77,30 +79,28 @@ async def send_error(send: Send, ex: Exchange, exc: ProxyError) -> None:
 class HttpRelay:
     """Relays one routed HTTP request. ``ex.route`` must be set by the caller."""
 
-    def __init__(self, settings: Settings, pool: UpstreamPool) -> None:
+    def __init__(
+        self, settings: Settings, pool: UpstreamPool, extensions: ExtensionManager | None = None
+    ) -> None:
         self._settings = settings
         self._pool = pool
+        self._extensions = extensions
+
+    def upstream_for(self, ex: Exchange) -> UpstreamURL:
+        assert ex.route is not None
+        if ex.route.provider == "anthropic":
+            return self._settings.anthropic_upstream
+        return self._settings.openai_upstream
 
     async def relay(
-        self, ex: Exchange, body: bytes, query: bytes, receive: Receive, send: Send
+        self, ex: Exchange, base: UpstreamURL, target: bytes, headers: list[tuple[bytes, bytes]],
+        body: bytes, receive: Receive, send: Send,
     ) -> None:
-        assert ex.route is not None
-        base = (
-            self._settings.anthropic_upstream
-            if ex.route.provider == "anthropic"
-            else self._settings.openai_upstream
-        )
-        target = base.prefix + ex.route.path + (b"?" + query if query else b"")
-        has_body = bool(body) or ex.method in ("POST", "PUT", "PATCH")
-        out_headers = hdr.upstream_request_headers(
-            ex.request_headers, base.host_header, len(body) if has_body else None
-        )
+        """Send the prepared request upstream and stream the response back to the client."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, receive, ex, nursery.cancel_scope)
             try:
-                resp = await self._pool.send_request(
-                    base, ex.method.encode(), target, out_headers, body
-                )
+                resp = await self._pool.send_request(base, ex.method.encode(), target, headers, body)
             except UpstreamError as exc:
                 ex.fail(exc.kind, exc.message)
                 log.warning("upstream %s before response: %s", exc.kind, exc.message)
@@ -124,13 +124,18 @@ class HttpRelay:
                 scope.cancel()
                 return
 
-    def _start_message(self, resp: UpstreamResponse, ex: Exchange) -> dict[str, Any]:
+    async def _start_message(self, resp: UpstreamResponse, ex: Exchange) -> dict[str, Any]:
         ex.status = resp.status
         ex.headers_at = trio.current_time()
         ex.upstream_request_id = hdr.upstream_request_id(resp.headers)
         ctype = hdr.get(resp.headers, b"content-type") or b""
         ex.streamed = ctype.startswith(b"text/event-stream")
         headers = hdr.client_response_headers(resp.headers)
+        ext = self._extensions
+        if ext is not None and ext.has_response_start_hooks and not ex.bypass:
+            mutable = MutableHeaders(headers)
+            await ext.run_response_start(hook_context(ex, None), resp.status, mutable)
+            headers = mutable.raw()
         headers.extend(proxy_headers(ex))
         return {"type": "http.response.start", "status": resp.status, "headers": headers}
 
@@ -186,7 +191,7 @@ class HttpRelay:
         ex: Exchange,
     ) -> None:
         """Sends each chunk as it arrives, coalescing what is already queued into one send."""
-        start = self._start_message(resp, ex)
+        start = await self._start_message(resp, ex)
         await send(start)
         ex.response_started = True
         ended = False

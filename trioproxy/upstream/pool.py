@@ -12,6 +12,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Self
 
 import h11
 import trio
@@ -80,7 +81,7 @@ class UpstreamResponse:
         with trio.CancelScope(shield=True):
             await release(self._conn)
 
-    async def __aenter__(self) -> UpstreamResponse:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

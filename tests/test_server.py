@@ -1,0 +1,91 @@
+"""The app as users start it: `hypercorn trioproxy:app --worker-class trio`, the CLI, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from functools import partial
+
+import httpx
+import trio
+from trioproxy.testing import FakeUpstream
+
+from trioproxy import Settings, TrioProxy
+from trioproxy.cli import main as cli_main
+
+HYPERCORN = os.path.join(os.path.dirname(sys.executable), "hypercorn")
+
+
+async def _run_until_listening(cmd: list[str], env: dict[str, str], nursery: trio.Nursery):
+    """Start a server process; return (process, base URL) once it prints where it listens."""
+    proc = await nursery.start(
+        partial(trio.run_process, cmd, env=env, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, check=False)
+    )
+    seen = b""
+    with trio.fail_after(30):
+        async for chunk in proc.stderr:
+            seen += chunk
+            m = re.search(rb"Running on (http://[\d.]+:\d+)", seen)
+            if m:
+                return proc, m.group(1).decode()
+    raise AssertionError(f"server did not start: {seen.decode(errors='replace')}")
+
+
+async def test_hypercorn_command_as_written_serves_the_proxy(nursery: trio.Nursery) -> None:
+    fake = FakeUpstream()
+    await nursery.start(fake.serve)
+    env = {**os.environ, "TRIOPROXY_ANTHROPIC_BASE_URL": fake.url,
+           "TRIOPROXY_OPENAI_BASE_URL": fake.url, "TRIOPROXY_ACCOUNTING": "false"}
+    proc, url = await _run_until_listening(
+        [HYPERCORN, "trioproxy:app", "--worker-class", "trio", "--bind", "127.0.0.1:0"], env, nursery
+    )
+    try:
+        async with httpx.AsyncClient(timeout=20) as client:
+            resp = await client.post(
+                url + "/v1/chat/completions",
+                headers={"authorization": "Bearer sk-test"},
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            )
+        assert resp.status_code == 200
+        assert resp.json()["object"] == "chat.completion"
+        assert resp.headers["x-request-id"] and resp.headers["x-trioproxy-request-id"]
+    finally:
+        proc.terminate()
+
+
+async def test_non_trio_worker_refuses_to_start_with_instructions() -> None:
+    messages: list[dict] = []
+    incoming = [{"type": "lifespan.startup"}]
+
+    async def receive() -> dict:
+        return incoming.pop(0)
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    def run_under_asyncio() -> None:
+        asyncio.run(TrioProxy(Settings())({"type": "lifespan"}, receive, send))
+
+    await trio.to_thread.run_sync(run_under_asyncio)
+    assert messages[0]["type"] == "lifespan.startup.failed"
+    assert "--worker-class trio" in messages[0]["message"]
+
+
+def test_cli_help_answers_questions(capsys) -> None:
+    try:
+        cli_main(["serve", "--help"])
+    except SystemExit:
+        pass
+    out = capsys.readouterr().out
+    for needle in ("--sse-keepalive", "--read-timeout", "TRIOPROXY_", "hypercorn trioproxy:app",
+                   "--graceful-timeout", "TCP_USER_TIMEOUT"):
+        assert needle in out
+
+
+def test_cli_rejects_bad_configuration_before_starting(capsys) -> None:
+    assert cli_main(["serve", "--openai-base-url", "not-a-url"]) == 2
+    assert "TRIOPROXY_OPENAI_BASE_URL" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Extensions shipped with trioproxy, as worked examples of :mod:`trioproxy.extensions`."""

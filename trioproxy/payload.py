@@ -1,0 +1,117 @@
+"""The request payload stage: decode once, run extension hooks, re-encode only if changed.
+
+If nothing changed the payload, the original request bytes go upstream verbatim. A changed
+payload is serialised once, compactly, keeping key order and non-ASCII text; integers keep
+their digits and floats their IEEE-754 value. Bodies that are not JSON objects skip the hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from . import headers as hdr
+from .exchange import Exchange
+from .extensions import ExtensionManager, HookContext, MutableHeaders
+
+log = logging.getLogger("trioproxy.payload")
+
+PAYLOAD_APIS = frozenset(
+    {"anthropic.messages", "anthropic.count_tokens", "openai.chat", "openai.responses"}
+)
+_TRUE = (b"1", b"true", b"yes", b"on")
+
+
+def is_bypass(headers: list[tuple[bytes, bytes]], names: tuple[bytes, ...]) -> bool:
+    """True when any configured bypass header says so."""
+    return any(k in names and v.strip().lower() in _TRUE for k, v in headers)
+
+
+def decode_payload(body: bytes, content_encoding: bytes | None) -> dict[str, Any] | None:
+    """The JSON object in a request body, or None (not JSON, not an object, bad encoding)."""
+    if not body:
+        return None
+    if content_encoding and content_encoding.strip().lower() not in (b"identity", b""):
+        from .decoding import decompress
+
+        body = decompress(body, content_encoding.decode("latin-1"))
+        if body is None:
+            return None
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def hook_context(ex: Exchange, payload: dict[str, Any] | None) -> HookContext:
+    model = payload.get("model") if payload else None
+    return HookContext(
+        request_id=ex.request_id,
+        api=ex.api(),
+        provider=ex.provider,
+        transport=ex.transport,
+        path=ex.path,
+        model=model if isinstance(model, str) else None,
+        stream=bool(payload.get("stream")) if payload else False,
+        bypass=ex.bypass,
+    )
+
+
+@dataclass(slots=True)
+class Outbound:
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+async def prepare(
+    ex: Exchange,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]],
+    manager: ExtensionManager | None,
+) -> Outbound:
+    """Decode the payload (when anything needs it), run payload hooks, re-encode if changed.
+
+    ``headers`` are the outbound upstream headers (policy already applied). Raises
+    ``ExtensionFailed`` when a hook fails and the manager is fail-closed.
+    """
+    api = ex.api()
+    hooks = manager is not None and manager.has_payload_hooks and not ex.bypass
+    if api not in PAYLOAD_APIS:
+        return Outbound(body, headers)
+    encoding = hdr.get(headers, b"content-encoding")
+    if encoding and not hooks:
+        return Outbound(body, headers)  # compressed: decode only when a hook needs it
+    payload = decode_payload(body, encoding)
+    if payload is None:
+        return Outbound(body, headers)
+    _note_request(ex, payload)
+    if not hooks:
+        return Outbound(body, headers)
+    assert manager is not None
+    mutable = MutableHeaders(headers)
+    result = await manager.run_payload(hook_context(ex, payload), payload, mutable)
+    out_headers = mutable.raw() if mutable.changed else headers
+    if not result.changed_by:
+        return Outbound(body, out_headers)
+    new_body = encode_payload(result.payload)
+    _note_request(ex, result.payload)
+    log.info("payload changed by %s (%d -> %d bytes)", ",".join(result.changed_by),
+             len(body), len(new_body))
+    ex.extra["payload_changed_by"] = result.changed_by
+    drop = {b"content-length", b"content-encoding"}
+    out_headers = [(k, v) for k, v in out_headers if k not in drop]
+    out_headers.append((b"content-length", str(len(new_body)).encode()))
+    return Outbound(new_body, out_headers)
+
+
+def _note_request(ex: Exchange, payload: dict[str, Any]) -> None:
+    model = payload.get("model")
+    ex.model_requested = model if isinstance(model, str) else None
+    ex.extra["stream_requested"] = bool(payload.get("stream"))
