@@ -11,10 +11,10 @@ import pytest
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
-from trioproxy.testing import FakeUpstream
 
 from trioproxy import Settings, TrioProxy
 from trioproxy.exchange import Exchange
+from trioproxy.testing import FakeUpstream
 
 ON_CI = bool(os.environ.get("CI"))
 
@@ -27,6 +27,13 @@ class ProxyServer:
     exchanges: list[Exchange] = field(default_factory=list)
     _stop: trio.Event = field(default_factory=trio.Event)
     _stopped: trio.Event = field(default_factory=trio.Event)
+
+    async def wait_exchanges(self, n: int = 1) -> list[Exchange]:
+        """Wait until ``n`` exchanges have been finalised (that happens after the response)."""
+        with trio.fail_after(30):
+            while len(self.exchanges) < n:
+                await trio.sleep(0.005)
+        return self.exchanges
 
     async def stop(self) -> None:
         self._stop.set()
@@ -131,7 +138,9 @@ class RawClient:
     async def send_request(
         self, method: str, target: str | bytes, headers: list[tuple[str, str]], body: bytes = b""
     ) -> None:
-        hs = [("host", "proxy.test")] + list(headers)
+        hs = list(headers)
+        if not any(k.lower() == "host" for k, _ in hs):
+            hs.insert(0, ("host", "proxy.test"))
         if body or method in ("POST", "PUT", "PATCH"):
             hs.append(("content-length", str(len(body))))
         data = self.conn.send(h11.Request(method=method, target=target, headers=hs))

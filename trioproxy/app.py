@@ -8,6 +8,7 @@ shutdown. Requests get those resources explicitly; nothing lives at module level
 from __future__ import annotations
 
 import logging
+import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ from .config import ConfigError, Settings
 from .errors import ClientRequestError, ProxyError
 from .exchange import Exchange, adopt_request_id
 from .extensions import Extension, ExtensionFailed, ExtensionManager, load_extensions
+from .ledger import answer_usage_lookup, build_record, usage_request_id
 from .log import log_access, request_id_var, setup_logging
-from .payload import is_bypass, prepare
-from .relay import HttpRelay, Receive, Scope, Send, read_body, send_error
+from .payload import hook_context, is_bypass, prepare
+from .relay import HttpRelay, Receive, Scope, Send, proxy_headers, read_body, send_error
 from .routing import provider_hint, resolve
 from .upstream import UpstreamPool
 
@@ -44,6 +46,18 @@ class Runtime:
     relay: HttpRelay
     finishers: list[Callable[[Exchange], Awaitable[None]]]
     extensions: ExtensionManager
+
+    writer: Any = None  # accounting.writer.UsageWriter when accounting is on
+    secret: bytes = b""  # key-fingerprint secret
+
+    async def record(self, ex: Exchange) -> None:
+        """Finisher: build the usage record, queue it for the store, run complete hooks."""
+        rec = build_record(ex, self.secret)
+        ex.extra["record"] = rec
+        if self.writer is not None:
+            self.writer.submit(rec)
+        if self.extensions.has_complete_hooks:
+            await self.extensions.run_complete(hook_context(ex), rec)
 
     async def finish(self, ex: Exchange) -> None:
         """Finalise one exchange (an HTTP request, or one WebSocket response) exactly once:
@@ -118,7 +132,14 @@ class TrioProxy:
             async with trio.open_nursery() as nursery:
                 relay = HttpRelay(settings, pool, extensions)
                 self.runtime = Runtime(settings, pool, relay, [], extensions)
-                await self._startup_extras(nursery, settings)
+                try:
+                    await self._startup_extras(nursery, settings)
+                except Exception as exc:  # e.g. the usage store cannot be opened
+                    log.exception("start-up failed")
+                    self.runtime = None
+                    await send({"type": "lifespan.startup.failed", "message": f"{exc!r}"})
+                    nursery.cancel_scope.cancel()
+                    return
                 await send({"type": "lifespan.startup.complete"})
                 log.info(
                     "trioproxy ready: anthropic=%s openai=%s",
@@ -134,7 +155,17 @@ class TrioProxy:
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _startup_extras(self, nursery: trio.Nursery, settings: Settings) -> None:
-        """Hook for resources added by later layers (accounting store, extensions)."""
+        """Accounting (record -> store writer) and complete hooks, as finishers in order."""
+        runtime = self.runtime
+        assert runtime is not None
+        if settings.accounting:
+            from .ledger import open_ledger
+
+            runtime.writer, runtime.secret = await nursery.start(open_ledger, settings)
+        else:
+            runtime.secret = secrets.token_bytes(32)  # records still go to complete hooks
+        if settings.accounting or runtime.extensions.has_complete_hooks:
+            runtime.finishers.append(runtime.record)
 
     # -- http ------------------------------------------------------------------------------
 
@@ -169,6 +200,10 @@ class TrioProxy:
         self, runtime: Runtime, ex: Exchange, scope: Scope, raw_path: bytes,
         receive: Receive, send: Send,
     ) -> None:
+        lookup_id = usage_request_id(raw_path)
+        if lookup_id is not None and ex.method == "GET":
+            await self._usage_lookup(runtime, ex, lookup_id, send)
+            return
         try:
             ex.route = resolve(ex.method, raw_path, ex.request_headers)
             if ex.route is None:
@@ -190,6 +225,7 @@ class TrioProxy:
             return
         settings = runtime.settings
         ex.bypass = is_bypass(ex.request_headers, settings.bypass_header_names)
+        ex.extra["trailers_ok"] = wants_trailers(scope)
         relay = runtime.relay
         base = relay.upstream_for(ex)
         query = scope.get("query_string", b"")
@@ -200,12 +236,30 @@ class TrioProxy:
             drop=settings.bypass_header_names,
         )
         try:
-            out = await prepare(ex, body, headers, runtime.extensions)
+            out = await prepare(
+                ex, body, headers, runtime.extensions, include_usage=settings.include_usage
+            )
         except ExtensionFailed as exc:
             ex.fail("extension_error", str(exc))
             await send_error(send, ex, ProxyError(f"request rejected: {exc}"))
             return
         await relay.relay(ex, base, target, out.headers, out.body, receive, send)
+
+    async def _usage_lookup(
+        self, runtime: Runtime, ex: Exchange, lookup_id: str, send: Send
+    ) -> None:
+        ex.extra["usage_lookup"] = True
+        status, body = await answer_usage_lookup(
+            lookup_id, ex.request_headers, runtime.writer, runtime.secret,
+            runtime.settings.admin_token, ex.provider,
+        )
+        ex.status = status
+        ex.response_started = True
+        ex.end_reason = "complete" if status == 200 else "rejected"
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode()), *proxy_headers(ex)]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     # -- websocket -------------------------------------------------------------------------
 
@@ -216,6 +270,14 @@ class TrioProxy:
         from .websocket import relay_websocket
 
         await relay_websocket(runtime, scope, receive, send)
+
+
+def wants_trailers(scope: Scope) -> bool:
+    """The server can send trailers (HTTP/2) and the client asked for them (TE: trailers)."""
+    if "http.response.trailers" not in scope.get("extensions", {}):
+        return False
+    te = b",".join(v for k, v in scope["headers"] if k == b"te").lower()
+    return b"trailers" in [t.strip().split(b";")[0] for t in te.split(b",")]
 
 
 def create_app(settings: Settings | None = None, **kwargs: Any) -> TrioProxy:

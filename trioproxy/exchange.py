@@ -60,6 +60,20 @@ class Exchange:
     parser: Any = None  # a providers.UsageParser when the route is accounted
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def usage(self) -> Any:
+        """The parsed usage (a providers.Usage), computed once, after the body has ended."""
+        if "usage" not in self.extra:
+            self.extra["usage"] = self.parser.finish() if self.parser is not None else None
+        return self.extra["usage"]
+
+    def cost_usd(self) -> float | None:
+        """Cost of the parsed usage (None when unknown), priced once."""
+        if "cost_usd" not in self.extra:
+            from .accounting.prices import price_usage
+
+            self.extra["cost_usd"] = price_usage(self.usage(), self.provider)
+        return self.extra["cost_usd"]
+
     def api(self) -> str:
         return self.route.api if self.route else "unrouted"
 
@@ -70,8 +84,7 @@ class Exchange:
             self.first_byte_at = now
             last = self.headers_at if self.headers_at is not None else now
         gap = now - last
-        if gap > self.max_gap:
-            self.max_gap = gap
+        self.max_gap = max(self.max_gap, gap)
         self.last_chunk_at = now
         self.bytes_out += size
 

@@ -15,6 +15,7 @@ from typing import Any
 from . import headers as hdr
 from .exchange import Exchange
 from .extensions import ExtensionManager, HookContext, MutableHeaders
+from .usage_wire import inject_include_usage
 
 log = logging.getLogger("trioproxy.payload")
 
@@ -50,8 +51,13 @@ def encode_payload(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def hook_context(ex: Exchange, payload: dict[str, Any] | None) -> HookContext:
-    model = payload.get("model") if payload else None
+def hook_context(ex: Exchange, payload: dict[str, Any] | None = None) -> HookContext:
+    """The context hooks get; without ``payload`` it uses what the exchange noted."""
+    if payload is not None:
+        model = payload.get("model")
+        stream = bool(payload.get("stream"))
+    else:
+        model, stream = ex.model_requested, bool(ex.extra.get("stream_requested", ex.streamed))
     return HookContext(
         request_id=ex.request_id,
         api=ex.api(),
@@ -59,7 +65,7 @@ def hook_context(ex: Exchange, payload: dict[str, Any] | None) -> HookContext:
         transport=ex.transport,
         path=ex.path,
         model=model if isinstance(model, str) else None,
-        stream=bool(payload.get("stream")) if payload else False,
+        stream=stream,
         bypass=ex.bypass,
     )
 
@@ -75,16 +81,22 @@ async def prepare(
     body: bytes,
     headers: list[tuple[bytes, bytes]],
     manager: ExtensionManager | None,
+    *,
+    include_usage: bool = False,
 ) -> Outbound:
     """Decode the payload (when anything needs it), run payload hooks, re-encode if changed.
 
-    ``headers`` are the outbound upstream headers (policy already applied). Raises
-    ``ExtensionFailed`` when a hook fails and the manager is fail-closed.
+    ``headers`` are the outbound upstream headers (policy already applied). With
+    ``include_usage``, a streamed Chat Completions request that did not ask for usage gets
+    ``stream_options.include_usage`` injected (and ``ex.extra["strip_usage_chunk"]`` set so
+    the relay removes the extra chunk again). Raises ``ExtensionFailed`` when a hook fails
+    and the manager is fail-closed.
     """
     api = ex.api()
-    hooks = manager is not None and manager.has_payload_hooks and not ex.bypass
     if api not in PAYLOAD_APIS:
         return Outbound(body, headers)
+    hooks = manager is not None and manager.has_payload_hooks and not ex.bypass
+    inject = include_usage and api == "openai.chat" and not ex.bypass
     encoding = hdr.get(headers, b"content-encoding")
     if encoding and not hooks:
         return Outbound(body, headers)  # compressed: decode only when a hook needs it
@@ -92,19 +104,24 @@ async def prepare(
     if payload is None:
         return Outbound(body, headers)
     _note_request(ex, payload)
-    if not hooks:
-        return Outbound(body, headers)
-    assert manager is not None
-    mutable = MutableHeaders(headers)
-    result = await manager.run_payload(hook_context(ex, payload), payload, mutable)
-    out_headers = mutable.raw() if mutable.changed else headers
-    if not result.changed_by:
+    changed_by: list[str] = []
+    out_headers = headers
+    if hooks:
+        assert manager is not None
+        mutable = MutableHeaders(headers)
+        result = await manager.run_payload(hook_context(ex, payload), payload, mutable)
+        out_headers = mutable.raw() if mutable.changed else headers
+        payload, changed_by = result.payload, result.changed_by
+    if inject and inject_include_usage(payload):
+        changed_by.append("include_usage")
+        ex.extra["strip_usage_chunk"] = True
+    if not changed_by:
         return Outbound(body, out_headers)
-    new_body = encode_payload(result.payload)
-    _note_request(ex, result.payload)
-    log.info("payload changed by %s (%d -> %d bytes)", ",".join(result.changed_by),
+    new_body = encode_payload(payload)
+    _note_request(ex, payload)
+    log.info("payload changed by %s (%d -> %d bytes)", ",".join(changed_by),
              len(body), len(new_body))
-    ex.extra["payload_changed_by"] = result.changed_by
+    ex.extra["payload_changed_by"] = changed_by
     drop = {b"content-length", b"content-encoding"}
     out_headers = [(k, v) for k, v in out_headers if k not in drop]
     out_headers.append((b"content-length", str(len(new_body)).encode()))

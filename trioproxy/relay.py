@@ -12,17 +12,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from . import headers as hdr
 from .config import Settings, UpstreamURL
-from .errors import ClientRequestError, ProxyError, UpstreamError, error_body
+from .errors import (
+    ClientRequestError,
+    ProxyError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    error_body,
+)
 from .exchange import Exchange
 from .extensions import ExtensionManager, MutableHeaders
 from .payload import hook_context
+from .providers import make_parser
 from .upstream import UpstreamPool, UpstreamResponse
+from .usage_wire import TRAILER_ANNOUNCE, UsageChunkStripper, as_headers, usage_values
 
 log = logging.getLogger("trioproxy.relay")
 
@@ -107,9 +117,13 @@ class HttpRelay:
                 await send_error(send, ex, exc)
                 nursery.cancel_scope.cancel()
                 return
+            plan = self._on_response_head(resp, ex)
             send_ch, recv_ch = trio.open_memory_channel[bytes](self._settings.channel_size)
-            nursery.start_soon(self._read_upstream, resp, send_ch, ex)
-            await self._write_client(resp, recv_ch, send, ex)
+            nursery.start_soon(self._read_upstream, resp, send_ch, ex, plan)
+            if plan.buffer:
+                await self._write_buffered(resp, recv_ch, send, ex, plan)
+            else:
+                await self._write_streaming(resp, recv_ch, send, ex, plan)
             nursery.cancel_scope.cancel()  # stop the watcher
 
     async def _watch_disconnect(
@@ -124,26 +138,50 @@ class HttpRelay:
                 scope.cancel()
                 return
 
-    async def _start_message(self, resp: UpstreamResponse, ex: Exchange) -> dict[str, Any]:
+    def _on_response_head(self, resp: UpstreamResponse, ex: Exchange) -> ResponsePlan:
+        """Everything decided once the response head is in, before any body byte moves."""
         ex.status = resp.status
         ex.headers_at = trio.current_time()
         ex.upstream_request_id = hdr.upstream_request_id(resp.headers)
         ctype = hdr.get(resp.headers, b"content-type") or b""
         ex.streamed = ctype.startswith(b"text/event-stream")
+        encoding = hdr.get(resp.headers, b"content-encoding")
+        accounted = ex.route is not None and ex.route.accounted
+        if accounted:
+            ex.parser = make_parser(
+                ex.api(), streaming=ex.streamed,
+                content_encoding=encoding.decode("latin-1") if encoding else None,
+            )
+        plan = ResponsePlan()
+        if ex.bypass or not accounted or not 200 <= resp.status < 300:
+            pass
+        elif ex.streamed:
+            plan.trailers = bool(ex.extra.get("trailers_ok"))
+            if ex.extra.get("strip_usage_chunk") and encoding in (None, b"identity"):
+                plan.stripper = UsageChunkStripper()
+        else:
+            length = hdr.get(resp.headers, b"content-length")
+            plan.buffer = length is None or (length.isdigit() and int(length) <= BUFFER_LIMIT)
+        plan.keepalive = self._keepalive_interval(resp, ex)
+        return plan
+
+    async def _start_message(self, resp: UpstreamResponse, ex: Exchange) -> dict[str, Any]:
         headers = hdr.client_response_headers(resp.headers)
         ext = self._extensions
         if ext is not None and ext.has_response_start_hooks and not ex.bypass:
             mutable = MutableHeaders(headers)
-            await ext.run_response_start(hook_context(ex, None), resp.status, mutable)
+            await ext.run_response_start(hook_context(ex), resp.status, mutable)
             headers = mutable.raw()
         headers.extend(proxy_headers(ex))
         return {"type": "http.response.start", "status": resp.status, "headers": headers}
 
     async def _read_upstream(
-        self, resp: UpstreamResponse, send_ch: trio.MemorySendChannel[bytes], ex: Exchange
+        self, resp: UpstreamResponse, send_ch: trio.MemorySendChannel[bytes], ex: Exchange,
+        plan: ResponsePlan,
     ) -> None:
         """Reads the upstream body into the channel; owns (and releases) the response."""
-        keepalive = self._keepalive_interval(resp, ex)
+        keepalive = plan.keepalive
+        stripper = plan.stripper
         read_timeout = self._settings.read_timeout
         parser = ex.parser
         async with resp, send_ch:
@@ -161,6 +199,8 @@ class HttpRelay:
                                 await send_ch.send(KEEPALIVE_COMMENT)
                             continue
                     if chunk is None:
+                        if stripper is not None and (rest := stripper.flush()):
+                            await send_ch.send(rest)
                         ex.upstream_complete = True
                         return
                     now = trio.current_time()
@@ -168,6 +208,10 @@ class HttpRelay:
                     ex.observe_chunk(len(chunk), now)
                     if parser is not None:
                         parser.feed(chunk)
+                    if stripper is not None:
+                        chunk = stripper.feed(chunk)
+                        if not chunk:
+                            continue
                     if keepalive is not None:
                         tail = (tail + chunk)[-4:]
                     await send_ch.send(chunk)
@@ -183,24 +227,55 @@ class HttpRelay:
             return None  # a comment cannot be spliced into a compressed stream
         return interval
 
-    async def _write_client(
-        self,
-        resp: UpstreamResponse,
-        recv_ch: trio.MemoryReceiveChannel[bytes],
-        send: Send,
-        ex: Exchange,
+    def _usage(self, ex: Exchange) -> dict[str, str]:
+        """x-usage-* values for this exchange (parses and prices once, off the chunk path)."""
+        usage = ex.usage()
+        return usage_values(ex.api(), usage, ex.cost_usd(), ex.model_requested)
+
+    async def _write_buffered(
+        self, resp: UpstreamResponse, recv_ch: trio.MemoryReceiveChannel[bytes], send: Send,
+        ex: Exchange, plan: ResponsePlan,
+    ) -> None:
+        """Non-streaming accounted response: read it whole, then answer with usage headers."""
+        parts = []
+        async with recv_ch:
+            async for chunk in recv_ch:
+                parts.append(chunk)
+        if not ex.upstream_complete:
+            # Nothing sent yet, so the failure can still be a clean provider-shaped 502/504.
+            error: ProxyError = (
+                UpstreamTimeout("read", self._settings.read_timeout)
+                if ex.end_reason == "timeout"
+                else UpstreamProtocolError(ex.error or "upstream response incomplete")
+            )
+            if ex.end_reason != "client_disconnect":
+                await send_error(send, ex, error)
+            return
+        start = await self._start_message(resp, ex)
+        start["headers"].extend(as_headers(self._usage(ex)))
+        ex.end_reason = ex.end_reason or "complete"
+        await send(start)
+        ex.response_started = True
+        await send({"type": "http.response.body", "body": b"".join(parts), "more_body": False})
+
+    async def _write_streaming(
+        self, resp: UpstreamResponse, recv_ch: trio.MemoryReceiveChannel[bytes], send: Send,
+        ex: Exchange, plan: ResponsePlan,
     ) -> None:
         """Sends each chunk as it arrives, coalescing what is already queued into one send."""
         start = await self._start_message(resp, ex)
+        if plan.trailers:
+            start["trailers"] = True
+            start["headers"].append((b"trailer", TRAILER_ANNOUNCE))
         await send(start)
         ex.response_started = True
-        ended = False
         async with recv_ch:
-            while not ended:
+            while True:
                 try:
                     parts = [await recv_ch.receive()]
                 except trio.EndOfChannel:
                     break
+                ended = False
                 while True:
                     try:
                         parts.append(recv_ch.receive_nowait())
@@ -211,14 +286,34 @@ class HttpRelay:
                         break
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
                 if ended and ex.upstream_complete:
-                    # Mark before sending: the server reports http.disconnect as soon as the
-                    # response is complete, and that must not read as a client abort.
-                    ex.end_reason = ex.end_reason or "complete"
-                    await send({"type": "http.response.body", "body": data, "more_body": False})
+                    await self._finish_stream(send, ex, plan, data)
                     return
                 await send({"type": "http.response.body", "body": data, "more_body": True})
-        if ex.upstream_complete:
-            ex.end_reason = ex.end_reason or "complete"
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if ex.upstream_complete or (plan.trailers and ex.end_reason != "client_disconnect"):
+            await self._finish_stream(send, ex, plan, b"")
         # Otherwise the upstream failed: return without the final message. Hypercorn then
         # closes the connection without the terminating chunk, so the client sees truncation.
+
+    async def _finish_stream(self, send: Send, ex: Exchange, plan: ResponsePlan, data: bytes) -> None:
+        # Mark before sending: the server reports http.disconnect as soon as the response is
+        # complete, and that must not read as a client abort.
+        ex.end_reason = ex.end_reason or "complete"
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+        if plan.trailers:
+            values = self._usage(ex)
+            values["x-usage-complete"] = "true" if ex.upstream_complete else "false"
+            await send({"type": "http.response.trailers", "headers": as_headers(values),
+                        "more_trailers": False})
+
+
+BUFFER_LIMIT = 16 * 1024 * 1024  # non-streaming bodies above this stream without usage headers
+
+
+@dataclass(slots=True)
+class ResponsePlan:
+    """How one response is relayed, decided from its head."""
+
+    buffer: bool = False  # read whole, answer with x-usage-* headers
+    trailers: bool = False  # HTTP/2 + TE: trailers: usage as trailers
+    stripper: UsageChunkStripper | None = None  # remove the injected usage chunk
+    keepalive: float | None = None

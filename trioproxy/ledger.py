@@ -1,0 +1,122 @@
+"""Accounting glue: Exchange -> UsageRecord at finalisation, and ``GET /v1/usage/{id}``.
+
+The relay fills an :class:`~trioproxy.exchange.Exchange` as bytes move; nothing here runs per
+chunk. At finalisation (exactly once, shielded) the record is built, priced and handed to the
+store writer, which never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from . import headers as hdr
+from .accounting.keys import extract_api_key, fingerprint
+from .accounting.record import UsageRecord
+from .errors import ClientRequestError, error_body
+from .exchange import Exchange
+
+log = logging.getLogger("trioproxy.accounting")
+
+SESSION_HEADERS = (b"x-claude-code-session-id", b"session-id")
+USAGE_PATH = b"/v1/usage/"
+
+
+def _text(value: bytes | None, limit: int = 512) -> str | None:
+    return value.decode("latin-1")[:limit] if value is not None else None
+
+
+def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
+    """The usage record of one finished exchange."""
+    usage = ex.usage()
+    headers = ex.request_headers
+    key = extract_api_key(headers)
+    key_fp, key_last4 = fingerprint(key, secret) if key else (None, None)
+    session = ex.extra.get("session_id") or next(
+        (_text(v) for k, v in headers if k in SESSION_HEADERS), None
+    )
+    complete = bool(usage is not None and usage.complete)
+    stop_reason = usage.stop_reason if usage is not None else None
+    if ex.route is not None and ex.route.accounted and not complete and ex.status is not None \
+            and 200 <= ex.status < 300:
+        stop_reason = "incomplete"
+    timings = ex.timings_ms()
+    known = usage is not None and usage.known
+    return UsageRecord(
+        request_id=ex.request_id,
+        started_at=ex.started_wall,
+        provider=ex.provider,
+        api=ex.api(),
+        transport=ex.transport,
+        method=ex.method,
+        path=ex.path,
+        status=ex.status,
+        streamed=ex.streamed,
+        model_requested=ex.model_requested,
+        model=usage.model if usage is not None else None,
+        response_id=usage.response_id if usage is not None else None,
+        upstream_request_id=ex.upstream_request_id,
+        input_tokens=usage.input_tokens if known else None,
+        output_tokens=usage.output_tokens if known else None,
+        cache_read_tokens=usage.cache_read_tokens if known else None,
+        cache_write_tokens=usage.cache_write_tokens if known else None,
+        reasoning_tokens=usage.reasoning_tokens if known else None,
+        audio_input_tokens=usage.audio_input_tokens if known else None,
+        audio_output_tokens=usage.audio_output_tokens if known else None,
+        accepted_prediction_tokens=usage.accepted_prediction_tokens if known else None,
+        rejected_prediction_tokens=usage.rejected_prediction_tokens if known else None,
+        raw_usage=usage.raw_usage if usage is not None else None,
+        stop_reason=stop_reason,
+        end_reason=ex.end_reason,
+        error=ex.error or (usage.error if usage is not None else None),
+        cost_usd=ex.cost_usd() if known else None,
+        ttfb_ms=timings["ttfb_ms"],
+        duration_ms=timings["duration_ms"],
+        max_gap_ms=timings["max_gap_ms"],
+        bytes_in=ex.bytes_in,
+        bytes_out=ex.bytes_out,
+        key_fingerprint=key_fp,
+        key_last4=key_last4,
+        user_agent=_text(hdr.get(headers, b"user-agent")),
+        session_id=session,
+        extra=_record_extra(ex),
+    )
+
+
+def _record_extra(ex: Exchange) -> dict[str, Any] | None:
+    extra = {k: ex.extra[k] for k in ("payload_changed_by", "ws_session", "bypass") if k in ex.extra}
+    if ex.bypass:
+        extra["bypass"] = True
+    return extra or None
+
+
+def usage_request_id(path: bytes) -> str | None:
+    """The id in ``/v1/usage/{id}``, or None for other paths."""
+    if path.startswith(USAGE_PATH) and len(path) > len(USAGE_PATH):
+        return path[len(USAGE_PATH):].decode("latin-1")
+    return None
+
+
+async def answer_usage_lookup(
+    lookup_id: str, headers: list[tuple[bytes, bytes]], writer: Any, secret: bytes,
+    admin_token: str | None, provider: str,
+) -> tuple[int, bytes]:
+    """(status, JSON body) for ``GET /v1/usage/{id}``: the owner's key or the admin token."""
+    not_found = ClientRequestError(f"no usage record {lookup_id!r} for this key", 404, "not_found")
+    record = await writer.lookup(lookup_id) if writer is not None else None
+    if record is None or not _may_read(record, headers, secret, admin_token):
+        return 404, error_body(provider, 404, not_found.message, not_found.code)
+    return 200, json.dumps(record.to_public_json(), separators=(",", ":")).encode()
+
+
+def _may_read(record: UsageRecord, headers: list[tuple[bytes, bytes]], secret: bytes,
+              admin_token: str | None) -> bool:
+    if admin_token:
+        for name, value in headers:
+            if name == b"x-trioproxy-admin-token" and value.decode("latin-1") == admin_token:
+                return True
+    key = extract_api_key(headers)
+    if key is None or record.key_fingerprint is None:
+        return False
+    return fingerprint(key, secret)[0] == record.key_fingerprint
