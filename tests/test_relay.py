@@ -286,3 +286,53 @@ async def test_no_keepalive_by_default(
     with trio.fail_after(200):
         resp = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
     assert resp.body == b"data: 1\n\ndata: 2\n\n"
+
+
+async def test_slow_client_backpressures_the_upstream_read(
+    upstream: FakeUpstream, proxy: ProxyServer,
+) -> None:
+    chunk = b"data: " + b"x" * 65530 + b"\n\n"
+    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], body=[chunk] * 1600))
+    client = await RawClient.connect(proxy.port)
+    with trio.fail_after(60):
+        await client.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+        await client.read_head()  # ...and then stop reading for a while
+        while not proxy.app.runtime.inflight:
+            await trio.sleep(0.01)
+        (ex,) = proxy.app.runtime.inflight.values()
+        await trio.sleep(1.0)
+        stalled_at = ex.bytes_out
+        await trio.sleep(0.5)
+        # 100 MiB upstream; the proxy holds only its channel plus socket buffers
+        assert stalled_at < 32 * 1024 * 1024 and ex.bytes_out == stalled_at
+        await client.aclose()
+
+
+async def test_tls_upstream_is_verified_against_the_trust_store(nursery: trio.Nursery) -> None:
+    import ssl
+
+    import trustme
+
+    from trioproxy import Settings
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    fake = FakeUpstream(tls=server_ctx)
+    await nursery.start(fake.serve)
+    settings = Settings(anthropic_base_url=fake.url, openai_base_url=fake.url, accounting=False)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    trusted = await start_proxy(nursery, settings, ssl_context=client_ctx)
+    untrusted = await start_proxy(nursery, settings)  # system store: does not know this CA
+    results = []
+    for server in (trusted, untrusted):
+        client = await RawClient.connect(server.port)
+        with trio.fail_after(20):
+            results.append(await client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM))
+        await client.aclose()
+    assert fake.url.startswith("https://")
+    assert results[0].status == 200 and results[0].complete
+    assert results[1].status == 502 and b"CERTIFICATE_VERIFY_FAILED" in results[1].body
+    await trusted.stop()
+    await untrusted.stop()

@@ -11,7 +11,7 @@ import logging
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sniffio
@@ -47,6 +47,7 @@ class Runtime:
     finishers: list[Callable[[Exchange], Awaitable[None]]]
     extensions: ExtensionManager
 
+    inflight: dict[str, Exchange] = field(default_factory=dict)  # by proxy request id
     writer: Any = None  # accounting.writer.UsageWriter when accounting is on
     secret: bytes = b""  # key-fingerprint secret
 
@@ -184,6 +185,7 @@ class TrioProxy:
             request_headers=headers,
         )
         token = request_id_var.set(ex.request_id)
+        runtime.inflight[ex.request_id] = ex
         try:
             await self._handle(runtime, ex, scope, raw_path, receive, send)
         except Exception as exc:  # a proxy-side fault: 500 if we still can, never silent
@@ -194,6 +196,7 @@ class TrioProxy:
                     await send_error(send, ex, ProxyError("internal proxy error"))
         finally:
             await runtime.finish(ex)
+            runtime.inflight.pop(ex.request_id, None)
             request_id_var.reset(token)
 
     async def _handle(

@@ -158,18 +158,24 @@ class UpstreamPool:
 
     async def _connect(self, base: UpstreamURL) -> Connection:
         timeout = self._settings.connect_timeout
+        stream: trio.abc.Stream | None = None
         try:
             with trio.fail_after(timeout):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(base.host, base.port)
+                stream = await trio.open_tcp_stream(base.host, base.port)
                 if base.scheme == "https":
                     stream = trio.SSLStream(
                         stream, self._ssl(), server_hostname=base.host, https_compatible=True
                     )
                     await stream.do_handshake()
-        except trio.TooSlowError:
-            raise UpstreamTimeout("connect", timeout) from None
-        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            raise UpstreamConnectError(f"cannot connect to {base}: {exc}") from exc
+        except BaseException as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.TooSlowError):
+                raise UpstreamTimeout("connect", timeout) from None
+            if isinstance(exc, OSError | trio.BrokenResourceError | ssl.SSLError):
+                cause = exc.__cause__ if str(exc) == "" and exc.__cause__ else exc
+                raise UpstreamConnectError(f"cannot connect to {base}: {cause}") from exc
+            raise
         self.opened += 1
         return Connection(stream, (base.scheme, base.host, base.port))
 
