@@ -7,13 +7,19 @@ store writer, which never blocks the event loop.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from typing import Any
 
+import trio
+
 from . import headers as hdr
-from .accounting.keys import extract_api_key, fingerprint
+from .accounting.keys import extract_api_key, fingerprint, load_or_create_secret
 from .accounting.record import UsageRecord
+from .accounting.store import open_store, resolve_database_url, secret_path_for, spill_path_for
+from .accounting.writer import UsageWriter, open_usage_writer
+from .config import Settings
 from .errors import ClientRequestError, error_body
 from .exchange import Exchange
 
@@ -91,6 +97,33 @@ def _record_extra(ex: Exchange) -> dict[str, Any] | None:
     return extra or None
 
 
+async def open_ledger(
+    settings: Settings, *, task_status: trio.TaskStatus[tuple[UsageWriter, bytes]]
+) -> None:
+    """Run the usage store writer until cancelled; report ``(writer, secret)`` when ready.
+
+    The store is opened (and migrated) lazily in the writer thread, so a database that is
+    down at start-up does not stop the proxy: records wait in memory and are retried.
+    """
+    url = resolve_database_url(settings.database_url)
+    secret = await trio.to_thread.run_sync(load_or_create_secret, secret_path_for(url))
+    async with open_usage_writer(
+        lambda: open_store(url), spill_path=spill_path_for(url), shutdown_timeout=10.0
+    ) as writer:
+        log.info("usage ledger: %s", _safe_url(url))
+        task_status.started((writer, secret))
+        await trio.sleep_forever()
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
 def usage_request_id(path: bytes) -> str | None:
     """The id in ``/v1/usage/{id}``, or None for other paths."""
     if path.startswith(USAGE_PATH) and len(path) > len(USAGE_PATH):
@@ -114,7 +147,9 @@ def _may_read(record: UsageRecord, headers: list[tuple[bytes, bytes]], secret: b
               admin_token: str | None) -> bool:
     if admin_token:
         for name, value in headers:
-            if name == b"x-trioproxy-admin-token" and value.decode("latin-1") == admin_token:
+            if name == b"x-trioproxy-admin-token" and hmac.compare_digest(
+                value, admin_token.encode()
+            ):
                 return True
     key = extract_api_key(headers)
     if key is None or record.key_fingerprint is None:
