@@ -84,10 +84,11 @@ def proxy_settings(upstream: FakeUpstream, **overrides: object) -> Settings:
 
 
 @pytest.fixture
-async def upstream(nursery: trio.Nursery) -> FakeUpstream:
+async def upstream(nursery: trio.Nursery) -> AsyncIterator[FakeUpstream]:
     fake = FakeUpstream()
     await nursery.start(fake.serve)
-    return fake
+    yield fake
+    assert fake.errors == []  # the fake's own handlers never failed
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 
 import h2.config
@@ -21,13 +22,21 @@ class H2Response:
 
 
 async def h2_request(
-    port: int, method: str, path: str, headers: list[tuple[str, str]], body: bytes = b""
+    port: int, method: str, path: str, headers: list[tuple[str, str]], body: bytes = b"",
+    *, ssl_context: ssl.SSLContext | None = None,
 ) -> H2Response:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    """One request over h2c prior knowledge, or over TLS with ALPN h2 given ``ssl_context``."""
+    stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if ssl_context is not None:
+        ssl_context.set_alpn_protocols(["h2"])
+        stream = trio.SSLStream(stream, ssl_context, server_hostname="127.0.0.1")
+        await stream.do_handshake()
+        assert stream.selected_alpn_protocol() == "h2"
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     sid = conn.get_next_available_stream_id()
-    hs = [(":method", method), (":path", path), (":scheme", "http"), (":authority", "proxy.test")]
+    scheme = "https" if ssl_context is not None else "http"
+    hs = [(":method", method), (":path", path), (":scheme", scheme), (":authority", "proxy.test")]
     hs += [(k.lower(), v) for k, v in headers]
     if body:
         hs.append(("content-length", str(len(body))))

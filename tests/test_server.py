@@ -11,10 +11,10 @@ from functools import partial
 
 import httpx
 import trio
-from trioproxy.testing import FakeUpstream
 
 from trioproxy import Settings, TrioProxy
 from trioproxy.cli import main as cli_main
+from trioproxy.testing import FakeUpstream
 
 HYPERCORN = os.path.join(os.path.dirname(sys.executable), "hypercorn")
 
@@ -29,7 +29,7 @@ async def _run_until_listening(cmd: list[str], env: dict[str, str], nursery: tri
     with trio.fail_after(30):
         async for chunk in proc.stderr:
             seen += chunk
-            m = re.search(rb"Running on (http://[\d.]+:\d+)", seen)
+            m = re.search(rb"Running on (https?://[\d.]+:\d+)", seen)
             if m:
                 return proc, m.group(1).decode()
     raise AssertionError(f"server did not start: {seen.decode(errors='replace')}")
@@ -112,3 +112,41 @@ def test_serve_sets_tcp_user_timeout_on_the_listening_socket() -> None:
             sock.close()
     assert config.read_timeout is None and config.graceful_timeout == 600.0
     assert config.worker_class == "trio" and config.application_path == "trioproxy:app"
+
+
+async def test_serve_with_tls_speaks_http2_and_sends_usage_trailers(
+    nursery: trio.Nursery, tmp_path
+) -> None:
+    import ssl
+
+    import trustme
+
+    from .h2client import h2_request
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    fake = FakeUpstream()
+    await nursery.start(fake.serve)
+    env = {**os.environ, "TRIOPROXY_DATABASE_URL": str(tmp_path / "usage.db")}
+    trioproxy_bin = os.path.join(os.path.dirname(sys.executable), "trioproxy")
+    proc, url = await _run_until_listening(
+        [trioproxy_bin, "serve", "--port", "0", "--anthropic-base-url", fake.url,
+         "--certfile", str(tmp_path / "cert.pem"), "--keyfile", str(tmp_path / "key.pem")],
+        env, nursery,
+    )
+    try:
+        assert url.startswith("https://")
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        body = b'{"model":"claude-haiku-4-5","max_tokens":9,"stream":true,"messages":[]}'
+        with trio.fail_after(20):
+            resp = await h2_request(
+                int(url.rsplit(":", 1)[1]), "POST", "/v1/messages",
+                [("x-api-key", "sk-ant-x"), ("te", "trailers")], body, ssl_context=ctx,
+            )
+        assert resp.status == 200 and resp.ended
+        assert resp.trailers and resp.trailers["x-usage-complete"] == "true"
+    finally:
+        proc.terminate()

@@ -81,6 +81,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="send ': keepalive' after this much upstream SSE silence (default: off)")
     p.add_argument("--database-url", help="usage store: SQLite path/URL or postgresql:// URL")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default: INFO)")
+    p.add_argument("--extension", action="append", metavar="MODULE:ATTR",
+                   help="load an extension (repeatable; after entry points and "
+                        "TRIOPROXY_EXTENSIONS)")
     p.add_argument("--graceful-timeout", type=float, default=600.0,
                    help="seconds in-flight streams may finish after shutdown starts (default: 600)")
     p.add_argument("--keep-alive", type=float, default=75.0,
@@ -146,6 +149,9 @@ def run_serve(args: argparse.Namespace) -> int:
         for name, env in _SETTING_FLAGS.items()
         if getattr(args, name, None) is not None
     }
+    if args.extension:
+        current = os.environ.get("TRIOPROXY_EXTENSIONS", "")
+        updates["TRIOPROXY_EXTENSIONS"] = ",".join(filter(None, [current, *args.extension]))
     try:
         settings = Settings.from_env({**os.environ, **updates})  # fail fast, before any worker
     except ConfigError as exc:
