@@ -48,7 +48,8 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
             and 200 <= ex.status < 300:
         stop_reason = "incomplete"
     timings = ex.timings_ms()
-    known = usage is not None and usage.known
+    free = ex.api() == "anthropic.count_tokens"  # counting tokens consumes none: cost 0
+    known = usage is not None and usage.known and not free
     return UsageRecord(
         request_id=ex.request_id,
         started_at=ex.started_wall,
@@ -76,7 +77,7 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
         stop_reason=stop_reason,
         end_reason=ex.end_reason,
         error=ex.error or (usage.error if usage is not None else None),
-        cost_usd=ex.cost_usd() if known else None,
+        cost_usd=0.0 if free else (ex.cost_usd() if known else None),
         ttfb_ms=timings["ttfb_ms"],
         duration_ms=timings["duration_ms"],
         max_gap_ms=timings["max_gap_ms"],

@@ -1,0 +1,183 @@
+"""Incremental Server-Sent Events framer: bytes in, events out, no I/O.
+
+Follows the WHATWG event-stream rules: LF, CRLF and CR line endings (a CRLF split across two
+chunks is one line end), ``:`` comments, fields without a colon, one optional space after the
+colon, a leading BOM, ``id`` that persists across events, events without ``data`` not dispatched.
+Data stays bytes (multi-byte UTF-8 may be split anywhere); only the ``event`` and ``id`` field
+values are decoded. Buffering is linear: each byte is searched once and the consumed prefix is
+deleted once per :meth:`SSEFramer.feed` call.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["MAX_EVENT_SIZE", "SSEEvent", "SSEFramer", "SSEOverflow"]
+
+MAX_EVENT_SIZE = 64 * 1024 * 1024  # pending line + pending data, per event
+_EOL = re.compile(rb"[\r\n]")
+_BOM = b"\xef\xbb\xbf"
+_CR, _LF, _COLON = 0x0D, 0x0A, 0x3A
+
+
+class SSEOverflow(ValueError):
+    """One event (its pending line plus its data so far) grew past the framer's limit."""
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    """One dispatched event. ``event`` None means the default type ("message")."""
+
+    event: str | None = None
+    data: bytes = b""  # the data lines joined by b"\n"
+    id: str | None = None  # the last event id seen so far in the stream (it persists)
+
+    def text(self) -> str:
+        """The data as text (invalid UTF-8 replaced)."""
+        return self.data.decode("utf-8", "replace")
+
+
+class SSEFramer:
+    """Feed bytes, get whole events. ``feed`` may raise :class:`SSEOverflow`, nothing else."""
+
+    __slots__ = (
+        "_any_cr",
+        "_bom",
+        "_buf",
+        "_cr",
+        "_data",
+        "_data_size",
+        "_event",
+        "_last_id",
+        "_max",
+        "_pending",
+        "_scan",
+    )
+
+    def __init__(self, *, max_event_size: int = MAX_EVENT_SIZE) -> None:
+        self._max = max_event_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self._buf = bytearray()  # the current partial line only (between feed calls)
+        self._scan = 0  # _buf[:_scan] is known to hold no line end
+        self._any_cr = False  # a CR was seen: line ends need the slower CR/LF search
+        self._cr = False  # the last line ended in CR: an LF first in the next chunk belongs to it
+        self._bom = True  # a leading BOM may still have to be stripped
+        self._event: str | None = None
+        self._data: list[bytes] = []
+        self._data_size = 0
+        self._last_id: str | None = None
+        self._pending = False  # a field line was seen since the last blank line
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when the bytes so far end exactly between events (or nothing was fed).
+
+        Then a comment block such as ``b": keepalive\\n\\n"`` can be spliced into the stream
+        without changing any event: no partial line is buffered and no field line is pending.
+        """
+        return not self._pending and not self._buf
+
+    def feed(self, data: bytes) -> list[SSEEvent]:
+        """Consume ``data`` and return the events it completed (possibly none)."""
+        events: list[SSEEvent] = []
+        if not data:
+            return events
+        buf = self._buf
+        buf += data
+        if not self._any_cr and b"\r" in data:
+            self._any_cr = True
+        pos = 0
+        if self._bom:
+            if len(buf) < 3 and _BOM.startswith(buf):
+                return events  # could still be a BOM: wait for more
+            self._bom = False
+            if buf.startswith(_BOM):
+                pos = 3
+        if self._cr:
+            self._cr = False
+            if buf[pos] == _LF:  # the second half of a CRLF split across chunks
+                pos += 1
+        pos = self._lines(buf, pos, max(self._scan, pos), events)
+        del buf[:pos]
+        self._scan = len(buf)
+        if len(buf) + self._data_size > self._max:
+            raise SSEOverflow(f"SSE event larger than {self._max} bytes")
+        return events
+
+    def close(self, *, flush: bool = False) -> list[SSEEvent]:
+        """End of stream. Per the spec an unterminated event is discarded (returns []).
+
+        With ``flush=True`` a final unterminated line is taken as a line and the pending event
+        is dispatched: useful to read what a cut stream carried. The framer is reset either way.
+        """
+        events: list[SSEEvent] = []
+        if flush:
+            if self._buf:
+                self._line(bytes(self._buf), events)
+            self._dispatch(events)
+        self._reset()
+        return events
+
+    def _lines(self, buf: bytearray, pos: int, scan: int, events: list[SSEEvent]) -> int:
+        """Process every complete line in ``buf[pos:]``; returns the start of the partial one."""
+        size = len(buf)
+        search = _EOL.search if self._any_cr else None  # LF-only streams: plain find
+        while True:
+            if search is None:
+                end = buf.find(b"\n", scan)
+            else:
+                m = search(buf, scan)
+                end = -1 if m is None else m.start()
+            if end < 0:
+                return pos
+            if end == pos:
+                self._dispatch(events)
+            elif buf.startswith(b"data: ", pos, end):  # the common cases: one copy, no split
+                value = bytes(buf[pos + 6 : end])
+                self._data.append(value)
+                self._data_size += len(value) + 1
+                self._pending = True
+            elif buf.startswith(b"event: ", pos, end):
+                self._event = buf[pos + 7 : end].decode("utf-8", "replace") or None
+                self._pending = True
+            else:
+                self._line(bytes(buf[pos:end]), events)
+            pos = end + 1
+            if search is not None and buf[end] == _CR:
+                if pos == size:
+                    self._cr = True
+                elif buf[pos] == _LF:
+                    pos += 1
+            scan = pos
+
+    def _line(self, line: bytes, events: list[SSEEvent]) -> None:
+        """Interpret one line (without its line end)."""
+        if not line:
+            self._dispatch(events)
+            return
+        if line[0] == _COLON:
+            return  # comment
+        self._pending = True
+        name, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+            self._data_size += len(value) + 1
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace") or None
+        elif name == b"id" and b"\0" not in value:
+            self._last_id = value.decode("utf-8", "replace")
+        # "retry" and unknown fields are ignored
+
+    def _dispatch(self, events: list[SSEEvent]) -> None:
+        """A blank line: emit the pending event if it has data, then reset the event buffers."""
+        if self._data:
+            events.append(SSEEvent(self._event, b"\n".join(self._data), self._last_id))
+            self._data = []
+            self._data_size = 0
+        self._event = None
+        self._pending = False
