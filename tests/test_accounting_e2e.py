@@ -207,3 +207,14 @@ async def test_every_request_leaves_exactly_one_record(
     records = await _records(ledger_proxy, 3)
     assert len({r.request_id for r in records}) == 3
     assert [r.status for r in records] == [200, 404, 200]
+
+
+async def test_count_tokens_is_recorded_free_and_not_as_consumed_tokens(
+    ledger_proxy: ProxyServer,
+) -> None:
+    body = b'{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}]}'
+    resp = await _request(ledger_proxy, "/v1/messages/count_tokens", _anthropic(), body)
+    assert resp.status == 200
+    (rec,) = await _records(ledger_proxy, 1)
+    assert rec.api == "anthropic.count_tokens" and rec.cost_usd == 0.0
+    assert rec.input_tokens is None and rec.raw_usage["input_tokens"] > 0
