@@ -99,7 +99,7 @@ def test_serve_sets_tcp_user_timeout_on_the_listening_socket() -> None:
 
     args = argparse.Namespace(
         host="127.0.0.1", port=0, workers=1, graceful_timeout=600.0, keep_alive=75.0,
-        tcp_user_timeout=45.0, certfile=None, keyfile=None, websocket_max_message_size=1 << 26,
+        tcp_user_timeout=45.0, certfile=None, keyfile=None,
     )
     config = build_config(args)
     sockets = config.create_sockets()
@@ -112,6 +112,7 @@ def test_serve_sets_tcp_user_timeout_on_the_listening_socket() -> None:
             sock.close()
     assert config.read_timeout is None and config.graceful_timeout == 600.0
     assert config.worker_class == "trio" and config.application_path == "trioproxy:app"
+    assert config.websocket_max_message_size == 65 * 1024 * 1024
 
 
 async def test_serve_with_tls_speaks_http2_and_sends_usage_trailers(

@@ -23,7 +23,7 @@ Every flag has an environment variable (TRIOPROXY_<NAME>); flags win. `trioproxy
 `hypercorn trioproxy:app --worker-class trio` plus settings for long agent streams:
 
   hypercorn trioproxy:app --worker-class trio --bind 127.0.0.1:8080 \\
-      --graceful-timeout 600 --keep-alive 75 --websocket-max-message-size 67108864
+      --graceful-timeout 600 --keep-alive 75 --websocket-max-message-size 68157440
   (Hypercorn's read_timeout stays unset: set, it cuts streams that are silent for long.)
 
 TCP_USER_TIMEOUT (--tcp-user-timeout) is set on the listening socket, so a client that stops
@@ -45,6 +45,8 @@ _SETTING_FLAGS = {
     "sse_keepalive": "TRIOPROXY_SSE_KEEPALIVE",
     "database_url": "TRIOPROXY_DATABASE_URL",
     "log_level": "TRIOPROXY_LOG_LEVEL",
+    "ws_max_message_size": "TRIOPROXY_WS_MAX_MESSAGE_SIZE",
+    "ws_ping_interval": "TRIOPROXY_WS_PING_INTERVAL",
 }
 
 
@@ -92,8 +94,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="drop clients whose sent data stays unacknowledged this long (default: 120)")
     p.add_argument("--certfile", help="TLS certificate (enables HTTPS and HTTP/2 via ALPN)")
     p.add_argument("--keyfile", help="TLS private key")
-    p.add_argument("--websocket-max-message-size", type=int, default=64 * 1024 * 1024,
-                   help="bytes (default: 64 MiB)")
+    p.add_argument("--ws-max-message-size", type=int,
+                   help=f"WebSocket message limit in bytes, both legs (default: {d.ws_max_message_size})")
+    p.add_argument("--ws-ping-interval", type=float,
+                   help=f"seconds between upstream WebSocket pings (default: {d.ws_ping_interval:g})")
 
 
 try:
@@ -115,8 +119,9 @@ class TrioproxyConfig(_HypercornConfig):  # type: ignore[misc,valid-type]
         return sockets
 
 
-def build_config(args: argparse.Namespace) -> TrioproxyConfig:
+def build_config(args: argparse.Namespace, settings: Settings | None = None) -> TrioproxyConfig:
     """The Hypercorn config ``trioproxy serve`` runs with."""
+    settings = settings or Settings()
     config = TrioproxyConfig()
     config.tcp_user_timeout_ms = int(args.tcp_user_timeout * 1000)
     config.application_path = "trioproxy:app"
@@ -127,7 +132,9 @@ def build_config(args: argparse.Namespace) -> TrioproxyConfig:
     config.graceful_timeout = args.graceful_timeout
     config.keep_alive_timeout = args.keep_alive
     config.read_timeout = None
-    config.websocket_max_message_size = args.websocket_max_message_size
+    # A little above our own limit, so oversize frames reach trioproxy (which closes with 1009
+    # and logs it) instead of being dropped by Hypercorn with only a 1006 to show for it.
+    config.websocket_max_message_size = settings.ws_max_message_size + 1024 * 1024
     config.accesslog = None  # trioproxy writes its own structured access line
     config.errorlog = "-"
     if args.certfile:
@@ -169,7 +176,7 @@ def run_serve(args: argparse.Namespace) -> int:
         f"(anthropic -> {settings.anthropic_upstream}, openai -> {settings.openai_upstream})",
         file=sys.stderr,
     )
-    return run(build_config(args))
+    return run(build_config(args, settings))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -113,6 +113,10 @@ class Settings:
                 raise ConfigError(f"TRIOPROXY_{name.upper()} must be > 0")
         if self.max_body_bytes <= 0 or self.max_connections <= 0 or self.channel_size <= 0:
             raise ConfigError("sizes and limits must be positive")
+        if self.ws_max_message_size <= 0:
+            raise ConfigError("TRIOPROXY_WS_MAX_MESSAGE_SIZE must be > 0")
+        if self.ws_ping_interval is not None and self.ws_ping_interval <= 0:
+            raise ConfigError("TRIOPROXY_WS_PING_INTERVAL must be > 0 or 'off'")
         if not self.request_id_header or self.request_id_header != self.request_id_header.lower():
             raise ConfigError("TRIOPROXY_REQUEST_ID_HEADER must be a lower-case header name")
 

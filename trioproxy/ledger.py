@@ -92,7 +92,9 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
 
 
 def _record_extra(ex: Exchange) -> dict[str, Any] | None:
-    extra = {k: ex.extra[k] for k in ("payload_changed_by", "ws_session", "bypass") if k in ex.extra}
+    keys = ("payload_changed_by", "socket_id", "response_index", "previous_response_id",
+            "generate")
+    extra = {k: ex.extra[k] for k in keys if ex.extra.get(k) is not None}
     if ex.bypass:
         extra["bypass"] = True
     return extra or None

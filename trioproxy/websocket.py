@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,15 +32,15 @@ import trio
 import trio_websocket as tws
 
 from . import headers as hdr
-from .config import MiB, UpstreamURL
+from .config import UpstreamURL
 from .errors import error_body
 from .exchange import Exchange, adopt_request_id
+from .extensions import ExtensionFailed, MutableHeaders
 from .log import request_id_var
-from .payload import is_bypass
+from .payload import encode_payload, hook_context, is_bypass
 from .providers import make_parser
 from .relay import Receive, Scope, Send
 from .routing import Route, resolve
-from .upstream import default_ssl_context
 
 if TYPE_CHECKING:
     from .app import Runtime
@@ -50,9 +49,8 @@ log = logging.getLogger("trioproxy.websocket")
 
 RESPONSES_PATH = b"/v1/responses"
 ROUTE = Route("openai", "openai.responses", RESPONSES_PATH)
-DEFAULT_MAX_MESSAGE_SIZE = 64 * MiB  # settings.ws_max_message_size
-DEFAULT_PING_INTERVAL = 20.0  # settings.ws_ping_interval (None: no pings)
 CLOSE_TIMEOUT = 5.0  # seconds for the closing handshake with the upstream
+CANCELLED_CLOSE_TIMEOUT = 1.0  # the same, shielded, when the relay is cancelled (shutdown)
 RECEIVE_BUFFER = 65536  # trio-websocket reads 4 KiB at a time by default
 RECORD_STATUS = 200  # a record is one response: the status an HTTP client would have seen
 TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
@@ -131,11 +129,26 @@ class CreateContext:
 
 
 async def _payload_stage(runtime: Runtime, ctx: CreateContext, frame_text: str) -> str:
-    """The one place each ``response.create`` frame meets the payload hooks. Not wired yet:
-    returns the frame unchanged. Wiring: decode into ``ctx.payload``, run
-    ``runtime.extensions.run_payload``, re-encode only if a hook changed it. Sockets opened
-    with the bypass header (``x-trioproxy-bypass: true``) never reach it."""
-    return frame_text
+    """The one place each ``response.create`` frame meets the payload hooks.
+
+    Unchanged frames are forwarded as the original text; a frame a hook changed is
+    re-encoded once. Sockets opened with the bypass header never reach this. Raises
+    ``ExtensionFailed`` when a hook fails and extensions are fail-closed."""
+    manager = runtime.extensions
+    if manager is None or not manager.has_payload_hooks:
+        return frame_text
+    payload = ctx.payload if ctx.payload is not None else decode(frame_text)
+    if payload is None:
+        return frame_text
+    ctx.payload = payload
+    headers = MutableHeaders(ctx.handshake_headers)  # read-only here: a frame has no headers
+    result = await manager.run_payload(hook_context(ctx.exchange, payload), payload, headers)
+    if not result.changed_by:
+        return frame_text
+    ctx.payload = result.payload
+    ctx.exchange.extra["payload_changed_by"] = result.changed_by
+    log.info("response.create changed by %s", ",".join(result.changed_by))
+    return encode_payload(result.payload).decode("utf-8")
 
 
 # -- accounting ---------------------------------------------------------------------------------
@@ -291,9 +304,8 @@ class ResponsesSocket:
             self.raw_path.decode("latin-1"), headers,
             is_bypass(headers, settings.bypass_header_names),
         )
-        self.max_size: int = getattr(settings, "ws_max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
-        self.ping_interval: float | None = getattr(settings, "ws_ping_interval",
-                                                   DEFAULT_PING_INTERVAL)
+        self.max_size = settings.ws_max_message_size  # both legs; Hypercorn has its own too
+        self.ping_interval = settings.ws_ping_interval
         self.client_open = True  # False once the client left or was sent a close
 
     # -- handshake ----------------------------------------------------------------------------
@@ -330,9 +342,7 @@ class ResponsesSocket:
                 tcp = await trio.open_tcp_stream(base.host, base.port)
                 if base.scheme != "https":
                     return tcp
-                ctx = getattr(self.runtime.pool, "ssl_context", None)
-                if not isinstance(ctx, ssl.SSLContext):
-                    ctx = default_ssl_context()
+                ctx = self.runtime.pool.ssl_context  # trust store and ALPN http/1.1, shared
                 tls = trio.SSLStream(tcp, ctx, server_hostname=base.host, https_compatible=True)
                 try:
                     await tls.do_handshake()
@@ -365,8 +375,8 @@ class ResponsesSocket:
         await self._accept(upstream)
         try:
             await self._relay(upstream)
-        finally:
-            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        finally:  # a no-op unless cancelled: say goodbye to the upstream, briefly
+            with trio.move_on_after(CANCELLED_CLOSE_TIMEOUT, shield=True):
                 await upstream.aclose()
 
     async def _accept(self, upstream: tws.WebSocketConnection) -> None:
@@ -466,7 +476,13 @@ class ResponsesSocket:
         rec, superseded = self.ledger.start(size)
         ctx = CreateContext(rec.ex, self.ledger.session_id, self.ledger.headers, obj)
         if not self.ledger.bypass:
-            data = await _payload_stage(self.runtime, ctx, data)
+            try:
+                data = await _payload_stage(self.runtime, ctx, data)
+            except ExtensionFailed as exc:
+                await self._reject_create(rec, ctx, data, exc)
+                if superseded is not None:
+                    await self._finish(superseded)
+                return
         try:
             await upstream.send_message(data)
         finally:  # decoded after forwarding: the frame is not delayed by it
@@ -548,6 +564,23 @@ class ResponsesSocket:
             self.client_open = False  # Hypercorn raises on websocket.send after our close
             message: dict[str, Any] = {"type": "websocket.close", "code": code}
             await self.send({**message, "reason": reason} if reason else message)
+
+    async def _reject_create(
+        self, rec: Record, ctx: CreateContext, data: str, exc: ExtensionFailed
+    ) -> None:
+        """Fail-closed: the frame is not forwarded; the client gets an ``error`` event."""
+        self.ledger.note_create(rec, ctx.payload if ctx.payload is not None else decode(data))
+        if self.ledger.current is rec:
+            self.ledger.current = None
+        rec.ended = True
+        rec.ex.status = 500
+        rec.ex.fail("extension_error", str(exc))
+        event = {"type": "error", "status": 500,
+                 "error": {"type": "server_error", "code": "extension_error",
+                           "message": f"request rejected: {exc}"}}
+        if self.client_open:
+            await self.send({"type": "websocket.send", "text": json.dumps(event)})
+        await self._finish(rec)
 
     async def _finish_all(self) -> None:
         for rec in list(self.ledger.unfinished):

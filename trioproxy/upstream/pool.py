@@ -151,7 +151,9 @@ class UpstreamPool:
             for conn in conns:
                 await conn.aclose()
 
-    def _ssl(self) -> ssl.SSLContext:
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context for upstream connections (shared with the WebSocket leg)."""
         if self._ssl_context is None:
             self._ssl_context = default_ssl_context()
         return self._ssl_context
@@ -164,7 +166,7 @@ class UpstreamPool:
                 stream = await trio.open_tcp_stream(base.host, base.port)
                 if base.scheme == "https":
                     stream = trio.SSLStream(
-                        stream, self._ssl(), server_hostname=base.host, https_compatible=True
+                        stream, self.ssl_context, server_hostname=base.host, https_compatible=True
                     )
                     await stream.do_handshake()
         except BaseException as exc:
