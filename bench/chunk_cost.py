@@ -1,0 +1,115 @@
+"""Per-chunk cost of what trioproxy does on the hot path besides moving bytes.
+
+Measures, per SSE event (one event per chunk, as upstreams send them):
+- the usage parser's ``feed`` for each API (Anthropic, Chat, Responses);
+- the include_usage ``UsageChunkStripper`` on a Chat stream;
+- ``Exchange.observe_chunk`` (timing and byte counters);
+and, for scale, one ``b"".join`` of two chunks (the writer's coalescing).
+
+Run: ``python bench/chunk_cost.py [--events 20000] [--repeat 7]``. Prints a table (median and
+p99 of the per-event time over the repeats) and writes ``bench/results/chunk_cost.json``.
+Pure CPU, single process, no network: takes ~10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from trioproxy.exchange import Exchange
+from trioproxy.providers import make_parser
+from trioproxy.testing import anthropic_sse, openai_chat_sse, openai_responses_sse
+from trioproxy.usage_wire import UsageChunkStripper
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _events(reply) -> list[bytes]:
+    return [bytes(p) for p in reply.body if isinstance(p, bytes | bytearray)]
+
+
+def _streams(n: int) -> dict[str, list[bytes]]:
+    words = [f" word{i}" for i in range(n)]
+    return {
+        "anthropic.messages": _events(anthropic_sse(words)),
+        "openai.chat": _events(openai_chat_sse(words, include_usage=True)),
+        "openai.responses": _events(openai_responses_sse(words)),
+    }
+
+
+def _time_per_event(fn: Callable[[list[bytes]], None], events: list[bytes], repeat: int) -> list[float]:
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(events)
+        samples.append((time.perf_counter() - t0) / len(events) * 1e9)  # ns per event
+    return samples
+
+
+def _parser_run(api: str) -> Callable[[list[bytes]], None]:
+    def run(events: list[bytes]) -> None:
+        parser = make_parser(api, streaming=True)
+        for e in events:
+            parser.feed(e)
+        parser.finish()
+
+    return run
+
+
+def _stripper_run(events: list[bytes]) -> None:
+    s = UsageChunkStripper()
+    for e in events:
+        s.feed(e)
+    s.flush()
+
+
+def _observe_run(events: list[bytes]) -> None:
+    ex = Exchange(request_id="x", method="POST", path="/", provider="openai", started=0.0)
+    now = 0.0
+    for e in events:
+        now += 0.001
+        ex.observe_chunk(len(e), now)
+
+
+def _join_run(events: list[bytes]) -> None:
+    for i in range(0, len(events) - 1, 2):
+        b"".join((events[i], events[i + 1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=20000)
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    streams = _streams(args.events)
+    cases: list[tuple[str, Callable[[list[bytes]], None], list[bytes]]] = [
+        (f"parser {api}", _parser_run(api), events) for api, events in streams.items()
+    ]
+    cases += [
+        ("include_usage stripper (chat)", _stripper_run, streams["openai.chat"]),
+        ("Exchange.observe_chunk", _observe_run, streams["openai.chat"]),
+        ("writer coalesce join (per pair)", _join_run, streams["openai.chat"]),
+    ]
+    rows = []
+    for name, fn, events in cases:
+        fn(events[:200])  # warm up
+        samples = _time_per_event(fn, events, args.repeat)
+        rows.append({"case": name, "events": len(events), "median_ns": statistics.median(samples),
+                     "p99_ns": max(samples), "mean_event_bytes": sum(map(len, events)) / len(events)})
+    print(f"{'per event':40} {'median':>10} {'worst of runs':>14} {'event size':>11}")
+    for r in rows:
+        print(f"{r['case']:40} {r['median_ns'] / 1000:8.2f}µs {r['p99_ns'] / 1000:12.2f}µs "
+              f"{r['mean_event_bytes']:9.0f} B")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+           "events": args.events, "repeat": args.repeat, "rows": rows}
+    (RESULTS / "chunk_cost.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""API key extraction, keyed fingerprints, and the fingerprint secret file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from trioproxy.accounting.keys import extract_api_key, fingerprint, load_or_create_secret
+
+KEY = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123"
+
+
+def test_x_api_key_header() -> None:
+    assert extract_api_key([(b"x-api-key", KEY.encode())]) == KEY
+
+
+def test_bearer_token_any_scheme_case() -> None:
+    assert extract_api_key([(b"authorization", b"Bearer sk-proj-1234")]) == "sk-proj-1234"
+    assert extract_api_key([(b"authorization", b"bearer  sk-proj-1234 ")]) == "sk-proj-1234"
+
+
+def test_x_api_key_wins_over_authorization() -> None:
+    headers = [(b"authorization", b"Bearer other"), (b"x-api-key", KEY.encode())]
+    assert extract_api_key(headers) == KEY
+
+
+@pytest.mark.parametrize("headers", [
+    [],
+    [(b"authorization", b"Basic dXNlcjpwYXNz")],
+    [(b"authorization", b"Bearer ")],
+    [(b"x-api-key", b"  ")],
+    [(b"x-other", KEY.encode())],
+])
+def test_no_key(headers: list[tuple[bytes, bytes]]) -> None:
+    assert extract_api_key(headers) is None
+
+
+def test_fingerprint_is_keyed_truncated_and_stable() -> None:
+    fp, last4 = fingerprint(KEY, b"a" * 32)
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert last4 == "0123"
+    assert fingerprint(KEY, b"a" * 32) == (fp, last4)
+    assert fingerprint(KEY, b"b" * 32)[0] != fp
+    assert fingerprint(KEY + "x", b"a" * 32)[0] != fp
+    assert KEY not in fp
+
+
+def test_short_keys_do_not_reveal_their_tail() -> None:
+    assert fingerprint("sk-short", b"a" * 32)[1] == ""
+
+
+def test_secret_created_private_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRIOPROXY_FINGERPRINT_SECRET", raising=False)
+    path = tmp_path / "sub" / "fingerprint-secret"
+    secret = load_or_create_secret(path)
+    assert len(secret) == 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_or_create_secret(path) == secret
+    assert [p.name for p in path.parent.iterdir()] == ["fingerprint-secret"]  # no temp files
+
+
+def test_environment_secret_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIOPROXY_FINGERPRINT_SECRET", "shared-by-every-host")
+    assert load_or_create_secret(tmp_path / "s") == b"shared-by-every-host"
+    assert not (tmp_path / "s").exists()
+
+
+def test_too_short_secret_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRIOPROXY_FINGERPRINT_SECRET", raising=False)
+    (tmp_path / "s").write_bytes(b"abc")
+    with pytest.raises(ValueError, match="too short"):
+        load_or_create_secret(tmp_path / "s")
+
+
+def test_racing_creators_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRIOPROXY_FINGERPRINT_SECRET", raising=False)
+    path = tmp_path / "secret"
+    barrier = threading.Barrier(8)
+    results: list[bytes] = []
+
+    def create() -> None:
+        barrier.wait()
+        results.append(load_or_create_secret(path))
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    code = "import sys; from trioproxy.accounting.keys import load_or_create_secret as f; " \
+           "sys.stdout.write(f(sys.argv[1]).hex())"
+    other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                           check=True, env={"PATH": "/usr/bin:/bin"})
+    assert len(set(results)) == 1 and len(results) == 8
+    assert bytes.fromhex(other.stdout.decode()) == results[0] == path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret"]

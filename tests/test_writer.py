@@ -1,0 +1,294 @@
+"""The usage writer: never blocks, never drops, exactly once through outages and restarts."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from trioproxy.accounting.record import UsageRecord
+from trioproxy.accounting.store import Store, open_store
+from trioproxy.accounting.writer import append_spill, open_usage_writer, read_spill
+
+from .test_store import count_rows, database_url, make_record
+
+FAST = {"retry_interval": 0.01, "shutdown_timeout": 5.0}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield from database_url(request.param, tmp_path)
+
+
+@dataclass
+class Faults:
+    """What the store does wrong, consumed in order."""
+
+    connect_failures: int = 0  # the factory raises (server down, file unreachable)
+    insert_failures: int = 0  # insert raises before writing (disk full, locked)
+    lost_acks: int = 0  # insert commits, then the connection dies before the answer
+    refuse: set[str] = field(default_factory=set)  # request ids the store refuses for good
+    gate: threading.Event | None = None  # inserts wait for this (a stuck store)
+    entered: threading.Event = field(default_factory=threading.Event)
+
+
+class FaultyStore(Store):
+    def __init__(self, inner: Store, faults: Faults) -> None:
+        self.inner, self.faults = inner, faults
+
+    def migrate(self) -> None:
+        self.inner.migrate()
+
+    def insert_many(self, records: Sequence[UsageRecord]) -> int:
+        f = self.faults
+        f.entered.set()
+        if f.gate is not None:
+            f.gate.wait(10)
+        if f.insert_failures:
+            f.insert_failures -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if f.refuse & {r.request_id for r in records}:
+            raise ValueError("value out of range for this column")
+        n = self.inner.insert_many(records)
+        if f.lost_acks:
+            f.lost_acks -= 1
+            raise OSError(errno.ECONNRESET, "connection reset after commit")
+        return n
+
+    def get(self, id_any: str) -> UsageRecord | None:
+        return self.inner.get(id_any)
+
+    def aggregate(self, group_by: str, since: float | None = None,
+                  until: float | None = None) -> list[dict[str, Any]]:
+        return self.inner.aggregate(group_by, since, until)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return isinstance(exc, OSError) or self.inner.is_transient(exc)
+
+
+def faulty_factory(url: str, faults: Faults) -> Callable[[], Store]:
+    def factory() -> Store:
+        if faults.connect_failures:
+            faults.connect_failures -= 1
+            raise OSError(errno.ECONNREFUSED, "connection refused")
+        return FaultyStore(open_store(url), faults)
+
+    return factory
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite://{tmp_path}/usage.db"
+
+
+def spill_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# -- the normal path --------------------------------------------------------------------------
+
+
+async def test_submitted_records_are_written_and_found_by_each_id(
+    store_url: str, tmp_path: Path
+) -> None:
+    with trio.fail_after(10):
+        async with open_usage_writer(lambda: open_store(store_url), batch_size=16,
+                                     spill_path=tmp_path / "spill.jsonl", **FAST) as w:
+            for i in range(50):
+                w.submit(make_record(i, upstream_request_id=f"up_{i}", response_id=f"msg_{i}"))
+            assert await w.flush(5)
+            for id_any in ("req_7", "up_7", "msg_7"):
+                got = await w.lookup(id_any)
+                assert got is not None and got.request_id == "req_7"
+            assert await w.lookup("missing") is None
+            stats = w.statistics()
+    assert (stats.queued, stats.written, stats.pending, stats.failed_attempts) == (50, 50, 0, 0)
+    assert count_rows(store_url) == 50
+
+
+async def test_lookup_finds_records_not_yet_written(tmp_path: Path) -> None:
+    faults = Faults(gate=threading.Event())
+    url = sqlite_url(tmp_path)
+    with trio.fail_after(10):
+        async with open_usage_writer(faulty_factory(url, faults),
+                                     spill_path=tmp_path / "spill.jsonl", **FAST) as w:
+            try:
+                w.submit(make_record(1, response_id="resp_1", upstream_request_id="x-1"))
+                w.submit(make_record(2))
+                for id_any in ("req_1", "resp_1", "x-1", "req_2"):
+                    assert (await w.lookup(id_any)) is not None
+                assert w.statistics().pending == 2
+            finally:
+                faults.gate.set()
+            assert await w.flush(5)
+    assert count_rows(url) == 2
+
+
+async def test_submit_never_blocks_while_the_store_is_stuck(tmp_path: Path) -> None:
+    faults = Faults(gate=threading.Event())
+    with trio.fail_after(10):
+        async with open_usage_writer(faulty_factory(sqlite_url(tmp_path), faults),
+                                     spill_path=tmp_path / "spill.jsonl", **FAST) as w:
+            try:
+                w.submit(make_record(0))
+                await trio.to_thread.run_sync(faults.entered.wait, 5)  # writer is inside insert
+                started = time.perf_counter()
+                for i in range(1, 5001):
+                    w.submit(make_record(i))
+                assert time.perf_counter() - started < 0.5
+                assert w.statistics().pending == 5001
+            finally:
+                faults.gate.set()
+            assert await w.flush(5)
+    assert count_rows(sqlite_url(tmp_path)) == 5001
+
+
+async def test_backlog_over_max_queue_is_kept_and_warned_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trioproxy.accounting")
+    faults = Faults(gate=threading.Event())
+    with trio.fail_after(10):
+        async with open_usage_writer(faulty_factory(sqlite_url(tmp_path), faults), max_queue=5,
+                                     spill_path=tmp_path / "spill.jsonl", **FAST) as w:
+            try:
+                w.submit(make_record(0))
+                await trio.to_thread.run_sync(faults.entered.wait, 5)
+                for i in range(1, 21):
+                    w.submit(make_record(i))
+                stats = w.statistics()
+                assert (stats.pending, stats.backlog, stats.overflowed) == (21, 16, 15)
+            finally:
+                faults.gate.set()
+            assert await w.flush(5)
+    assert count_rows(sqlite_url(tmp_path)) == 21
+    assert sum("usage queue over 5" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+async def test_store_down_then_back_loses_nothing_and_duplicates_nothing(
+    store_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trioproxy.accounting")
+    faults = Faults(connect_failures=3, insert_failures=2, lost_acks=1)
+    with trio.fail_after(10):
+        async with open_usage_writer(faulty_factory(store_url, faults), batch_size=25,
+                                     spill_path=tmp_path / "spill.jsonl", **FAST) as w:
+            for i in range(100):
+                w.submit(make_record(i))
+            assert await w.flush(5)
+            stats = w.statistics()
+    assert stats.failed_attempts == 6
+    assert (stats.written, stats.pending, stats.spilled, stats.store_available) == (100, 0, 0, True)
+    assert count_rows(store_url) == 100  # the batch whose ack was lost is not duplicated
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("usage store unavailable" in m for m in messages) == 1  # once per outage
+    assert sum("available again" in m for m in messages) == 1
+
+
+async def test_flush_times_out_while_the_store_is_down(tmp_path: Path) -> None:
+    faults = Faults(connect_failures=10**9)
+    with trio.fail_after(10):
+        async with open_usage_writer(faulty_factory(sqlite_url(tmp_path), faults),
+                                     retry_interval=0.01, shutdown_timeout=0.1,
+                                     spill_path=tmp_path / "spill.jsonl") as w:
+            w.submit(make_record(1))
+            assert not await w.flush(0.1)
+            assert w.statistics().store_available is False
+    assert len(spill_lines(tmp_path / "spill.jsonl")) == 1
+
+
+async def test_refused_record_is_spilled_and_the_rest_written(tmp_path: Path) -> None:
+    faults = Faults(refuse={"req_3"})
+    spill = tmp_path / "spill.jsonl"
+    with trio.fail_after(10):
+        async with open_usage_writer(faulty_factory(sqlite_url(tmp_path), faults),
+                                     spill_path=spill, **FAST) as w:
+            for i in range(10):
+                w.submit(make_record(i))
+            assert await w.flush(5)
+            stats = w.statistics()
+    assert (stats.written, stats.spilled, stats.pending) == (9, 1, 0)
+    assert count_rows(sqlite_url(tmp_path)) == 9
+    assert [r["request_id"] for r in spill_lines(spill)] == ["req_3"]
+
+
+# -- shutdown and restart ---------------------------------------------------------------------
+
+
+async def test_restart_with_rows_queued_spills_then_reloads_exactly_once(
+    store_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="trioproxy.accounting")
+    spill = tmp_path / "spill.jsonl"
+    down = Faults(connect_failures=10**9)
+    with trio.fail_after(10):
+        async with open_usage_writer(faulty_factory(store_url, down), retry_interval=0.01,
+                                     shutdown_timeout=0.2, spill_path=spill) as w:
+            for i in range(20):
+                w.submit(make_record(i))
+        assert w.statistics().spilled == 20
+        assert len(spill_lines(spill)) == 20
+        assert any("did not take 20 records" in r.getMessage() for r in caplog.records)
+        # five of them did land before the outage (say): re-inserting must not duplicate them
+        s = open_store(store_url)
+        s.migrate()
+        s.insert_many([make_record(i) for i in range(5)])
+        s.close()
+        async with open_usage_writer(lambda: open_store(store_url), spill_path=spill,
+                                     **FAST) as w2:
+            assert w2.statistics().queued == 20
+            assert not spill.exists()
+            assert (await w2.lookup("req_19")) is not None
+            assert await w2.flush(5)
+    assert count_rows(store_url) == 20
+
+
+async def test_exit_flushes_even_when_cancelled(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        with trio.move_on_after(0.05):
+            async with open_usage_writer(lambda: open_store(sqlite_url(tmp_path)),
+                                         spill_path=tmp_path / "spill.jsonl", **FAST) as w:
+                for i in range(30):
+                    w.submit(make_record(i))
+                await trio.sleep_forever()
+    assert count_rows(sqlite_url(tmp_path)) == 30
+    assert not (tmp_path / "spill.jsonl").exists()
+
+
+async def test_submit_after_close_goes_to_the_spill_file(tmp_path: Path) -> None:
+    spill = tmp_path / "spill.jsonl"
+    with trio.fail_after(10):
+        async with open_usage_writer(lambda: open_store(sqlite_url(tmp_path)),
+                                     spill_path=spill, **FAST) as w:
+            pass
+        w.submit(make_record(1))
+    assert [r["request_id"] for r in spill_lines(spill)] == ["req_1"]
+    assert w.statistics().spilled == 1
+
+
+def test_spill_file_round_trip_keeps_bad_lines_aside(tmp_path: Path) -> None:
+    spill = tmp_path / "d" / "spill.jsonl"
+    append_spill(spill, [make_record(1, raw_usage={"a": 1}, streamed=True)])
+    append_spill(spill, [make_record(2)])
+    with spill.open("a") as f:
+        f.write('{"request_id": "torn\n')
+    assert spill.stat().st_mode & 0o777 == 0o600
+    records = read_spill(spill)
+    assert records == [make_record(1, raw_usage={"a": 1}, streamed=True), make_record(2)]
+    assert not spill.exists()
+    assert "torn" in (tmp_path / "d" / "spill.jsonl.corrupt").read_text()
+    assert read_spill(spill) == []

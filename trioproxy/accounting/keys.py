@@ -1,0 +1,97 @@
+"""API keys: extraction from request headers, and keyed fingerprints (the key is never stored).
+
+A record stores ``HMAC-SHA256(secret, key)`` truncated to 16 hex digits and the key's last four
+characters. The secret comes from ``TRIOPROXY_FINGERPRINT_SECRET`` or a random 32-byte file
+created once (mode 0600) next to the SQLite database / in the data directory.
+
+With a PostgreSQL store shared by several hosts, set the same ``TRIOPROXY_FINGERPRINT_SECRET``
+on every host: otherwise each host fingerprints the same key differently, and ``GET
+/v1/usage/{id}`` and ``trioproxy usage --by key`` cannot match records across hosts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+__all__ = ["SECRET_ENV", "extract_api_key", "fingerprint", "load_or_create_secret"]
+
+SECRET_ENV = "TRIOPROXY_FINGERPRINT_SECRET"
+SECRET_BYTES = 32
+FINGERPRINT_HEX = 16
+_MIN_LAST4_KEY = 12  # shorter keys would be mostly revealed by their last four characters
+
+
+def extract_api_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The API key of a request: ``x-api-key``, else ``authorization: Bearer …``.
+
+    ``headers`` are ASGI-style (lower-case names, bytes). Returns None when absent or empty.
+    """
+    bearer: str | None = None
+    for name, value in headers:
+        if name == b"x-api-key":
+            key = value.decode("latin-1").strip()
+            if key:
+                return key
+        elif name == b"authorization" and bearer is None:
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                bearer = token.strip()
+    return bearer
+
+
+def fingerprint(key: str, secret: bytes) -> tuple[str, str]:
+    """(keyed fingerprint, last four characters) of an API key.
+
+    The fingerprint is HMAC-SHA256 under ``secret``, truncated to 16 hex digits: stable per
+    secret, useless without it. Keys shorter than 12 characters get an empty ``last4``.
+    """
+    digest = hmac.new(secret, key.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+    last4 = key[-4:] if len(key) >= _MIN_LAST4_KEY else ""
+    return digest[:FINGERPRINT_HEX], last4
+
+
+def load_or_create_secret(path: str | os.PathLike[str]) -> bytes:
+    """The fingerprint secret: ``$TRIOPROXY_FINGERPRINT_SECRET`` if set, else the file at
+    ``path``, created with 32 random bytes (mode 0600) if missing.
+
+    Creation is atomic: the secret is written to a private temporary file that is then
+    hard-linked into place, which fails if another process got there first; the loser reads
+    the winner's file. So worker processes starting at once all agree.
+    """
+    env = os.environ.get(SECRET_ENV)
+    if env:
+        return env.encode("utf-8")
+    target = Path(path)
+    try:
+        return _read_secret(target)
+    except FileNotFoundError:
+        pass
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(SECRET_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            pass  # another process won the race: use its secret
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _read_secret(target)
+
+
+def _read_secret(path: Path) -> bytes:
+    data = path.read_bytes()
+    if len(data) < 16:
+        raise ValueError(
+            f"fingerprint secret {path} is too short ({len(data)} bytes): delete it to "
+            f"regenerate, or set {SECRET_ENV}"
+        )
+    return data

@@ -1,0 +1,147 @@
+"""The usage record: one per proxied request (or per WebSocket response).
+
+Token fields are normalised across providers: ``input_tokens`` is the TOTAL input including
+cache reads and cache writes (Anthropic reports those separately; they are added up), and
+``output_tokens`` includes reasoning tokens. ``raw_usage`` keeps the provider's own usage object
+with its own field names. ``cost_usd`` is None when the price is unknown, never 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["COLUMNS", "TOKEN_FIELDS", "UsageRecord"]
+
+TOKEN_FIELDS = (
+    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+    "reasoning_tokens", "audio_input_tokens", "audio_output_tokens",
+    "accepted_prediction_tokens", "rejected_prediction_tokens",
+)
+_JSON_FIELDS = frozenset({"raw_usage", "extra"})
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """What one proxied request (or one WebSocket response) did and used."""
+
+    request_id: str  # the proxy's id
+    started_at: float  # unix time
+    provider: str | None = None  # "anthropic" / "openai"
+    api: str | None = None  # "anthropic.messages", "openai.chat", "openai.responses", ...
+    transport: str | None = None  # "http" / "websocket"
+    method: str | None = None
+    path: str | None = None  # route path, no query
+    status: int | None = None
+    streamed: bool | None = None
+    model_requested: str | None = None
+    model: str | None = None  # as answered by the upstream
+    response_id: str | None = None  # msg_… / chatcmpl-… / resp_…
+    upstream_request_id: str | None = None  # upstream request-id / x-request-id header
+    input_tokens: int | None = None  # TOTAL input, incl. cache read + cache write
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    audio_input_tokens: int | None = None
+    audio_output_tokens: int | None = None
+    accepted_prediction_tokens: int | None = None
+    rejected_prediction_tokens: int | None = None
+    raw_usage: dict[str, Any] | None = None  # the provider's own usage object
+    stop_reason: str | None = None  # "end_turn", "stop", "completed", ..., "incomplete"
+    end_reason: str | None = None  # "complete", "client_disconnect", "upstream_error", ...
+    error: str | None = None
+    cost_usd: float | None = None  # None when the price is unknown
+    ttfb_ms: float | None = None
+    duration_ms: float | None = None
+    max_gap_ms: float | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    key_fingerprint: str | None = None  # keyed hash of the API key, never the key
+    key_last4: str | None = None
+    user_agent: str | None = None
+    session_id: str | None = None
+    extra: dict[str, Any] | None = None
+
+    def to_row(self) -> tuple[Any, ...]:
+        """Values in :data:`COLUMNS` order, ready for a parameterised INSERT."""
+        return tuple(_to_column(name, getattr(self, name)) for name in COLUMNS)
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> UsageRecord:
+        """The inverse of :meth:`to_row` (a row selected in :data:`COLUMNS` order)."""
+        values = {name: _from_column(name, value) for name, value in zip(COLUMNS, row, strict=True)}
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (the spill file format)."""
+        return {name: getattr(self, name) for name in COLUMNS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UsageRecord:
+        """A record from :meth:`to_dict` output; unknown keys are ignored."""
+        return cls(**{k: v for k, v in data.items() if k in _FIELD_SET})
+
+    def matches(self, id_any: str) -> bool:
+        """True when ``id_any`` is this record's proxy, upstream or response id."""
+        return id_any in (self.request_id, self.upstream_request_id, self.response_id)
+
+    def to_public_json(self) -> dict[str, Any]:
+        """The body of ``GET /v1/usage/{id}``. Never contains the key or its fingerprint."""
+        return {
+            "object": "trioproxy.usage",
+            "id": self.request_id,
+            "upstream_request_id": self.upstream_request_id,
+            "response_id": self.response_id,
+            "created_at": self.started_at,
+            "provider": self.provider,
+            "api": self.api,
+            "transport": self.transport,
+            "method": self.method,
+            "path": self.path,
+            "model": self.model,
+            "model_requested": self.model_requested,
+            "status": self.status,
+            "streamed": self.streamed,
+            "stop_reason": self.stop_reason,
+            "end_reason": self.end_reason,
+            "error": self.error,
+            "timings": {
+                "ttfb_ms": self.ttfb_ms,
+                "duration_ms": self.duration_ms,
+                "max_gap_ms": self.max_gap_ms,
+            },
+            "bytes": {"in": self.bytes_in, "out": self.bytes_out},
+            "cost_usd": self.cost_usd,
+            "usage": self.raw_usage,
+            "totals": {name: getattr(self, name) for name in TOKEN_FIELDS},
+            "session_id": self.session_id,
+        }
+
+
+COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageRecord))
+_FIELD_SET = frozenset(COLUMNS)
+
+
+def _to_column(name: str, value: Any) -> Any:
+    if name in _JSON_FIELDS:
+        return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")  # PostgreSQL TEXT cannot hold NUL
+    return value
+
+
+def _from_column(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _JSON_FIELDS:
+        try:
+            return json.loads(value)
+        except (TypeError, ValueError):
+            return {"unparsed": str(value)}
+    if name == "streamed":
+        return bool(value)
+    return value

@@ -1,0 +1,307 @@
+"""Usage stores: the common synchronous interface, the schema migrations and ``open_store(url)``.
+
+Stores are synchronous and used from threads, one thread at a time per store object (the
+writer thread has its own; look-ups use another). Both back ends share one schema and one set
+of SQL statements; :mod:`.sqlite` and :mod:`.postgres` supply connections, transactions and the
+few dialect differences. Inserts are ``ON CONFLICT (request_id) DO NOTHING``, so a batch that is
+retried (or a spill file loaded twice) never duplicates a row.
+
+Database URLs (``TRIOPROXY_DATABASE_URL``): a plain path, ``sqlite:///abs/path``,
+``sqlite:relative/path``, or ``postgresql://…`` / ``postgres://…``. The default is SQLite at
+``$XDG_DATA_HOME/trioproxy/usage.db`` (``~/.local/share/trioproxy/usage.db``).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from .record import COLUMNS, UsageRecord
+
+__all__ = [
+    "GROUP_BY",
+    "MIGRATIONS",
+    "SQLStore",
+    "Store",
+    "data_dir",
+    "default_database_url",
+    "open_store",
+    "resolve_database_url",
+    "secret_path_for",
+    "spill_path_for",
+    "sqlite_path",
+    "sqlite_url",
+]
+
+log = logging.getLogger("trioproxy.accounting")
+
+DATABASE_URL_ENV = "TRIOPROXY_DATABASE_URL"
+GROUP_BY: tuple[str, ...] = ("model", "key", "session", "day")
+
+# Versioned migrations, applied in order at start-up inside one locked transaction. Never edit
+# a released entry: append a new version. The SQL must run on both SQLite and PostgreSQL.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, (
+        """CREATE TABLE usage_records (
+            request_id TEXT PRIMARY KEY NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            provider TEXT, api TEXT, transport TEXT, method TEXT, path TEXT,
+            status INTEGER, streamed BOOLEAN,
+            model_requested TEXT, model TEXT, response_id TEXT, upstream_request_id TEXT,
+            input_tokens BIGINT, output_tokens BIGINT,
+            cache_read_tokens BIGINT, cache_write_tokens BIGINT, reasoning_tokens BIGINT,
+            audio_input_tokens BIGINT, audio_output_tokens BIGINT,
+            accepted_prediction_tokens BIGINT, rejected_prediction_tokens BIGINT,
+            raw_usage TEXT, stop_reason TEXT, end_reason TEXT, error TEXT,
+            cost_usd DOUBLE PRECISION,
+            ttfb_ms DOUBLE PRECISION, duration_ms DOUBLE PRECISION, max_gap_ms DOUBLE PRECISION,
+            bytes_in BIGINT, bytes_out BIGINT,
+            key_fingerprint TEXT, key_last4 TEXT, user_agent TEXT, session_id TEXT,
+            extra TEXT
+        )""",
+        "CREATE INDEX usage_records_upstream_request_id ON usage_records (upstream_request_id)",
+        "CREATE INDEX usage_records_response_id ON usage_records (response_id)",
+        "CREATE INDEX usage_records_started_at ON usage_records (started_at)",
+        "CREATE INDEX usage_records_key_fingerprint ON usage_records (key_fingerprint, started_at)",
+        "CREATE INDEX usage_records_session_id ON usage_records (session_id, started_at)",
+    )),
+)
+
+_COLS = ", ".join(COLUMNS)
+_INSERT = (
+    f"INSERT INTO usage_records ({_COLS}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+_GET = (
+    f"SELECT {_COLS} FROM usage_records "
+    "WHERE request_id = ? OR upstream_request_id = ? OR response_id = ? "
+    "ORDER BY CASE WHEN request_id = ? THEN 0 ELSE 1 END, started_at DESC LIMIT 1"
+)
+_SUMS = (
+    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
+)
+
+
+class Store(abc.ABC):
+    """The synchronous store interface (used from one thread at a time)."""
+
+    #: errors that mean "the store is unavailable right now": keep the batch and retry later
+    transient_errors: tuple[type[BaseException], ...] = (OSError,)
+
+    @abc.abstractmethod
+    def migrate(self) -> None: ...
+
+    @abc.abstractmethod
+    def insert_many(self, records: Sequence[UsageRecord]) -> int:
+        """Insert records, skipping request ids already stored; returns the rows added."""
+
+    @abc.abstractmethod
+    def get(self, id_any: str) -> UsageRecord | None:
+        """The record whose request id, upstream request id or response id is ``id_any``
+        (an exact request id wins)."""
+
+    @abc.abstractmethod
+    def aggregate(
+        self, group_by: str, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Totals per group (``model``, ``key``, ``session`` or ``day`` in UTC) over
+        ``since <= started_at < until``."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.transient_errors)
+
+
+class SQLStore(Store):
+    """Shared SQL for both back ends; subclasses provide connection, transactions, dialect."""
+
+    day_expr = ""  # SQL giving 'YYYY-MM-DD' (UTC) of started_at
+
+    @abc.abstractmethod
+    def _transaction(self, *, migrating: bool = False) -> AbstractContextManager[Any]:
+        """A write transaction yielding a cursor; ``migrating`` takes the migration lock."""
+
+    @abc.abstractmethod
+    def _cursor(self) -> AbstractContextManager[Any]:
+        """A cursor for reads outside an explicit transaction."""
+
+    def _sql(self, sql: str) -> str:
+        """Dialect placeholders (statements are written with ``?``)."""
+        return sql
+
+    def migrate(self) -> None:
+        """Apply pending migrations, serialised against other processes."""
+        with self._transaction(migrating=True) as cur:
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            cur.execute("SELECT version FROM schema_migrations")
+            done = {row[0] for row in cur.fetchall()}
+            for version, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    cur.execute(statement)
+                cur.execute(
+                    self._sql("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)"),
+                    (version, time.time()),
+                )
+                log.info("usage store: applied schema migration %d", version)
+            latest = MIGRATIONS[-1][0]
+            if done and max(done) > latest:
+                log.warning("usage store schema (v%d) is newer than this trioproxy (v%d)",
+                            max(done), latest)
+
+    def insert_many(self, records: Sequence[UsageRecord]) -> int:
+        if not records:
+            return 0
+        rows = [r.to_row() for r in records]
+        with self._transaction() as cur:
+            cur.executemany(self._sql(_INSERT), rows)
+            return max(cur.rowcount, 0)
+
+    def get(self, id_any: str) -> UsageRecord | None:
+        with self._cursor() as cur:
+            cur.execute(self._sql(_GET), (id_any, id_any, id_any, id_any))
+            row = cur.fetchone()
+        return UsageRecord.from_row(row) if row is not None else None
+
+    def aggregate(
+        self, group_by: str, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        exprs = {
+            "model": "COALESCE(model, model_requested)",
+            "key": "key_fingerprint",
+            "session": "session_id",
+            "day": self.day_expr,
+        }
+        if group_by not in exprs:
+            raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}, not {group_by!r}")
+        where, params = _time_filter(since, until)
+        sums = ", ".join(f"SUM({c})" for c in _SUMS)
+        sql = (
+            f"SELECT {exprs[group_by]}, COUNT(*), {sums}, SUM(cost_usd), COUNT(cost_usd), "
+            f"MAX(key_last4), MIN(started_at), MAX(started_at) FROM usage_records{where} "
+            "GROUP BY 1"
+        )
+        with self._cursor() as cur:
+            cur.execute(self._sql(sql), params)
+            rows = cur.fetchall()
+        return _sort_groups([_group_dict(group_by, row) for row in rows], group_by)
+
+
+def _time_filter(since: float | None, until: float | None) -> tuple[str, tuple[float, ...]]:
+    clauses, params = [], []
+    if since is not None:
+        clauses.append("started_at >= ?")
+        params.append(float(since))
+    if until is not None:
+        clauses.append("started_at < ?")
+        params.append(float(until))
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+
+def _group_dict(group_by: str, row: Sequence[Any]) -> dict[str, Any]:
+    group, requests, *sums = row[:2 + len(_SUMS)]
+    cost, priced, last4, first_at, last_at = row[2 + len(_SUMS):]
+    out: dict[str, Any] = {"group": group, "requests": int(requests)}
+    out.update({name: int(v) if v is not None else 0 for name, v in zip(_SUMS, sums, strict=True)})
+    out["cost_usd"] = float(cost) if cost is not None else None
+    out["priced_requests"] = int(priced)
+    out["unpriced_requests"] = int(requests) - int(priced)
+    if group_by == "key":
+        out["key_last4"] = last4
+    out["first_at"], out["last_at"] = first_at, last_at
+    return out
+
+
+def _sort_groups(groups: list[dict[str, Any]], group_by: str) -> list[dict[str, Any]]:
+    if group_by == "day":
+        return sorted(groups, key=lambda g: g["group"] or "")
+    return sorted(groups, key=lambda g: (-(g["cost_usd"] or 0.0), -g["requests"], str(g["group"])))
+
+
+# -- locations and URLs -----------------------------------------------------------------------
+
+
+def data_dir() -> Path:
+    """``$XDG_DATA_HOME/trioproxy`` (default ``~/.local/share/trioproxy``)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "trioproxy"
+
+
+def default_database_url() -> str:
+    """``$TRIOPROXY_DATABASE_URL``, else SQLite at ``data_dir()/usage.db``."""
+    return os.environ.get(DATABASE_URL_ENV) or sqlite_url(data_dir() / "usage.db")
+
+
+def sqlite_url(path: str | os.PathLike[str]) -> str:
+    """``sqlite:///abs/path`` (or ``sqlite:relative/path``) for a file path."""
+    text = os.fspath(path)
+    return f"sqlite://{text}" if text.startswith("/") else f"sqlite:{text}"
+
+
+def resolve_database_url(url: str | None) -> str:
+    """``url`` itself, or :func:`default_database_url` when it is None or empty."""
+    return url or default_database_url()
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def sqlite_path(url: str) -> Path:
+    """The file path of a SQLite database URL (or plain path)."""
+    if is_postgres_url(url):
+        raise ValueError("not a SQLite URL")
+    if url.startswith("sqlite:"):
+        url = url[len("sqlite:"):]
+        if url.startswith("/"):  # sqlite:///abs/path (also sqlite:////abs/path) -> /abs/path
+            url = "/" + url.lstrip("/")
+    if not url or url == ":memory:":
+        raise ValueError("a SQLite usage database needs a file path (several processes share it)")
+    return Path(url).expanduser()
+
+
+def _side_file(url: str, suffix: str, default_name: str) -> Path:
+    if is_postgres_url(url):
+        return data_dir() / default_name
+    db = sqlite_path(url)
+    return db.with_name(db.name + suffix)
+
+
+def spill_path_for(url: str) -> Path:
+    """Where unwritable records go at shutdown: next to the SQLite file, or in the data dir."""
+    return _side_file(url, ".spill.jsonl", "usage-spill.jsonl")
+
+
+def secret_path_for(url: str) -> Path:
+    """Where the fingerprint secret lives: next to the SQLite file, or in the data dir."""
+    return _side_file(url, ".fingerprint-secret", "fingerprint-secret")
+
+
+def open_store(url: str | None = None) -> Store:
+    """A connected (not yet migrated) store for ``url`` (default: :func:`default_database_url`).
+
+    Raises the back end's connection error when the database cannot be reached.
+    """
+    url = resolve_database_url(url)
+    if is_postgres_url(url):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url)
+    if "://" in url and not url.startswith("sqlite:"):
+        raise ValueError(f"unsupported database URL scheme: {url.split('://', 1)[0]}")
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore(sqlite_path(url))
+

@@ -1,0 +1,99 @@
+"""``trioproxy usage``: totals per model / key / session / day from the usage store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .accounting.query import format_table, parse_when, summarize
+from .accounting.store import (
+    GROUP_BY,
+    Store,
+    is_postgres_url,
+    open_store,
+    resolve_database_url,
+    sqlite_path,
+)
+
+__all__ = ["add_usage_parser", "run_usage"]
+
+EPILOG = """\
+Times: 30m, 24h, 7d, 2w, today, or an ISO date / date-time (UTC unless a zone is given).
+Days (--by day) are UTC days. A cost of "?" means the model's price is unknown; such requests
+are counted in the "unpriced" column and never counted as free.
+
+Examples:
+  trioproxy usage --since 7d --by day
+  trioproxy usage --by key --since 2025-06-01 --json
+  trioproxy usage --id msg_01ABC...        (one record: proxy, upstream or response id)
+"""
+
+
+def add_usage_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``usage`` sub-command on an ``argparse`` sub-parsers object."""
+    p = subparsers.add_parser(
+        "usage",
+        help="summarise recorded token usage and cost",
+        description="Summarise recorded token usage and cost from the usage store.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--database-url", metavar="URL",
+                   help="SQLite path/URL or postgresql://… (default: $TRIOPROXY_DATABASE_URL, "
+                        "else $XDG_DATA_HOME/trioproxy/usage.db)")
+    p.add_argument("--by", choices=GROUP_BY, default="model",
+                   help="group by (default: %(default)s)")
+    p.add_argument("--since", metavar="WHEN", help="only requests started at or after WHEN")
+    p.add_argument("--until", metavar="WHEN", help="only requests started before WHEN")
+    p.add_argument("--id", dest="record_id", metavar="ID",
+                   help="show the one record with this proxy, upstream or response id")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def run_usage(args: argparse.Namespace) -> int:
+    """Run ``trioproxy usage``. 0: ok, 1: record not found or store unreachable, 2: bad args."""
+    try:
+        since = parse_when(args.since) if args.since else None
+        until = parse_when(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"trioproxy usage: {exc}", file=sys.stderr)
+        return 2
+    url = resolve_database_url(args.database_url)
+    if not is_postgres_url(url) and not sqlite_path(url).exists():
+        print(f"trioproxy usage: no usage database at {sqlite_path(url)} (nothing recorded yet)",
+              file=sys.stderr)
+        return 1 if args.record_id else _print_summary(None, args, since, until)
+    try:
+        store = open_store(url)
+    except Exception as exc:  # noqa: BLE001 - any connection failure is reported the same way
+        print(f"trioproxy usage: cannot open the usage store: {exc}", file=sys.stderr)
+        return 1
+    try:
+        store.migrate()
+        if args.record_id:
+            return _print_record(store, args)
+        return _print_summary(store, args, since, until)
+    finally:
+        store.close()
+
+
+def _print_record(store: Store, args: argparse.Namespace) -> int:
+    record = store.get(args.record_id)
+    if record is None:
+        print(f"trioproxy usage: no record {args.record_id!r}", file=sys.stderr)
+        return 1
+    public = record.to_public_json()
+    print(json.dumps(public, indent=None if args.json else 2))
+    return 0
+
+
+def _print_summary(
+    store: Store | None, args: argparse.Namespace, since: float | None, until: float | None
+) -> int:
+    summary = summarize(store, args.by, since, until)
+    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
+    return 0
+
