@@ -5,11 +5,11 @@
     hypercorn trioproxy:app --worker-class trio
 """
 
-from .app import TrioProxy, create_app
+from .app import TrioProxy
 from .config import Settings
 
 __version__ = "0.1.0"
 
 app = TrioProxy()
 
-__all__ = ["Settings", "TrioProxy", "__version__", "app", "create_app"]
+__all__ = ["Settings", "TrioProxy", "__version__", "app"]

@@ -251,7 +251,6 @@ class TrioProxy:
     async def _usage_lookup(
         self, runtime: Runtime, ex: Exchange, lookup_id: str, send: Send
     ) -> None:
-        ex.extra["usage_lookup"] = True
         status, body = await answer_usage_lookup(
             lookup_id, ex.request_headers, runtime.writer, runtime.secret,
             runtime.settings.admin_token, ex.provider,
@@ -281,7 +280,3 @@ def wants_trailers(scope: Scope) -> bool:
         return False
     te = b",".join(v for k, v in scope["headers"] if k == b"te").lower()
     return b"trailers" in [t.strip().split(b";")[0] for t in te.split(b",")]
-
-
-def create_app(settings: Settings | None = None, **kwargs: Any) -> TrioProxy:
-    return TrioProxy(settings, **kwargs)
