@@ -336,3 +336,32 @@ async def test_tls_upstream_is_verified_against_the_trust_store(nursery: trio.Nu
     assert results[1].status == 502 and b"CERTIFICATE_VERIFY_FAILED" in results[1].body
     await trusted.stop()
     await untrusted.stop()
+
+
+async def test_upstream_silent_mid_stream_past_the_read_timeout_is_cut(
+    autojump_clock: trio.abc.Clock, upstream: FakeUpstream, raw_client: RawClient,
+    proxy: ProxyServer,
+) -> None:
+    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")],
+                           body=[b"data: 1\n\n", Pause(900), b"data: 2\n\n"]))
+    with trio.fail_after(2000):
+        resp = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+    assert resp.body == b"data: 1\n\n" and not resp.complete
+    (ex,) = await proxy.wait_exchanges(1)
+    assert ex.end_reason == "timeout" and "read timeout" in ex.error
+
+
+async def test_a_client_that_pauses_reading_is_not_an_upstream_timeout(
+    autojump_clock: trio.abc.Clock, upstream: FakeUpstream, proxy: ProxyServer,
+) -> None:
+    chunk = b"data: " + b"y" * 65530 + b"\n\n"
+    reply = Reply(headers=[("content-type", "text/event-stream")], body=[chunk] * 400)
+    upstream.enqueue(reply)
+    client = await RawClient.connect(proxy.port)
+    with trio.fail_after(3000):
+        await client.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+        resp = await client.read_head()
+        await trio.sleep(900)  # longer than the 600 s read timeout, while the channel is full
+        await client.read_body(resp)
+    await client.aclose()
+    assert resp.complete and resp.body == body_bytes(reply)

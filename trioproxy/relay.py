@@ -11,6 +11,7 @@ the disconnect watcher, joined by a bounded memory channel.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -180,44 +181,63 @@ class HttpRelay:
         plan: ResponsePlan,
     ) -> None:
         """Reads the upstream body into the channel; owns (and releases) the response."""
-        keepalive = plan.keepalive
-        stripper = plan.stripper
         read_timeout = self._settings.read_timeout
-        parser = ex.parser
         async with resp, send_ch:
             try:
-                deadline = trio.current_time() + read_timeout
-                tail = b"\n\n"
-                while True:
-                    if keepalive is None:
-                        chunk = await resp.receive_chunk(deadline)
-                    else:
-                        with trio.move_on_after(keepalive) as idle:
-                            chunk = await resp.receive_chunk(deadline)
-                        if idle.cancelled_caught:
-                            if tail.endswith(_SSE_BOUNDARIES):
-                                await send_ch.send(KEEPALIVE_COMMENT)
-                            continue
-                    if chunk is None:
-                        if stripper is not None and (rest := stripper.flush()):
-                            await send_ch.send(rest)
-                        ex.upstream_complete = True
-                        return
-                    now = trio.current_time()
-                    deadline = now + read_timeout
-                    ex.observe_chunk(len(chunk), now)
-                    if parser is not None:
-                        parser.feed(chunk)
-                    if stripper is not None:
-                        chunk = stripper.feed(chunk)
-                        if not chunk:
-                            continue
-                    if keepalive is not None:
-                        tail = (tail + chunk)[-4:]
-                    await send_ch.send(chunk)
+                # One cancel scope per stream whose deadline moves on with every chunk, rather
+                # than a new scope per read: this loop is the hot path.
+                with trio.CancelScope(deadline=trio.current_time() + read_timeout) as timeout:
+                    await self._pump(resp, send_ch, ex, plan, timeout)
+                if timeout.cancelled_caught:
+                    raise UpstreamTimeout("read", read_timeout)
             except UpstreamError as exc:
                 ex.fail(exc.kind, exc.message)
-                log.warning("upstream %s mid-stream: %s; cutting the client stream", exc.kind, exc.message)
+                log.warning("upstream %s mid-stream: %s; cutting the client stream",
+                            exc.kind, exc.message)
+
+    async def _pump(
+        self, resp: UpstreamResponse, send_ch: trio.MemorySendChannel[bytes], ex: Exchange,
+        plan: ResponsePlan, timeout: trio.CancelScope,
+    ) -> None:
+        keepalive, stripper, parser = plan.keepalive, plan.stripper, ex.parser
+        read_timeout = self._settings.read_timeout
+        tail = b"\n\n"
+
+        async def put(data: bytes) -> None:
+            try:
+                send_ch.send_nowait(data)
+            except trio.WouldBlock:  # backpressure: a slow client is not an upstream timeout
+                timeout.deadline = math.inf
+                await send_ch.send(data)
+                timeout.deadline = trio.current_time() + read_timeout
+
+        while True:
+            if keepalive is None:
+                chunk = await resp.receive_chunk(math.inf)
+            else:
+                with trio.move_on_after(keepalive) as idle:
+                    chunk = await resp.receive_chunk(math.inf)
+                if idle.cancelled_caught:
+                    if tail.endswith(_SSE_BOUNDARIES):
+                        await put(KEEPALIVE_COMMENT)
+                    continue
+            if chunk is None:
+                if stripper is not None and (rest := stripper.flush()):
+                    await put(rest)
+                ex.upstream_complete = True
+                return
+            now = trio.current_time()
+            timeout.deadline = now + read_timeout
+            ex.observe_chunk(len(chunk), now)
+            if parser is not None:
+                parser.feed(chunk)
+            if stripper is not None:
+                chunk = stripper.feed(chunk)
+                if not chunk:
+                    continue
+            if keepalive is not None:
+                tail = (tail + chunk)[-4:]
+            await put(chunk)
 
     def _keepalive_interval(self, resp: UpstreamResponse, ex: Exchange) -> float | None:
         interval = self._settings.sse_keepalive

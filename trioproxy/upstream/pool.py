@@ -8,6 +8,7 @@ is retried once on a fresh connection; nothing else is retried.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -94,7 +95,8 @@ class UpstreamResponse:
     async def receive_chunk(self, deadline: float | None = None) -> bytes | None:
         """Next body bytes, or None once the body is complete.
 
-        ``deadline`` (trio time) bounds the wait; by default one read timeout from now.
+        ``deadline`` (trio time) bounds the wait; by default one read timeout from now;
+        ``math.inf`` leaves it to the caller's cancel scope (the relay's hot path).
         Raises UpstreamTimeout('read') or UpstreamProtocolError on a cut connection.
         """
         if self.complete:
@@ -120,7 +122,10 @@ class UpstreamResponse:
 
 
 async def _read(conn: Connection, deadline: float, timeout: float) -> bytes:
+    """One read. ``deadline=math.inf``: the caller bounds the wait with its own cancel scope."""
     try:
+        if deadline == math.inf:
+            return await conn.stream.receive_some(READ_SIZE)
         with trio.fail_at(deadline):
             return await conn.stream.receive_some(READ_SIZE)
     except trio.TooSlowError:
