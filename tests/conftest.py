@@ -83,6 +83,14 @@ def proxy_settings(upstream: FakeUpstream, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests talk to loopback fakes directly, whatever proxy the machine has configured."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
 @pytest.fixture
 async def upstream(nursery: trio.Nursery) -> AsyncIterator[FakeUpstream]:
     fake = FakeUpstream()

@@ -128,7 +128,11 @@ class TrioProxy:
         except Exception as exc:  # noqa: BLE001 - a broken extension must stop start-up, loudly
             await send({"type": "lifespan.startup.failed", "message": f"extensions: {exc!r}"})
             return
-        pool = UpstreamPool(settings, self._ssl_context)
+        try:
+            pool = UpstreamPool(settings, self._ssl_context)  # reads HTTPS_PROXY / NO_PROXY
+        except ConfigError as exc:
+            await send({"type": "lifespan.startup.failed", "message": f"configuration: {exc}"})
+            return
         try:
             async with trio.open_nursery() as nursery:
                 relay = HttpRelay(settings, pool, extensions)

@@ -3,6 +3,9 @@
 Timeouts are separate and phase-named (connect, write, read, pool). The read timeout bounds
 each read, never the whole exchange. A reused connection that fails before any response byte
 is retried once on a fresh connection; nothing else is retried.
+
+``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` are read once, when the pool is created; a
+proxied upstream is reached through a CONNECT tunnel (see ``connect_proxy``).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Self
@@ -25,6 +28,7 @@ from ..errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from .connect_proxy import ProxyURL, check_proxies, environment_proxies, open_tunnel, proxy_for
 
 log = logging.getLogger("trioproxy.upstream")
 
@@ -137,9 +141,18 @@ async def _read(conn: Connection, deadline: float, timeout: float) -> bytes:
 class UpstreamPool:
     """Owns every upstream connection. Close with ``aclose()`` (the app's lifespan does)."""
 
-    def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, settings: Settings, ssl_context: ssl.SSLContext | None = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> None:
+        """``proxies``: ``{"https": url, "http": url, "no": "host,.domain"}`` as returned by
+        ``urllib.request.getproxies_environment()``, which is the default. Raises ConfigError
+        for a proxy URL that cannot be used (e.g. ``https://``)."""
         self._settings = settings
         self._ssl_context = ssl_context
+        self._proxies = environment_proxies() if proxies is None else dict(proxies)
+        check_proxies(self._proxies)
+        self._routes: dict[Origin, ProxyURL | None] = {}
         self._idle: dict[Origin, list[Connection]] = {}
         self._limits: dict[Origin, trio.Semaphore] = {}
         self.opened = 0  # statistics, handy in tests and logs
@@ -163,12 +176,30 @@ class UpstreamPool:
             self._ssl_context = default_ssl_context()
         return self._ssl_context
 
-    async def _connect(self, base: UpstreamURL) -> Connection:
+    def proxy_for(self, base: UpstreamURL) -> ProxyURL | None:
+        """The proxy that ``base`` is reached through, or None for a direct connection."""
+        origin = (base.scheme, base.host, base.port)
+        if origin not in self._routes:
+            proxy = self._routes[origin] = proxy_for(base, self._proxies)  # module helper
+            if proxy is not None:
+                log.info("upstream %s is reached through proxy %s", base, proxy)
+        return self._routes[origin]
+
+    async def open_stream(self, base: UpstreamURL) -> trio.abc.Stream:
+        """TCP (through the proxy's CONNECT tunnel if one applies), then TLS for https.
+
+        All of it within ``connect_timeout``. Raises UpstreamTimeout('connect') or
+        UpstreamConnectError. Used by the pool and usable by the WebSocket leg.
+        """
         timeout = self._settings.connect_timeout
+        proxy = self.proxy_for(base)
         stream: trio.abc.Stream | None = None
         try:
             with trio.fail_after(timeout):
-                stream = await trio.open_tcp_stream(base.host, base.port)
+                if proxy is None:
+                    stream = await trio.open_tcp_stream(base.host, base.port)
+                else:
+                    stream = await open_tunnel(proxy, base.host, base.port, timeout)
                 if base.scheme == "https":
                     stream = trio.SSLStream(
                         stream, self.ssl_context, server_hostname=base.host, https_compatible=True
@@ -181,8 +212,13 @@ class UpstreamPool:
                 raise UpstreamTimeout("connect", timeout) from None
             if isinstance(exc, OSError | trio.BrokenResourceError | ssl.SSLError):
                 cause = exc.__cause__ if str(exc) == "" and exc.__cause__ else exc
-                raise UpstreamConnectError(f"cannot connect to {base}: {cause}") from exc
+                via = "" if proxy is None else f" through proxy {proxy}"
+                raise UpstreamConnectError(f"cannot connect to {base}{via}: {cause}") from exc
             raise
+        return stream
+
+    async def _connect(self, base: UpstreamURL) -> Connection:
+        stream = await self.open_stream(base)
         self.opened += 1
         return Connection(stream, (base.scheme, base.host, base.port))
 
@@ -319,8 +355,9 @@ class UpstreamPool:
 
 def _close_nowait(conn: Connection) -> None:
     """Close an expired idle connection without awaiting (plain sockets close synchronously)."""
-    stream = conn.stream
-    sock_stream = getattr(stream, "transport_stream", stream)
-    sock = getattr(sock_stream, "socket", None)
+    stream = conn.stream  # SSLStream and tunnel wrappers keep theirs in .transport_stream
+    while not hasattr(stream, "socket") and hasattr(stream, "transport_stream"):
+        stream = stream.transport_stream
+    sock = getattr(stream, "socket", None)
     if sock is not None:
         sock.close()
