@@ -22,6 +22,7 @@ from .accounting.writer import UsageWriter, open_usage_writer
 from .config import Settings
 from .errors import ClientRequestError, error_body
 from .exchange import Exchange
+from .payload import note_deferred_request
 
 log = logging.getLogger("trioproxy.accounting")
 
@@ -35,6 +36,7 @@ def _text(value: bytes | None, limit: int = 512) -> str | None:
 
 def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
     """The usage record of one finished exchange."""
+    note_deferred_request(ex)
     usage = ex.usage()
     headers = ex.request_headers
     key = extract_api_key(headers)

@@ -57,6 +57,7 @@ def hook_context(ex: Exchange, payload: dict[str, Any] | None = None) -> HookCon
         model = payload.get("model")
         stream = bool(payload.get("stream"))
     else:
+        note_deferred_request(ex)
         model, stream = ex.model_requested, bool(ex.extra.get("stream_requested", ex.streamed))
     return HookContext(
         request_id=ex.request_id,
@@ -100,6 +101,11 @@ async def prepare(
     encoding = hdr.get(headers, b"content-encoding")
     if encoding and not hooks:
         return Outbound(body, headers)  # compressed: decode only when a hook needs it
+    if not hooks and not (inject and b'"stream"' in body):
+        # Nothing to change: keep the decode off the time-to-first-byte path. The requested
+        # model is read from these bytes only if the usage record needs it, after the answer.
+        ex.extra["request_body"] = body
+        return Outbound(body, headers)
     payload = decode_payload(body, encoding)
     if payload is None:
         return Outbound(body, headers)
@@ -126,6 +132,15 @@ async def prepare(
     out_headers = [(k, v) for k, v in out_headers if k not in drop]
     out_headers.append((b"content-length", str(len(new_body)).encode()))
     return Outbound(new_body, out_headers)
+
+
+def note_deferred_request(ex: Exchange) -> None:
+    """Fill ``model_requested`` / ``stream_requested`` from a body ``prepare`` did not decode."""
+    body = ex.extra.pop("request_body", None)
+    if body is not None and ex.model_requested is None:
+        payload = decode_payload(body, None)
+        if payload is not None:
+            _note_request(ex, payload)
 
 
 def _note_request(ex: Exchange, payload: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from .errors import (
 )
 from .exchange import Exchange
 from .extensions import ExtensionManager, MutableHeaders
-from .payload import hook_context
+from .payload import hook_context, note_deferred_request
 from .providers import make_parser
 from .upstream import UpstreamPool, UpstreamResponse
 from .usage_wire import TRAILER_ANNOUNCE, UsageChunkStripper, as_headers, usage_values
@@ -250,6 +250,8 @@ class HttpRelay:
     def _usage(self, ex: Exchange) -> dict[str, str]:
         """x-usage-* values for this exchange (parses and prices once, off the chunk path)."""
         usage = ex.usage()
+        if getattr(usage, "model", None) is None:
+            note_deferred_request(ex)  # x-request-model falls back to the requested model
         return usage_values(ex.api(), usage, ex.cost_usd(), ex.model_requested)
 
     async def _write_buffered(
