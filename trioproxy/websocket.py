@@ -1,7 +1,8 @@
-"""The OpenAI Responses WebSocket relay, accounted per response.
+"""The OpenAI Responses WebSocket relay, accounted per response: the trio side.
 
 Codex (``supports_websockets = true``) opens ``GET /v1/responses`` with ``Upgrade: websocket``,
-sends one ``response.create`` text frame per turn and receives one JSON event per frame.
+sends one ``response.create`` text frame per turn and receives one JSON event per frame. Frame
+classification, close codes, handshake headers and usage records are ``ws_protocol`` (no I/O).
 
 - **Handshake.** The upstream (the configured OpenAI base, ``https`` as ``wss``) is connected
   first; only then is the client accepted, with the upstream's end-to-end handshake headers and
@@ -10,22 +11,13 @@ sends one ``response.create`` text frame per turn and receives one JSON event pe
   to HTTP; a connect failure is a 502 and a timeout a 504, in OpenAI's error shape.
 - **Relay.** One nursery: client->upstream, upstream->client and a ping on the upstream leg.
   Frames pass unchanged (text stays text, binary stays binary). When one side closes, the other
-  is closed with its code; codes that may not be sent become 1000 towards the upstream
-  (Hypercorn reports every client close as 1006, hypercorn#127) and 1011 towards the client
-  when the upstream vanished without a close frame.
-- **Accounting.** Each ``response.create`` opens one usage record (an ``Exchange`` with id
-  ``<socket id>.<n>`` and status 200), closed by ``response.completed`` / ``failed`` /
-  ``incomplete`` or an ``error`` event; a close mid-response records it incomplete. Only
-  ``response.create`` frames and the events carrying ids or usage are JSON-decoded (found by a
-  prefix match on the text), and only after the frame has been forwarded.
+  is closed with its code. A ``response.create`` opens a usage record, read (decoded) only after
+  the frame has been forwarded; a close mid-response records it incomplete.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -33,99 +25,46 @@ import trio_websocket as tws
 
 from . import headers as hdr
 from .config import UpstreamURL
-from .errors import error_body
+from .errors import UpstreamConnectError, UpstreamTimeout, error_body
 from .exchange import Exchange, adopt_request_id
 from .extensions import ExtensionFailed, MutableHeaders
 from .log import request_id_var
 from .payload import encode_payload, hook_context, is_bypass
-from .providers import make_parser
 from .relay import Receive, Scope, Send
 from .routing import Route, resolve
+from .ws_protocol import (
+    DECODED,
+    ROUTE,
+    CreateContext,
+    Headers,
+    Message,
+    Record,
+    ResponseLedger,
+    classify,
+    client_handshake_headers,
+    close_code_for_client,
+    close_code_for_upstream,
+    decode,
+    extension_error_event,
+    is_responses_route,
+    size_of,
+    upstream_handshake_headers,
+)
 
 if TYPE_CHECKING:
     from .app import Runtime
 
+__all__ = ["CreateContext", "ResponsesSocket", "relay_websocket"]
+
 log = logging.getLogger("trioproxy.websocket")
 
-RESPONSES_PATH = b"/v1/responses"
-ROUTE = Route("openai", "openai.responses", RESPONSES_PATH)
 CLOSE_TIMEOUT = 5.0  # seconds for the closing handshake with the upstream
 CANCELLED_CLOSE_TIMEOUT = 1.0  # the same, shielded, when the relay is cancelled (shutdown)
 RECEIVE_BUFFER = 65536  # trio-websocket reads 4 KiB at a time by default
-RECORD_STATUS = 200  # a record is one response: the status an HTTP client would have seen
-TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
-DECODED = TERMINAL | {"response.created", "error"}  # upstream events worth a json.loads
-_TYPE_HEAD = re.compile(r'\s*\{\s*"type"\s*:\s*"([^"\\]{1,128})"')
 _JSON = [(b"content-type", b"application/json")]
-Headers = list[tuple[bytes, bytes]]
-Message = str | bytes
-
-
-# -- pure helpers -------------------------------------------------------------------------------
-
-
-def classify(text: str) -> tuple[str | None, dict[str, Any] | None]:
-    """(type, decoded object if decoding was needed to find the type). A frame starting
-    ``{"type": "..."`` (OpenAI's and Codex's serialisation) is classified without decoding."""
-    match = _TYPE_HEAD.match(text)
-    if match:
-        return match.group(1), None
-    obj = decode(text)
-    kind = obj.get("type") if obj is not None else None
-    return (kind if isinstance(kind, str) else None), obj
-
-
-def decode(text: str) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def size_of(message: Message) -> int:
-    """Bytes on the wire (``str.isascii`` is O(1) in CPython: no copy for ASCII JSON)."""
-    if isinstance(message, str):
-        return len(message) if message.isascii() else len(message.encode("utf-8", "surrogatepass"))
-    return len(message)
-
-
-def sendable_close_code(code: int | None, fallback: int) -> int:
-    """``code`` if an endpoint may send it (RFC 6455 7.4: not 1004-1006, 1015), else ``fallback``."""
-    if code is not None and (code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014
-                             or 3000 <= code <= 4999):
-        return code
-    return fallback
-
-
-def upstream_handshake_headers(headers: Headers, bypass_names: tuple[bytes, ...]) -> Headers:
-    """Every end-to-end client header (``authorization``, ``openai-beta``, ``session-id``,
-    ``x-codex-*``, ...); not hop-by-hop ones, ``host``, ``sec-websocket-*`` (trio-websocket
-    writes its own) or ``x-trioproxy-*``."""
-    out = hdr.upstream_request_headers(headers, b"", None, drop=bypass_names)
-    return [(k, v) for k, v in out if k != b"host" and not k.startswith(b"sec-websocket-")]
-
-
-def client_handshake_headers(upstream_headers: Headers, request_id: str) -> Headers:
-    """Every end-to-end upstream handshake header (``x-codex-*``, ``x-request-id``,
-    ``openai-*``, ``*ratelimit*``, ...) plus ``x-trioproxy-request-id``."""
-    out = [(k, v) for k, v in hdr.client_response_headers(upstream_headers)
-           if k != b"content-length" and not k.startswith(b"sec-websocket-")]
-    out.append((b"x-trioproxy-request-id", request_id.encode()))
-    return out
 
 
 # -- the payload hook stage ---------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class CreateContext:
-    """One ``response.create`` frame on its way upstream."""
-
-    exchange: Exchange
-    session_id: str
-    handshake_headers: Headers
-    payload: dict[str, Any] | None = None  # set once decoded (saves the ledger a decode)
 
 
 async def _payload_stage(runtime: Runtime, ctx: CreateContext, frame_text: str) -> str:
@@ -151,123 +90,6 @@ async def _payload_stage(runtime: Runtime, ctx: CreateContext, frame_text: str) 
     return encode_payload(result.payload).decode("utf-8")
 
 
-# -- accounting ---------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Record:
-    ex: Exchange
-    noted: bool = False  # the create frame has been read into the record
-    ended: bool = False  # a terminal or error event, or a cut, ended the response
-    warmup: bool = False  # generate: false
-
-
-@dataclass(eq=False)
-class ResponseLedger:
-    """The usage records of one socket. Bookkeeping only: no I/O, never raises on bad input."""
-
-    socket_id: str
-    session_id: str
-    path: str
-    headers: Headers
-    bypass: bool
-    upstream_request_id: str | None = None
-    count: int = 0
-    current: Record | None = None
-    unfinished: list[Record] = field(default_factory=list)
-
-    def exchange(self, request_id: str) -> Exchange:
-        ex = Exchange(request_id=request_id, method="GET", path=self.path, provider="openai",
-                      route=ROUTE, transport="websocket", request_headers=self.headers,
-                      bypass=self.bypass, upstream_request_id=self.upstream_request_id)
-        ex.extra.update(session_id=self.session_id, socket_id=self.socket_id)
-        return ex
-
-    def start(self, size: int) -> tuple[Record, Record | None]:
-        """A ``response.create`` arrived: open its record; also return the one it supersedes."""
-        previous = self.cut("superseded", "a new response.create arrived before this one ended")
-        self.count += 1
-        ex = self.exchange(f"{self.socket_id}.{self.count}")
-        ex.status, ex.streamed, ex.bytes_in = RECORD_STATUS, True, size
-        ex.parser = _new_parser()
-        ex.extra["response_index"] = self.count
-        self.current = Record(ex)
-        self.unfinished.append(self.current)
-        return self.current, previous
-
-    def note_create(self, rec: Record, payload: dict[str, Any] | None) -> None:
-        rec.noted = True
-        ex = rec.ex
-        if payload is None:
-            return
-        model, previous = payload.get("model"), payload.get("previous_response_id")
-        ex.model_requested = model if isinstance(model, str) else None
-        if isinstance(previous, str):
-            ex.extra["previous_response_id"] = previous
-        if payload.get("generate") is False:
-            rec.warmup, ex.extra["generate"] = True, False
-
-    def on_client_frame(self, size: int) -> None:
-        if self.current is not None:
-            self.current.ex.bytes_in += size
-
-    def on_upstream_frame(self, size: int, now: float, kind: str | None) -> Record | None:
-        """Counts an upstream frame against the open record, before it is forwarded."""
-        rec = self.current
-        if rec is None:
-            return None
-        rec.ex.observe_chunk(size, now)
-        rec.ex.response_started = True
-        if kind in TERMINAL or kind == "error":
-            rec.ended, self.current = True, None
-        return rec
-
-    def feed(self, rec: Record | None, kind: str, obj: dict[str, Any] | None) -> None:
-        """Reads a decoded event into its record, after the frame was forwarded."""
-        if obj is None or rec is None:
-            if obj is not None and kind == "error":
-                log.warning("upstream error event outside a response: %s", _error_text(obj))
-            return
-        ex = rec.ex
-        if ex.parser is not None:
-            ex.parser.feed_event(obj)
-        response = obj.get("response")
-        response = response if isinstance(response, dict) else {}
-        if isinstance(response.get("id"), str):
-            ex.extra["response_id"] = response["id"]
-        if kind in TERMINAL:
-            ex.upstream_complete = True
-            ex.end_reason = ex.end_reason or "complete"
-            if kind == "response.failed":
-                ex.error = _error_text(response)
-        elif kind == "error":
-            ex.fail("upstream_error", _error_text(obj))
-
-    def cut(self, reason: str, error: str) -> Record | None:
-        """Ends the open response without a terminal event (a warm-up counts as complete)."""
-        rec, self.current = self.current, None
-        if rec is None:
-            return None
-        rec.ended = True
-        if rec.warmup:
-            rec.ex.end_reason = rec.ex.end_reason or "complete"
-        else:  # no terminal event: the usage record's stop reason becomes "incomplete"
-            rec.ex.fail(reason, error)
-        return rec
-
-
-def _error_text(obj: dict[str, Any]) -> str:
-    err = obj.get("error")
-    if isinstance(err, dict):
-        return str(err.get("message") or err.get("code") or err)
-    return str(err or obj.get("message") or "error")
-
-
-def _new_parser() -> Any:
-    """The streaming usage parser of one Responses record."""
-    return make_parser("openai.responses", streaming=True)
-
-
 # -- the relay ----------------------------------------------------------------------------------
 
 
@@ -279,9 +101,7 @@ async def relay_websocket(runtime: Runtime, scope: Scope, receive: Receive, send
     route = resolve("GET", sock.raw_path, scope["headers"])
     token = request_id_var.set(sock.ledger.socket_id)
     try:
-        if route is not None and route.provider == "openai" and (
-            route.path.rstrip(b"/") == RESPONSES_PATH
-        ):
+        if is_responses_route(route):
             await sock.run(route.path, scope.get("query_string", b""))
         else:
             await sock.refuse_path()
@@ -330,31 +150,21 @@ class ResponsesSocket:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             self.ledger.cut("aborted", "the relay stopped before the response ended")
-            for rec in list(self.ledger.unfinished):
-                await self._finish(rec)
+            await self._finish_all()
         if rejected:
             await self._refused(rejected[0])
 
     async def _open_stream(self, base: UpstreamURL, deadline: float) -> trio.abc.Stream | None:
-        """TCP (and TLS) to the upstream, or None once the client has had its 502 / 504."""
+        """TCP (through the outbound proxy's tunnel if one applies) and TLS, shared with the
+        HTTP pool's connect logic; or None once the client has had its 502 / 504."""
         try:
             with trio.fail_at(deadline):
-                tcp = await trio.open_tcp_stream(base.host, base.port)
-                if base.scheme != "https":
-                    return tcp
-                ctx = self.runtime.pool.ssl_context  # trust store and ALPN http/1.1, shared
-                tls = trio.SSLStream(tcp, ctx, server_hostname=base.host, https_compatible=True)
-                try:
-                    await tls.do_handshake()
-                except BaseException:
-                    await trio.aclose_forcefully(tcp)
-                    raise
-                return tls
-        except trio.TooSlowError:
+                return await self.runtime.pool.open_stream(base)
+        except (trio.TooSlowError, UpstreamTimeout):
             await self._timed_out()
-        except (OSError, trio.BrokenResourceError) as exc:
+        except UpstreamConnectError as exc:
             await self._failed(502, "connect_error", "upstream_connect_error",
-                               f"cannot connect to the upstream websocket: {exc!r}")
+                               f"cannot connect to the upstream websocket: {exc.message}")
         return None
 
     async def _session(self, nursery: trio.Nursery, stream: trio.abc.Stream,
@@ -531,7 +341,7 @@ class ResponsesSocket:
 
     async def _client_left(self, upstream: tws.WebSocketConnection, code: int | None) -> None:
         self.client_open = False
-        out = sendable_close_code(code, 1000)
+        out = close_code_for_upstream(code)
         log.info("client closed the websocket (%s): closing the upstream with %d", code, out)
         self.ledger.cut("client_disconnect", f"client closed the websocket ({code})")
         with trio.move_on_after(CLOSE_TIMEOUT):
@@ -552,7 +362,7 @@ class ResponsesSocket:
         text = reason.reason if reason is not None else None
         if code == 1009:
             log.warning("upstream websocket closed with 1009 (message too big): %s", text)
-        out = sendable_close_code(code, 1011 if code in (1006, 1015) else 1000)
+        out = close_code_for_client(code)
         log.info("upstream closed the websocket (%d%s): closing the client with %d",
                  code, f" {text}" if text else "", out)
         self.ledger.cut("upstream_error", f"upstream closed the websocket ({code})")
@@ -569,17 +379,10 @@ class ResponsesSocket:
         self, rec: Record, ctx: CreateContext, data: str, exc: ExtensionFailed
     ) -> None:
         """Fail-closed: the frame is not forwarded; the client gets an ``error`` event."""
-        self.ledger.note_create(rec, ctx.payload if ctx.payload is not None else decode(data))
-        if self.ledger.current is rec:
-            self.ledger.current = None
-        rec.ended = True
-        rec.ex.status = 500
-        rec.ex.fail("extension_error", str(exc))
-        event = {"type": "error", "status": 500,
-                 "error": {"type": "server_error", "code": "extension_error",
-                           "message": f"request rejected: {exc}"}}
+        payload = ctx.payload if ctx.payload is not None else decode(data)
+        self.ledger.reject(rec, payload, str(exc))
         if self.client_open:
-            await self.send({"type": "websocket.send", "text": json.dumps(event)})
+            await self.send({"type": "websocket.send", "text": extension_error_event(exc)})
         await self._finish(rec)
 
     async def _finish_all(self) -> None:
@@ -588,8 +391,7 @@ class ResponsesSocket:
 
     async def _finish(self, rec: Record) -> None:
         """Finalises one record (``Runtime.finish`` is shielded and runs once per exchange)."""
-        if rec in self.ledger.unfinished:
-            self.ledger.unfinished.remove(rec)
+        self.ledger.discharge(rec)
         token = request_id_var.set(rec.ex.request_id)
         try:
             await self.runtime.finish(rec.ex)
