@@ -365,3 +365,21 @@ async def test_a_client_that_pauses_reading_is_not_an_upstream_timeout(
         await client.read_body(resp)
     await client.aclose()
     assert resp.complete and resp.body == body_bytes(reply)
+
+
+async def test_exhausted_connection_pool_is_a_504_that_names_the_limit(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
+) -> None:
+    server = await start_proxy(nursery, proxy_settings(upstream, max_connections=1, pool_timeout=5))
+    upstream.enqueue(anthropic_sse(["a"], gaps=[0, 100]))
+    busy = await RawClient.connect(server.port)
+    waiting = await RawClient.connect(server.port)
+    with trio.fail_after(300):
+        await busy.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+        await busy.read_head()
+        resp = await waiting.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+    assert resp.status == 504
+    assert "TRIOPROXY_MAX_CONNECTIONS" in json.loads(resp.body)["error"]["message"]
+    await busy.aclose()
+    await waiting.aclose()
+    await server.stop()

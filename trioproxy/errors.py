@@ -51,8 +51,8 @@ class UpstreamTimeout(UpstreamError):
     kind = "timeout"
     code = "upstream_timeout"
 
-    def __init__(self, phase: str, seconds: float) -> None:
-        super().__init__(f"upstream {phase} timeout after {seconds:g}s")
+    def __init__(self, phase: str, seconds: float, detail: str = "") -> None:
+        super().__init__(f"upstream {phase} timeout after {seconds:g}s{detail}")
         self.phase = phase
 
 

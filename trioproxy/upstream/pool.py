@@ -258,7 +258,11 @@ class UpstreamPool:
             with trio.fail_after(self._settings.pool_timeout):
                 await limit.acquire()
         except trio.TooSlowError:
-            raise UpstreamTimeout("pool", self._settings.pool_timeout) from None
+            raise UpstreamTimeout(
+                "pool", self._settings.pool_timeout,
+                f": all {self._settings.max_connections} connections to {base} are busy "
+                "(raise TRIOPROXY_MAX_CONNECTIONS)",
+            ) from None
         try:
             response = await self._exchange(base, origin, method, target, headers, body)
         except BaseException:
