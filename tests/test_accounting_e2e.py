@@ -170,12 +170,12 @@ async def test_usage_endpoint_answers_the_owner_by_any_id_and_404s_others(
 async def test_usage_is_readable_as_soon_as_the_stream_ended(
     upstream: FakeUpstream, ledger_proxy: ProxyServer,
 ) -> None:
-    resp = await _request(ledger_proxy, "/v1/messages", _anthropic(), MSG)
-    await ledger_proxy.wait_exchanges(1)  # finalised; not necessarily written to disk yet
     async with httpx.AsyncClient(base_url=ledger_proxy.url, timeout=10) as http:
-        got = await http.get(f"/v1/usage/{resp.header('x-trioproxy-request-id')}",
-                             headers={"x-api-key": KEY_A})
-    assert got.status_code == 200 and got.json()["totals"]["input_tokens"] > 0
+        for _ in range(20):  # the lookup goes out the moment the stream's last byte is in
+            resp = await _request(ledger_proxy, "/v1/messages", _anthropic(), MSG)
+            got = await http.get(f"/v1/usage/{resp.header('x-trioproxy-request-id')}",
+                                 headers={"x-api-key": KEY_A})
+            assert got.status_code == 200 and got.json()["totals"]["input_tokens"] > 0
 
 
 async def test_api_keys_never_reach_logs_or_the_database(

@@ -277,3 +277,23 @@ async def test_model_alias_leaves_unknown_models_alone() -> None:
     payload: dict[str, Any] = {"model": "gpt-4o"}
     assert await alias.on_payload(ctx, payload, MutableHeaders([])) is None
     assert payload == {"model": "gpt-4o"}
+
+
+async def test_fail_closed_response_start_hook_is_a_clean_500(
+    nursery: trio.Nursery, upstream: FakeUpstream,
+) -> None:
+    class BadStart(Extension):
+        name = "bad-start"
+
+        async def on_response_start(self, ctx, status, headers):
+            raise RuntimeError("no")
+
+    server = await _proxy_with(nursery, upstream, [BadStart()], extensions_fail_closed=True)
+    client = await RawClient.connect(server.port)
+    with trio.fail_after(20):
+        resp = await client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES)
+    await client.aclose()
+    assert resp.status == 500 and json.loads(resp.body)["type"] == "error"
+    (ex,) = await server.wait_exchanges(1)
+    assert ex.end_reason == "extension_error" and "bad-start" in ex.error
+    await server.stop()

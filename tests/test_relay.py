@@ -383,3 +383,37 @@ async def test_exhausted_connection_pool_is_a_504_that_names_the_limit(
     await busy.aclose()
     await waiting.aclose()
     await server.stop()
+
+
+async def test_header_value_http11_forbids_is_400_and_the_value_is_never_logged(
+    upstream: FakeUpstream, proxy: ProxyServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from .h2client import h2_request
+
+    caplog.set_level(logging.DEBUG, logger="trioproxy")
+    headers = [("x-api-key", "sk-ant-SUPERSECRET\x0c123456"), ("anthropic-version", "2023-06-01")]
+    with trio.fail_after(20):
+        resp = await h2_request(proxy.port, "POST", "/v1/messages", headers, MESSAGES_STREAM)
+    assert resp.status == 400
+    assert "x-api-key" in json.loads(resp.body)["error"]["message"]
+    assert "SUPERSECRET" not in resp.body.decode()
+    assert all("SUPERSECRET" not in r.getMessage()
+               for r in caplog.records if r.name.startswith("trioproxy"))
+    assert upstream.requests == []
+    (ex,) = await proxy.wait_exchanges(1)
+    assert ex.status == 400
+
+
+async def test_sse_with_content_length_survives_keepalive_comments(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
+) -> None:
+    server = await start_proxy(nursery, proxy_settings(upstream, sse_keepalive=15.0))
+    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], chunked=False,
+                           body=[b"data: 1\n\n", Pause(20), b"data: 2\n\n"]))
+    client = await RawClient.connect(server.port)
+    with trio.fail_after(200):
+        resp = await client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+    await client.aclose()
+    assert resp.complete and resp.header("content-length") is None
+    assert resp.body == b"data: 1\n\n: keepalive\n\ndata: 2\n\n"
+    await server.stop()

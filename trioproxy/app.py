@@ -52,7 +52,12 @@ class Runtime:
     secret: bytes = b""  # key-fingerprint secret
 
     async def record(self, ex: Exchange) -> None:
-        """Finisher: build the usage record, queue it for the store, run complete hooks."""
+        """Finisher: build the usage record, queue it for the store, run complete hooks.
+
+        Reads of the ledger itself (``GET /v1/usage/{id}``) are access-logged, not recorded:
+        they are not proxied traffic and would skew per-key request counts."""
+        if ex.extra.get("usage_lookup"):
+            return
         rec = build_record(ex, self.secret)
         ex.extra["record"] = rec
         if self.writer is not None:
@@ -67,14 +72,17 @@ class Runtime:
             if ex.finished_at is not None:
                 return
             ex.finished_at = trio.current_time()
-            if ex.end_reason is None:
-                ex.end_reason = "complete" if ex.response_started else "proxy_error"
+            if ex.end_reason is None:  # every normal path names its end: this was cut off
+                ex.end_reason = "cancelled"
             log_access(ex.access_fields())
-            for finisher in self.finishers:
-                try:
-                    await finisher(ex)
-                except Exception:
-                    log.exception("finaliser %r failed", finisher)
+            try:
+                for finisher in self.finishers:
+                    try:
+                        await finisher(ex)
+                    except Exception:
+                        log.exception("finaliser %r failed", finisher)
+            finally:
+                ex.finalised.set()
 
 
 class TrioProxy:
@@ -255,6 +263,13 @@ class TrioProxy:
     async def _usage_lookup(
         self, runtime: Runtime, ex: Exchange, lookup_id: str, send: Send
     ) -> None:
+        ex.extra["usage_lookup"] = True
+        # A client that fetches usage the moment its stream ended can be a few milliseconds
+        # ahead of finalisation: wait (bounded) for that exchange's record to exist.
+        for other in list(runtime.inflight.values()):
+            if lookup_id in (other.request_id, other.upstream_request_id) and other is not ex:
+                with trio.move_on_after(10):
+                    await other.finalised.wait()
         status, body = await answer_usage_lookup(
             lookup_id, ex.request_headers, runtime.writer, runtime.secret,
             runtime.settings.admin_token, ex.provider,

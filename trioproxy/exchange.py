@@ -59,6 +59,7 @@ class Exchange:
     model_requested: str | None = None
     parser: Any = None  # a providers.UsageParser when the route is accounted
     extra: dict[str, Any] = field(default_factory=dict)
+    finalised: trio.Event = field(default_factory=trio.Event)  # set once its record exists
 
     def usage(self) -> Any:
         """The parsed usage (a providers.Usage), computed once, after the body has ended."""

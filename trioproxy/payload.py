@@ -15,13 +15,12 @@ from typing import Any
 from . import headers as hdr
 from .exchange import Exchange
 from .extensions import ExtensionManager, HookContext, MutableHeaders
+from .routing import ACCOUNTED_APIS
 from .usage_wire import inject_include_usage
 
 log = logging.getLogger("trioproxy.payload")
 
-PAYLOAD_APIS = frozenset(
-    {"anthropic.messages", "anthropic.count_tokens", "openai.chat", "openai.responses"}
-)
+PAYLOAD_APIS = ACCOUNTED_APIS  # the payload kinds hooks see are the ones usage is parsed for
 _TRUE = (b"1", b"true", b"yes", b"on")
 
 

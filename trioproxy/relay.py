@@ -29,7 +29,7 @@ from .errors import (
     error_body,
 )
 from .exchange import Exchange
-from .extensions import ExtensionManager, MutableHeaders
+from .extensions import ExtensionFailed, ExtensionManager, MutableHeaders
 from .payload import hook_context, note_deferred_request
 from .providers import make_parser
 from .upstream import UpstreamPool, UpstreamResponse
@@ -112,13 +112,17 @@ class HttpRelay:
             nursery.start_soon(self._watch_disconnect, receive, ex, nursery.cancel_scope)
             try:
                 resp = await self._pool.send_request(base, ex.method.encode(), target, headers, body)
-            except UpstreamError as exc:
+            except ProxyError as exc:  # connect / timeout / protocol, or a header h11 refuses
                 ex.fail(exc.kind, exc.message)
-                log.warning("upstream %s before response: %s", exc.kind, exc.message)
+                log.warning("%s before response: %s", exc.kind, exc.message)
                 await send_error(send, ex, exc)
                 nursery.cancel_scope.cancel()
                 return
-            plan = self._on_response_head(resp, ex)
+            try:
+                plan = self._on_response_head(resp, ex)
+            except BaseException:
+                await resp.aclose()  # nothing else owns it yet
+                raise
             send_ch, recv_ch = trio.open_memory_channel[bytes](self._settings.channel_size)
             nursery.start_soon(self._read_upstream, resp, send_ch, ex, plan)
             if plan.buffer:
@@ -175,6 +179,17 @@ class HttpRelay:
             headers = mutable.raw()
         headers.extend(proxy_headers(ex))
         return {"type": "http.response.start", "status": resp.status, "headers": headers}
+
+    async def _start_or_reject(
+        self, resp: UpstreamResponse, send: Send, ex: Exchange
+    ) -> dict[str, Any] | None:
+        """The start message, or None after answering 500 when a fail-closed hook failed."""
+        try:
+            return await self._start_message(resp, ex)
+        except ExtensionFailed as exc:
+            ex.fail("extension_error", str(exc))
+            await send_error(send, ex, ProxyError(f"response rejected: {exc}"))
+            return None
 
     async def _read_upstream(
         self, resp: UpstreamResponse, send_ch: trio.MemorySendChannel[bytes], ex: Exchange,
@@ -236,7 +251,7 @@ class HttpRelay:
                 if not chunk:
                     continue
             if keepalive is not None:
-                tail = (tail + chunk)[-4:]
+                tail = (tail + chunk[-4:])[-4:]
             await put(chunk)
 
     def _keepalive_interval(self, resp: UpstreamResponse, ex: Exchange) -> float | None:
@@ -273,7 +288,9 @@ class HttpRelay:
             if ex.end_reason != "client_disconnect":
                 await send_error(send, ex, error)
             return
-        start = await self._start_message(resp, ex)
+        start = await self._start_or_reject(resp, send, ex)
+        if start is None:
+            return
         start["headers"].extend(as_headers(self._usage(ex)))
         ex.end_reason = ex.end_reason or "complete"
         await send(start)
@@ -285,7 +302,12 @@ class HttpRelay:
         ex: Exchange, plan: ResponsePlan,
     ) -> None:
         """Sends each chunk as it arrives, coalescing what is already queued into one send."""
-        start = await self._start_message(resp, ex)
+        start = await self._start_or_reject(resp, send, ex)
+        if start is None:
+            return
+        if plan.stripper is not None or plan.keepalive is not None:
+            # The relayed length can differ from the upstream's (stripped chunk, comments).
+            start["headers"] = [(k, v) for k, v in start["headers"] if k != b"content-length"]
         if plan.trailers:
             start["trailers"] = True
             start["headers"].append((b"trailer", TRAILER_ANNOUNCE))
@@ -323,7 +345,8 @@ class HttpRelay:
         await send({"type": "http.response.body", "body": data, "more_body": False})
         if plan.trailers:
             values = self._usage(ex)
-            values["x-usage-complete"] = "true" if ex.upstream_complete else "false"
+            complete = ex.upstream_complete and getattr(ex.usage(), "complete", True)
+            values["x-usage-complete"] = "true" if complete else "false"
             await send({"type": "http.response.trailers", "headers": as_headers(values),
                         "more_trailers": False})
 

@@ -23,6 +23,7 @@ import trio
 
 from ..config import Settings, UpstreamURL
 from ..errors import (
+    ClientRequestError,
     StaleConnection,
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -252,6 +253,7 @@ class UpstreamPool:
         connection then goes back to the pool if the body was read to the end and both sides
         allow keep-alive; otherwise it is closed, shielded, whatever the exit reason.
         """
+        request = _build_request(method, target, headers)
         origin = (base.scheme, base.host, base.port)
         limit = self._limit(origin)
         try:
@@ -264,7 +266,7 @@ class UpstreamPool:
                 "(raise TRIOPROXY_MAX_CONNECTIONS)",
             ) from None
         try:
-            response = await self._exchange(base, origin, method, target, headers, body)
+            response = await self._exchange(base, origin, request, body)
         except BaseException:
             limit.release()
             raise
@@ -282,14 +284,13 @@ class UpstreamPool:
             limit.release()
 
     async def _exchange(
-        self, base: UpstreamURL, origin: Origin, method: bytes, target: bytes,
-        headers: Headers, body: bytes,
+        self, base: UpstreamURL, origin: Origin, request: h11.Request, body: bytes
     ) -> UpstreamResponse:
         conn = self._take_idle(origin)
         if conn is not None:
             self.reused += 1
             try:
-                return await self._send_and_read_head(conn, method, target, headers, body)
+                return await self._send_and_read_head(conn, request, body)
             except StaleConnection as exc:
                 log.info("stale keep-alive connection %d (%s); retrying once", conn.conn_id, exc)
                 self.retried += 1
@@ -299,18 +300,18 @@ class UpstreamPool:
             await conn.aclose()
         conn = await self._connect(base)
         try:
-            return await self._send_and_read_head(conn, method, target, headers, body)
+            return await self._send_and_read_head(conn, request, body)
         except BaseException:
             await conn.aclose()
             raise
 
     async def _send_and_read_head(
-        self, conn: Connection, method: bytes, target: bytes, headers: Headers, body: bytes
+        self, conn: Connection, request: h11.Request, body: bytes
     ) -> UpstreamResponse:
         reused = conn.requests > 0
         conn.requests += 1
         h = conn.h11
-        data = h.send(h11.Request(method=method, target=target, headers=headers))
+        data = h.send(request)
         if body:
             data += h.send(h11.Data(data=body))
         data += h.send(h11.EndOfMessage())
@@ -355,6 +356,32 @@ class UpstreamPool:
             if reused and not got_bytes:
                 raise StaleConnection(f"connection closed ({type(event).__name__})")
             raise UpstreamProtocolError(f"upstream closed before responding ({event!r})")
+
+
+def _build_request(method: bytes, target: bytes, headers: Headers) -> h11.Request:
+    """The h11 request event, validated before any connection is used.
+
+    HTTP/2 clients can send header values HTTP/1.1 forbids; that is the client's error (400),
+    reported by header name only: the value may be a credential and is never echoed or logged.
+    """
+    try:
+        return h11.Request(method=method, target=target, headers=headers)
+    except h11.LocalProtocolError:
+        bad = [n.decode("latin-1") for n, v in headers if not _valid_field(n, v)]
+        what = f"header {bad[0]!r}" if bad else "request target"
+        raise ClientRequestError(
+            f"the {what} contains characters an HTTP/1.1 upstream does not accept", 400,
+            "invalid_request",
+        ) from None
+
+
+def _valid_field(name: bytes, value: bytes) -> bool:
+    probe = [(name, value)] if name.lower() == b"host" else [(b"host", b"x"), (name, value)]
+    try:
+        h11.Request(method=b"GET", target=b"/", headers=probe)
+    except h11.LocalProtocolError:
+        return False
+    return True
 
 
 def _close_nowait(conn: Connection) -> None:
