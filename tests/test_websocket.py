@@ -537,3 +537,23 @@ async def test_upstream_leg_is_kept_alive_with_pings(
             await turn(ws, create())
     pongs = [r for r in caplog.records if r.getMessage().startswith("upstream pong")]
     assert len(pongs) >= 3
+
+
+async def test_broken_upstream_handshake_is_a_502_with_one_record(nursery: trio.Nursery) -> None:
+    async def bogus_upgrade(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\nSec-WebSocket-Accept: bogus\r\n\r\n")
+        await trio.sleep(5)
+
+    with trio.fail_after(10):
+        listeners = await nursery.start(trio.serve_tcp, bogus_upgrade, 0)
+        port = listeners[0].socket.getsockname()[1]
+        proxy = await start_proxy(nursery, f"http://127.0.0.1:{port}")
+        info = await refusal(proxy)
+        (ex, _), = await proxy.wait_records(1)
+    assert info.status_code == 502
+    assert json.loads(info.body)["error"]["code"] == "upstream_error"
+    assert ex.status == 502 and ex.end_reason == "upstream_error"

@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import h11
 import trio
 import trio_websocket as tws
+from wsproto.utilities import ProtocolError
 
 from . import headers as hdr
 from .config import UpstreamURL
@@ -62,6 +64,11 @@ CLOSE_TIMEOUT = 5.0  # seconds for the closing handshake with the upstream
 CANCELLED_CLOSE_TIMEOUT = 1.0  # the same, shielded, when the relay is cancelled (shutdown)
 RECEIVE_BUFFER = 65536  # trio-websocket reads 4 KiB at a time by default
 _JSON = [(b"content-type", b"application/json")]
+
+
+_UPSTREAM_BROKEN = (
+    tws.HandshakeError, ProtocolError, h11.ProtocolError, OSError, trio.BrokenResourceError
+)
 
 
 # -- the payload hook stage ---------------------------------------------------------------------
@@ -127,6 +134,7 @@ class ResponsesSocket:
         self.max_size = settings.ws_max_message_size  # both legs; Hypercorn has its own too
         self.ping_interval = settings.ws_ping_interval
         self.client_open = True  # False once the client left or was sent a close
+        self.accepted = False  # the client's upgrade has been accepted
 
     # -- handshake ----------------------------------------------------------------------------
 
@@ -138,6 +146,7 @@ class ResponsesSocket:
         if stream is None:
             return
         rejected: list[tws.ConnectionRejected] = []
+        broken: list[BaseException] = []
         try:
             try:
                 async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
@@ -145,6 +154,8 @@ class ResponsesSocket:
                     nursery.cancel_scope.cancel()
             except* tws.ConnectionRejected as group:  # raised by the reader task
                 rejected.extend(group.exceptions)  # type: ignore[arg-type]
+            except* _UPSTREAM_BROKEN as group:  # e.g. a bad Sec-WebSocket-Accept, a reset
+                broken.extend(group.exceptions)
         finally:
             # Ours to close: trio-websocket leaves the socket open when the upstream closes first.
             with trio.CancelScope(shield=True):
@@ -153,6 +164,18 @@ class ResponsesSocket:
             await self._finish_all()
         if rejected:
             await self._refused(rejected[0])
+        elif broken:
+            await self._upstream_broke(broken[0])
+
+    async def _upstream_broke(self, exc: BaseException) -> None:
+        """The upstream leg failed at the protocol level: 502 if the client is not accepted
+        yet, else a 1011 close (its records were already cut as incomplete)."""
+        msg = f"upstream websocket failed: {type(exc).__name__}: {exc}"
+        if not self.accepted:
+            await self._failed(502, "upstream_error", "upstream_error", msg)
+        else:
+            log.warning("%s", msg)
+            await self._close_client(1011, "upstream failed")
 
     async def _open_stream(self, base: UpstreamURL, deadline: float) -> trio.abc.Stream | None:
         """TCP (through the outbound proxy's tunnel if one applies) and TLS, shared with the
@@ -197,6 +220,7 @@ class ResponsesSocket:
         if upstream.subprotocol and upstream.subprotocol in (self.scope.get("subprotocols") or ()):
             message["subprotocol"] = upstream.subprotocol
         await self.send(message)
+        self.accepted = True
         log.info("websocket open: %s session=%s upstream_request_id=%s", self.ledger.path,
                  self.ledger.session_id, self.ledger.upstream_request_id)
 
