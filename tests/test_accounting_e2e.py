@@ -218,3 +218,15 @@ async def test_count_tokens_is_recorded_free_and_not_as_consumed_tokens(
     (rec,) = await _records(ledger_proxy, 1)
     assert rec.api == "anthropic.count_tokens" and rec.cost_usd == 0.0
     assert rec.input_tokens is None and rec.raw_usage["input_tokens"] > 0
+
+
+async def test_a_reused_inbound_request_id_is_reported_not_silently_dropped(
+    ledger_proxy: ProxyServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trioproxy")
+    headers = [*_anthropic(), ("x-trioproxy-request-id", "gateway-123")]
+    for _ in range(2):
+        await _request(ledger_proxy, "/v1/messages", headers, MSG)
+    await ledger_proxy.wait_exchanges(2)
+    assert await ledger_proxy.app.runtime.writer.flush(10)
+    assert any("already in the ledger" in r.getMessage() for r in caplog.records)

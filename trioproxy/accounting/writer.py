@@ -233,7 +233,12 @@ class UsageWriter:
             chunk = chunks[0]
             try:
                 store = store or self._connect()
-                store.insert_many(chunk)
+                added = store.insert_many(chunk)
+                if added < len(chunk):  # not silent: usually a reused inbound request id
+                    self._log.warning(
+                        "usage: %d of %d records had a request id already in the ledger and "
+                        "were not written again (a re-sent spill, or a client/gateway reusing "
+                        "its x-trioproxy-request-id)", len(chunk) - added, len(chunk))
             except Exception as exc:  # noqa: BLE001 - every failure is either retried or spilled
                 if store is None or store.is_transient(exc):
                     self._failure(exc)
