@@ -211,3 +211,20 @@ def test_inject_respects_explicit_choices() -> None:
     assert not inject_include_usage({"stream": False})
     p = {"stream": True, "stream_options": {"x": 1}}
     assert inject_include_usage(p) and p["stream_options"] == {"x": 1, "include_usage": True}
+
+
+async def test_oversized_chunked_json_is_streamed_on_without_usage_headers(
+    upstream: FakeUpstream, raw_client: RawClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import trioproxy.relay
+
+    monkeypatch.setattr(trioproxy.relay, "BUFFER_LIMIT", 1000)
+    reply = anthropic_json(text="x" * 5000)
+    reply.chunked = True
+    reply.body = [reply.body_bytes[i:i + 700] for i in range(0, len(reply.body_bytes), 700)]
+    upstream.enqueue(reply)
+    with trio.fail_after(20):
+        resp = await raw_client.request("POST", "/v1/messages", ANTHROPIC, _msg(False))
+    assert resp.status == 200 and resp.complete
+    assert resp.body == reply.body_bytes
+    assert resp.header("x-usage-prompt_tokens") is None

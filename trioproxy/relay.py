@@ -273,11 +273,24 @@ class HttpRelay:
         self, resp: UpstreamResponse, recv_ch: trio.MemoryReceiveChannel[bytes], send: Send,
         ex: Exchange, plan: ResponsePlan,
     ) -> None:
-        """Non-streaming accounted response: read it whole, then answer with usage headers."""
-        parts = []
-        async with recv_ch:
-            async for chunk in recv_ch:
-                parts.append(chunk)
+        """Non-streaming accounted response: read it whole, then answer with usage headers.
+
+        A body that grows past ``BUFFER_LIMIT`` (chunked, so its size was unknown) is streamed
+        on without usage headers instead of being held whole."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                chunk = await recv_ch.receive()
+            except trio.EndOfChannel:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+            if size > BUFFER_LIMIT:
+                log.info("response body over %d bytes: streamed without usage headers", size)
+                await self._write_streaming(resp, recv_ch, send, ex, plan, b"".join(parts))
+                return
+        await recv_ch.aclose()
         if not ex.upstream_complete:
             # Nothing sent yet, so the failure can still be a clean provider-shaped 502/504.
             error: ProxyError = (
@@ -299,9 +312,10 @@ class HttpRelay:
 
     async def _write_streaming(
         self, resp: UpstreamResponse, recv_ch: trio.MemoryReceiveChannel[bytes], send: Send,
-        ex: Exchange, plan: ResponsePlan,
+        ex: Exchange, plan: ResponsePlan, prefix: bytes = b"",
     ) -> None:
-        """Sends each chunk as it arrives, coalescing what is already queued into one send."""
+        """Sends each chunk as it arrives, coalescing what is already queued into one send.
+        ``prefix``: body bytes already taken from the channel (a buffered body that overflowed)."""
         start = await self._start_or_reject(resp, send, ex)
         if start is None:
             return
@@ -313,6 +327,8 @@ class HttpRelay:
             start["headers"].append((b"trailer", TRAILER_ANNOUNCE))
         await send(start)
         ex.response_started = True
+        if prefix:
+            await send({"type": "http.response.body", "body": prefix, "more_body": True})
         async with recv_ch:
             while True:
                 try:
