@@ -1,7 +1,7 @@
 """Settings: read once from ``TRIOPROXY_*`` environment variables, validated at start-up.
 
-Every setting has a CLI flag on ``trioproxy serve`` that overrides the environment; see
-``trioproxy serve --help`` and the README's configuration table.
+``trioproxy serve`` has flags for the common settings (they override the environment); the
+README's configuration table lists every variable.
 """
 
 from __future__ import annotations
@@ -103,11 +103,20 @@ class Settings:
     include_usage: bool = True  # inject stream_options.include_usage for Chat streams
     ws_max_message_size: int = 64 * MiB
     ws_ping_interval: float | None = 20.0
-    extra: Mapping[str, str] = field(default_factory=dict)
+    # Parsed once here, not on every request:
+    anthropic_upstream: UpstreamURL = field(init=False, repr=False, compare=False)
+    openai_upstream: UpstreamURL = field(init=False, repr=False, compare=False)
+    bypass_header_names: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.anthropic_upstream  # noqa: B018 - validate
-        self.openai_upstream  # noqa: B018
+        parse = UpstreamURL.parse
+        object.__setattr__(self, "anthropic_upstream",
+                           parse(self.anthropic_base_url, name="TRIOPROXY_ANTHROPIC_BASE_URL"))
+        object.__setattr__(self, "openai_upstream",
+                           parse(self.openai_base_url, name="TRIOPROXY_OPENAI_BASE_URL"))
+        object.__setattr__(self, "bypass_header_names", tuple(
+            n.strip().lower().encode() for n in self.bypass_headers.split(",") if n.strip()
+        ))
         for name in ("connect_timeout", "read_timeout", "write_timeout", "pool_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TRIOPROXY_{name.upper()} must be > 0")
@@ -119,20 +128,6 @@ class Settings:
             raise ConfigError("TRIOPROXY_WS_PING_INTERVAL must be > 0 or 'off'")
         if not self.request_id_header or self.request_id_header != self.request_id_header.lower():
             raise ConfigError("TRIOPROXY_REQUEST_ID_HEADER must be a lower-case header name")
-
-    @property
-    def anthropic_upstream(self) -> UpstreamURL:
-        return UpstreamURL.parse(self.anthropic_base_url, name="TRIOPROXY_ANTHROPIC_BASE_URL")
-
-    @property
-    def openai_upstream(self) -> UpstreamURL:
-        return UpstreamURL.parse(self.openai_base_url, name="TRIOPROXY_OPENAI_BASE_URL")
-
-    @property
-    def bypass_header_names(self) -> tuple[bytes, ...]:
-        return tuple(
-            n.strip().lower().encode() for n in self.bypass_headers.split(",") if n.strip()
-        )
 
     @property
     def extension_specs(self) -> list[str]:
@@ -148,7 +143,7 @@ class Settings:
         values: dict[str, object] = {}
         for f in dataclasses.fields(cls):
             key = f"TRIOPROXY_{f.name.upper()}"
-            if f.name == "extra" or key not in env:
+            if not f.init or key not in env:
                 continue
             values[f.name] = _convert(f.name, env[key], key)
         values.update({k: v for k, v in overrides.items() if v is not None})
