@@ -297,3 +297,28 @@ async def test_fail_closed_response_start_hook_is_a_clean_500(
     (ex,) = await server.wait_exchanges(1)
     assert ex.end_reason == "extension_error" and "bad-start" in ex.error
     await server.stop()
+
+
+async def test_in_place_change_is_noticed_and_hook_headers_obey_the_policy(
+    nursery: trio.Nursery, upstream: FakeUpstream,
+) -> None:
+    class Sloppy(Extension):
+        name = "sloppy"
+
+        async def on_payload(self, ctx, payload, headers):
+            payload["max_tokens"] = 7  # mutated in place, returns None
+            headers.add("x-trioproxy-internal", "1")
+            headers.add("connection", "close")
+            headers.add("anthropic-beta", "ok")
+
+    server = await _proxy_with(nursery, upstream, [Sloppy()])
+    client = await RawClient.connect(server.port)
+    with trio.fail_after(20):
+        await client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES)
+    await client.aclose()
+    seen = upstream.requests[-1]
+    assert json.loads(seen.body)["max_tokens"] == 7
+    assert seen.header("x-trioproxy-internal") is None and seen.header("connection") is None
+    assert seen.header("anthropic-beta") == "ok"
+    assert int(seen.header("content-length")) == len(seen.body)
+    await server.stop()

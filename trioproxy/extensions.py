@@ -6,8 +6,10 @@ Stages, in the order they run for one request:
    decoded JSON body (Anthropic Messages and count_tokens, OpenAI Chat Completions, OpenAI
    Responses over HTTP, and each ``response.create`` frame on the Responses WebSocket).
    ``headers`` is the outbound header list, a :class:`MutableHeaders`. Return the payload
-   (the same object mutated, or a new one) if you changed it, ``None`` if not. If no hook
-   returns a payload the original request bytes go upstream verbatim.
+   (the same object mutated, or a new one) if you changed it, ``None`` if not; a payload
+   mutated in place is noticed too. If no hook changed the payload the original request bytes
+   go upstream verbatim. Header changes are re-checked against the header policy (hop-by-hop
+   and ``x-trioproxy-*`` headers never go upstream; ``content-length`` is the proxy's).
 2. ``on_response_start(ctx, status, headers)`` sees the status and response headers before
    they reach the client and may change the headers in place.
 3. ``on_complete(ctx, record)`` receives the final usage record (read-only) after
@@ -182,6 +184,7 @@ class ExtensionManager:
                 continue
             if result is not None:
                 payload = result
+            if result is not None or payload != before:  # returned, or mutated in place
                 changed_by.append(ext.name)
         return PayloadResult(payload, changed_by)
 

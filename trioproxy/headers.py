@@ -70,6 +70,14 @@ def upstream_request_headers(
     return out
 
 
+def sanitize_upstream(headers: Iterable[tuple[bytes, bytes]], body_length: int | None) -> Headers:
+    """Re-apply the upstream policy to headers an extension changed (``host`` kept as set)."""
+    headers = list(headers)
+    host = get(headers, b"host")
+    out = upstream_request_headers(headers, host or b"", body_length)
+    return out if host else out[1:]
+
+
 def client_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     """Upstream response headers -> headers sent to the client."""
     return _filter(headers, _RESPONSE_DROP)

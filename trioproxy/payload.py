@@ -115,7 +115,11 @@ async def prepare(
         assert manager is not None
         mutable = MutableHeaders(headers)
         result = await manager.run_payload(hook_context(ex, payload), payload, mutable)
-        out_headers = mutable.raw() if mutable.changed else headers
+        out_headers = headers
+        if mutable.changed:  # an extension cannot send hop-by-hop or x-trioproxy-* upstream
+            length = hdr.get(headers, b"content-length")
+            out_headers = hdr.sanitize_upstream(
+                mutable.raw(), int(length) if length is not None else None)
         payload, changed_by = result.payload, result.changed_by
     if inject and inject_include_usage(payload):
         changed_by.append("include_usage")
