@@ -35,6 +35,16 @@ async def _run_until_listening(cmd: list[str], env: dict[str, str], nursery: tri
     raise AssertionError(f"server did not start: {seen.decode(errors='replace')}")
 
 
+async def _stop(proc: trio.Process) -> None:
+    """SIGTERM (graceful shutdown), then SIGKILL if it lingers: no orphaned servers."""
+    proc.terminate()
+    with trio.move_on_after(10):
+        await proc.wait()
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
 async def test_hypercorn_command_as_written_serves_the_proxy(nursery: trio.Nursery) -> None:
     fake = FakeUpstream()
     await nursery.start(fake.serve)
@@ -54,7 +64,7 @@ async def test_hypercorn_command_as_written_serves_the_proxy(nursery: trio.Nurse
         assert resp.json()["object"] == "chat.completion"
         assert resp.headers["x-request-id"] and resp.headers["x-trioproxy-request-id"]
     finally:
-        proc.terminate()
+        await _stop(proc)
 
 
 async def test_non_trio_worker_refuses_to_start_with_instructions() -> None:
@@ -150,4 +160,4 @@ async def test_serve_with_tls_speaks_http2_and_sends_usage_trailers(
         assert resp.status == 200 and resp.ended
         assert resp.trailers and resp.trailers["x-usage-complete"] == "true"
     finally:
-        proc.terminate()
+        await _stop(proc)
