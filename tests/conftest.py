@@ -14,7 +14,7 @@ from hypercorn.trio import serve
 
 from trioproxy import Settings, TrioProxy
 from trioproxy.exchange import Exchange
-from trioproxy.testing import FakeUpstream
+from trioproxy.testing import FakeUpstream, header_values
 
 ON_CI = bool(os.environ.get("CI"))
 
@@ -126,8 +126,7 @@ class RawResponse:
         return values[0] if values else None
 
     def header_all(self, name: str) -> list[str]:
-        key = name.lower().encode()
-        return [v.decode("latin-1") for k, v in self.headers if k == key]
+        return header_values(self.headers, name)
 
 
 class RawClient:

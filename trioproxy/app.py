@@ -25,7 +25,7 @@ from .extensions import Extension, ExtensionFailed, ExtensionManager, load_exten
 from .ledger import answer_usage_lookup, build_record, usage_request_id
 from .log import log_access, request_id_var, setup_logging
 from .payload import hook_context, is_bypass, prepare
-from .relay import HttpRelay, Receive, Scope, Send, proxy_headers, read_body, send_error
+from .relay import HttpRelay, Receive, Scope, Send, read_body, send_error, send_json
 from .routing import provider_hint, resolve
 from .upstream import UpstreamPool
 
@@ -59,7 +59,6 @@ class Runtime:
         if ex.extra.get("usage_lookup"):
             return
         rec = build_record(ex, self.secret)
-        ex.extra["record"] = rec
         if self.writer is not None:
             self.writer.submit(rec)
         if self.extensions.has_complete_hooks:
@@ -274,13 +273,8 @@ class TrioProxy:
             lookup_id, ex.request_headers, runtime.writer, runtime.secret,
             runtime.settings.admin_token, ex.provider,
         )
-        ex.status = status
-        ex.response_started = True
         ex.end_reason = "complete" if status == 200 else "rejected"
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode()), *proxy_headers(ex)]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_json(send, ex, status, body)
 
     # -- websocket -------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Any
 from . import headers as hdr
 from .exchange import Exchange
 from .extensions import ExtensionManager, HookContext, MutableHeaders
+from .providers.base import loads_object
 from .routing import ACCOUNTED_APIS
 from .usage_wire import inject_include_usage
 
@@ -40,10 +41,9 @@ def decode_payload(body: bytes, content_encoding: bytes | None) -> dict[str, Any
         if body is None:
             return None
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        return loads_object(body)
+    except UnicodeDecodeError:
         return None
-    return payload if isinstance(payload, dict) else None
 
 
 def encode_payload(payload: dict[str, Any]) -> bytes:

@@ -33,7 +33,13 @@ from .extensions import ExtensionFailed, ExtensionManager, MutableHeaders
 from .payload import hook_context, note_deferred_request
 from .providers import make_parser
 from .upstream import UpstreamPool, UpstreamResponse
-from .usage_wire import TRAILER_ANNOUNCE, UsageChunkStripper, as_headers, usage_values
+from .usage_wire import (
+    SSE_EVENT_ENDS,
+    TRAILER_ANNOUNCE,
+    UsageChunkStripper,
+    as_headers,
+    usage_values,
+)
 
 log = logging.getLogger("trioproxy.relay")
 
@@ -42,7 +48,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 KEEPALIVE_COMMENT = b": keepalive\n\n"
-_SSE_BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n")
+BUFFER_LIMIT = 16 * 1024 * 1024  # non-streaming bodies above this stream without usage headers
 
 
 async def read_body(receive: Receive, ex: Exchange, limit: int) -> bytes | None:
@@ -74,16 +80,20 @@ def proxy_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
 
 async def send_error(send: Send, ex: Exchange, exc: ProxyError) -> None:
     """A complete JSON error response in the caller's provider format."""
-    body = error_body(ex.provider, exc.status, exc.message, code=exc.code)
-    ex.status = exc.status
-    ex.response_started = True
     ex.end_reason = ex.end_reason or exc.kind
+    await send_json(send, ex, exc.status, error_body(ex.provider, exc.status, exc.message, exc.code))
+
+
+async def send_json(send: Send, ex: Exchange, status: int, body: bytes) -> None:
+    """A complete JSON response made by the proxy itself."""
+    ex.status = status
+    ex.response_started = True
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         *proxy_headers(ex),
     ]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -233,7 +243,7 @@ class HttpRelay:
                 with trio.move_on_after(keepalive) as idle:
                     chunk = await resp.receive_chunk(math.inf)
                 if idle.cancelled_caught:
-                    if tail.endswith(_SSE_BOUNDARIES):
+                    if tail.endswith(SSE_EVENT_ENDS):
                         await put(KEEPALIVE_COMMENT)
                     continue
             if chunk is None:
@@ -366,8 +376,6 @@ class HttpRelay:
             await send({"type": "http.response.trailers", "headers": as_headers(values),
                         "more_trailers": False})
 
-
-BUFFER_LIMIT = 16 * 1024 * 1024  # non-streaming bodies above this stream without usage headers
 
 
 @dataclass(slots=True)

@@ -103,6 +103,12 @@ class Reply:
         return b"".join(p for p in self.body if isinstance(p, bytes | bytearray))
 
 
+def header_values(headers: list[tuple[bytes, bytes]], name: str) -> list[str]:
+    """Every value of header ``name`` (case-insensitive), decoded as latin-1."""
+    key = name.lower().encode()
+    return [v.decode("latin-1") for k, v in headers if k.lower() == key]
+
+
 @dataclass
 class RecordedRequest:
     method: str
@@ -121,8 +127,7 @@ class RecordedRequest:
         return values[0] if values else None
 
     def header_all(self, name: str) -> list[str]:
-        key = name.lower().encode()
-        return [v.decode("latin-1") for k, v in self.headers if k == key]
+        return header_values(self.headers, name)
 
     def json(self) -> Any:
         return json.loads(self.body)

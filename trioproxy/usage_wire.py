@@ -35,6 +35,7 @@ USAGE_FIELDS = (
 )
 TRAILER_FIELDS = (*USAGE_FIELDS, "x-usage-complete")
 TRAILER_ANNOUNCE = ", ".join(TRAILER_FIELDS).encode()
+SSE_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")  # a blank line ends an SSE event
 
 
 def _sum(*values: int | None) -> int | None:
@@ -126,7 +127,7 @@ class UsageChunkStripper:
 def _last_boundary(data: bytes) -> int:
     """Index just past the last blank line (event end) in ``data``, or -1."""
     best = -1
-    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+    for sep in SSE_EVENT_ENDS:
         i = data.rfind(sep)
         if i >= 0 and i + len(sep) > best:
             best = i + len(sep)
@@ -139,7 +140,7 @@ def _split_events(data: bytes) -> list[bytes]:
     start = 0
     n = len(data)
     while start < n:
-        ends = [i + len(s) for s in (b"\n\n", b"\r\n\r\n", b"\r\r") if (i := data.find(s, start)) >= 0]
+        ends = [i + len(s) for s in SSE_EVENT_ENDS if (i := data.find(s, start)) >= 0]
         end = min(ends) if ends else n
         events.append(data[start:end])
         start = end

@@ -24,6 +24,8 @@ from typing import Any
 from . import headers as hdr
 from .exchange import Exchange
 from .providers import make_parser
+from .providers.base import loads_object
+from .providers.openai_responses import TERMINAL
 from .routing import Route
 
 log = logging.getLogger("trioproxy.websocket")  # one logger for the relay and its bookkeeping
@@ -31,7 +33,6 @@ log = logging.getLogger("trioproxy.websocket")  # one logger for the relay and i
 RESPONSES_PATH = b"/v1/responses"
 ROUTE = Route("openai", "openai.responses", RESPONSES_PATH)
 RECORD_STATUS = 200  # a record is one response: the status an HTTP client would have seen
-TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
 DECODED = TERMINAL | {"response.created", "error"}  # upstream events worth a json.loads
 _TYPE_HEAD = re.compile(r'\s*\{\s*"type"\s*:\s*"([^"\\]{1,128})"')
 Headers = list[tuple[bytes, bytes]]
@@ -60,11 +61,8 @@ def classify(text: str) -> tuple[str | None, dict[str, Any] | None]:
 
 
 def decode(text: str) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
+    """The JSON object in a text frame, or None (the parsers' own helper)."""
+    return loads_object(text)
 
 
 def size_of(message: Message) -> int:

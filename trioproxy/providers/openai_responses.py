@@ -23,8 +23,8 @@ from .base import UsageParser, as_count, error_text, loads_object, merge_usage, 
 __all__ = ["OpenAIResponsesParser"]
 
 _START = frozenset({"response.created", "response.in_progress", "response.queued"})
-_TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
-_WANTED = _START | _TERMINAL | {"error"}
+TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
+_WANTED = _START | TERMINAL | {"error"}
 
 
 class OpenAIResponsesParser(UsageParser):
@@ -34,7 +34,7 @@ class OpenAIResponsesParser(UsageParser):
 
     def wants(self, kind: str | None) -> bool:
         """Whether an event of this type needs decoding (None: type unknown, so yes)."""
-        if kind is None or kind in _TERMINAL or kind == "error":
+        if kind is None or kind in TERMINAL or kind == "error":
             return True
         u = self.usage
         return kind in _START and (u.response_id is None or u.model is None)
@@ -85,7 +85,7 @@ class OpenAIResponsesParser(UsageParser):
         response = obj.get("response")
         if not isinstance(response, dict):
             return
-        if kind in _TERMINAL:
+        if kind in TERMINAL:
             self.usage.complete = True
             self._response(response, str(kind)[len("response."):])
         elif kind in _START:
