@@ -220,13 +220,23 @@ async def test_count_tokens_is_recorded_free_and_not_as_consumed_tokens(
     assert rec.input_tokens is None and rec.raw_usage["input_tokens"] > 0
 
 
-async def test_a_reused_inbound_request_id_is_reported_not_silently_dropped(
-    ledger_proxy: ProxyServer, caplog: pytest.LogCaptureFixture,
+async def test_a_reused_or_foreign_inbound_id_never_hides_a_record(
+    ledger_proxy: ProxyServer,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="trioproxy")
-    headers = [*_anthropic(), ("x-trioproxy-request-id", "gateway-123")]
-    for _ in range(2):
-        await _request(ledger_proxy, "/v1/messages", headers, MSG)
-    await ledger_proxy.wait_exchanges(2)
-    assert await ledger_proxy.app.runtime.writer.flush(10)
-    assert any("already in the ledger" in r.getMessage() for r in caplog.records)
+    """Key A sends id X, key B sends the same X (another client's id), key A reuses it: three
+    records, each under its own proxy id; lookups by X stay scoped to the caller's key."""
+    for key in (KEY_A, KEY_B, KEY_A):
+        await _request(ledger_proxy, "/v1/messages",
+                       [*_anthropic(key), ("x-trioproxy-request-id", "gateway-123")], MSG)
+    records = await _records(ledger_proxy, 3)
+    assert len({r.request_id for r in records}) == 3
+    assert [r.correlation_id for r in records] == ["gateway-123"] * 3
+    async with httpx.AsyncClient(base_url=ledger_proxy.url, timeout=10) as http:
+        mine_b = await http.get("/v1/usage/gateway-123", headers={"x-api-key": KEY_B})
+        mine_a = await http.get("/v1/usage/gateway-123", headers={"x-api-key": KEY_A})
+        for rec in records:  # each record by its own id, for its owner only
+            owner = KEY_B if rec is records[1] else KEY_A
+            got = await http.get(f"/v1/usage/{rec.request_id}", headers={"x-api-key": owner})
+            assert got.status_code == 200 and got.json()["id"] == rec.request_id
+    assert mine_b.status_code == 200 and mine_b.json()["id"] == records[1].request_id
+    assert mine_a.status_code == 200 and mine_a.json()["id"] == records[2].request_id

@@ -229,7 +229,7 @@ async def test_stale_keepalive_connection_is_retried_once_on_a_fresh_one(
     assert proxy.app.runtime.pool.retried == 1
 
 
-async def test_request_id_is_adopted_returned_logged_and_never_sent_upstream(
+async def test_inbound_request_id_is_a_correlation_id_beside_the_proxys_own(
     upstream: FakeUpstream, raw_client: RawClient, proxy: ProxyServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -240,13 +240,28 @@ async def test_request_id_is_adopted_returned_logged_and_never_sent_upstream(
             "POST", "/v1/messages", [*ANTHROPIC, ("x-trioproxy-request-id", "gw-1234.abc")],
             MESSAGES_STREAM)
         fresh = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-    assert resp.header("x-trioproxy-request-id") == "gw-1234.abc"
     await proxy.wait_exchanges(2)
-    assert proxy.exchanges[0].request_id == "gw-1234.abc"
-    assert fresh.header("x-trioproxy-request-id") not in (None, "gw-1234.abc")
+    own = resp.header("x-trioproxy-request-id")
+    assert own is not None and own.startswith("tp_") and own == proxy.exchanges[0].request_id
+    assert resp.header("x-trioproxy-correlation-id") == "gw-1234.abc"
+    assert proxy.exchanges[0].correlation_id == "gw-1234.abc"
+    assert fresh.header("x-trioproxy-request-id") not in (None, own)
+    assert fresh.header("x-trioproxy-correlation-id") is None
     assert all(r.header("x-trioproxy-request-id") is None for r in upstream.requests)
     access = [r for r in caplog.records if r.name == "trioproxy.access"]
-    assert [r.request_id for r in access] == ["gw-1234.abc", fresh.header("x-trioproxy-request-id")]
+    assert [r.request_id for r in access] == [
+        f"{own}(gw-1234.abc)", fresh.header("x-trioproxy-request-id")]
+
+
+async def test_a_reused_inbound_id_gets_a_new_proxy_id_every_time(
+    upstream: FakeUpstream, raw_client: RawClient, proxy: ProxyServer,
+) -> None:
+    with trio.fail_after(20):
+        answers = [await raw_client.request(
+            "POST", "/v1/messages", [*ANTHROPIC, ("x-trioproxy-request-id", "same-id")],
+            MESSAGES_STREAM) for _ in range(3)]
+    ids = {a.header("x-trioproxy-request-id") for a in answers}
+    assert len(ids) == 3 and all(a.status == 200 for a in answers)
 
 
 async def test_request_id_header_is_configurable(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
@@ -257,7 +272,10 @@ async def test_request_id_header_is_configurable(nursery: trio.Nursery, upstream
         resp = await client.request(
             "POST", "/v1/messages", [*ANTHROPIC, ("x-api-request-log-id", "log-77")], MESSAGES_STREAM)
     await client.aclose()
-    assert resp.header("x-trioproxy-request-id") == "log-77"
+    assert resp.header("x-trioproxy-correlation-id") == "log-77"
+    await server.wait_exchanges(1)
+    assert server.exchanges[0].correlation_id == "log-77"
+    assert resp.header("x-trioproxy-request-id") == server.exchanges[0].request_id != "log-77"
     await server.stop()
 
 
@@ -352,8 +370,9 @@ async def test_upstream_silent_mid_stream_past_the_read_timeout_is_cut(
 
 
 async def test_a_client_that_pauses_reading_is_not_an_upstream_timeout(
-    autojump_clock: trio.abc.Clock, upstream: FakeUpstream, proxy: ProxyServer,
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
 ) -> None:
+    proxy = await start_proxy(nursery, proxy_settings(upstream, write_stall_timeout=1200))
     chunk = b"data: " + b"y" * 65530 + b"\n\n"
     reply = Reply(headers=[("content-type", "text/event-stream")], body=[chunk] * 400)
     upstream.enqueue(reply)
@@ -365,6 +384,34 @@ async def test_a_client_that_pauses_reading_is_not_an_upstream_timeout(
         await client.read_body(resp)
     await client.aclose()
     assert resp.complete and resp.body == body_bytes(reply)
+    await proxy.stop()
+
+
+async def test_a_client_that_stops_reading_frees_the_upstream_connection(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
+) -> None:
+    """One connection per origin: a client that reads nothing would otherwise hold it for
+    ever. After the write-stall timeout the exchange ends as client_stalled with one record,
+    the upstream connection is closed and the next client gets through."""
+    proxy = await start_proxy(nursery, proxy_settings(
+        upstream, max_connections=1, write_stall_timeout=30, pool_timeout=300))
+    chunk = b"data: " + b"z" * 65530 + b"\n\n"
+    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], body=[chunk] * 2000))
+    stalled = await RawClient.connect(proxy.port)
+    with trio.fail_after(600):
+        await stalled.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+        await stalled.read_head()  # and then read nothing
+        after = await RawClient.connect(proxy.port)
+        resp = await after.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+        (first, *_) = await proxy.wait_exchanges(1)
+    assert resp.status == 200 and resp.complete
+    assert first.end_reason == "client_stalled" and not first.upstream_complete
+    assert upstream.connections[0].close_reason == "peer"  # the proxy closed it
+    await stalled.aclose()
+    await after.aclose()
+    await proxy.wait_exchanges(2)
+    assert [ex.end_reason for ex in proxy.exchanges] == ["client_stalled", "complete"]
+    await proxy.stop()
 
 
 async def test_exhausted_connection_pool_is_a_504_that_names_the_limit(

@@ -147,14 +147,14 @@ async def test_multi_turn_session_chains_previous_response_id_and_records_each_r
     exs = [ex for ex, _ in records]
     socket_id = exs[0].request_id.rsplit(".", 1)[0]
     assert [ex.request_id for ex in exs] == [f"{socket_id}.{n}" for n in (1, 2, 3)]
-    assert {ex.extra["session_id"] for ex in exs} == {"sess-42"}
+    assert {ex.session_id for ex in exs} == {"sess-42"}
     assert all(ex.transport == "websocket" and ex.status == 200 for ex in exs)
     assert all(ex.end_reason == "complete" and ex.upstream_complete for ex in exs)
     assert all(ex.model_requested == "gpt-5-codex" and ex.route.api == "openai.responses"
                for ex in exs if ex.route is not None)
-    assert exs[0].extra["generate"] is False
-    assert exs[2].extra["previous_response_id"] == rid
-    assert exs[2].extra["response_id"] == second[-1]["response"]["id"]
+    assert exs[0].generate is False
+    assert exs[2].previous_response_id == rid
+    assert exs[2].response_id == second[-1]["response"]["id"]
     assert all(ex.first_byte_at is not None and ex.bytes_in > 0 and ex.bytes_out > 0 for ex in exs)
     assert [tokens(u) for _, u in records] == [(0, 0), (200, 3), (300, 3)]
     assert [u.cache_read_tokens for _, u in records] == [0, 100, 200]
@@ -170,7 +170,7 @@ async def test_session_id_defaults_to_the_socket_id(nursery: trio.Nursery) -> No
             await turn(ws, create())
             socket_id = dict(ws.handshake_headers)[b"x-trioproxy-request-id"].decode()
         (ex, _), = await proxy.wait_records(1)
-    assert ex.extra["session_id"] == socket_id
+    assert ex.session_id == socket_id
     assert ex.request_id == f"{socket_id}.1"
 
 
@@ -211,7 +211,9 @@ async def test_failed_and_incomplete_responses_end_their_record(
     assert after.stop_reason == "completed"
 
 
-async def test_a_create_while_a_response_is_open_supersedes_it(nursery: trio.Nursery) -> None:
+async def test_a_create_while_a_response_is_open_gets_a_record_of_its_own(
+    nursery: trio.Nursery,
+) -> None:
     with trio.fail_after(10):
         fake = await start_fake(nursery, turns=[Turn(end="stop")])
         proxy = await start_proxy(nursery, fake.base_url)
@@ -221,8 +223,34 @@ async def test_a_create_while_a_response_is_open_supersedes_it(nursery: trio.Nur
             await ws.send_message(create(model="gpt-5"))
             await trio.sleep(0.05)
         records = await proxy.wait_records(2)
-    assert [ex.end_reason for ex, _ in records] == ["superseded", "client_disconnect"]
+    assert [ex.end_reason for ex, _ in records] == ["client_disconnect", "client_disconnect"]
+    assert sorted(ex.model_requested for ex, _ in records) == ["gpt-5", "gpt-5-codex"]
+
+
+async def test_back_to_back_creates_are_each_charged_their_own_tokens(
+    nursery: trio.Nursery,
+) -> None:
+    """Two response.create frames sent before the first response began: two records, each
+    with the usage of its own response.completed, in order."""
+    with trio.fail_after(10):
+        fake = await start_fake(nursery)
+        proxy = await start_proxy(nursery, fake.base_url)
+        async with connect(proxy) as ws:
+            await ws.send_message(create(model="gpt-5-codex"))
+            await ws.send_message(create(model="gpt-5"))
+            done = []
+            while len(done) < 2:
+                event = json.loads(await ws.get_message())
+                if event["type"] == "response.completed":
+                    done.append(event["response"])
+        records = sorted(await proxy.wait_records(2), key=lambda r: r[0].response_index)
     assert [ex.model_requested for ex, _ in records] == ["gpt-5-codex", "gpt-5"]
+    assert [ex.response_id for ex, _ in records] == [r["id"] for r in done]
+    for (ex, usage), response in zip(records, done, strict=True):
+        assert ex.end_reason == "complete" and usage.complete
+        assert tokens(usage) == (response["usage"]["input_tokens"],
+                                 response["usage"]["output_tokens"])
+    assert tokens(records[0][1]) != tokens(records[1][1])
 
 
 async def test_create_frames_pass_the_payload_hooks_unless_bypassed(nursery: trio.Nursery) -> None:
@@ -242,7 +270,7 @@ async def test_create_frames_pass_the_payload_hooks_unless_bypassed(nursery: tri
     assert changed == '{"type":"response.create","model":"gpt-5-mini","input":"h\u00e9"}'
     assert hashlib.sha256(bypassed.encode()).digest() == hashlib.sha256(frame.encode()).digest()
     assert [ex.bypass for ex, _ in records] == [False, True]
-    assert records[0][0].extra["payload_changed_by"] == ["model_alias"]
+    assert records[0][0].payload_changed_by == ["model_alias"]
 
 
 async def test_unchanged_create_frame_is_forwarded_verbatim(nursery: trio.Nursery) -> None:
@@ -321,12 +349,15 @@ async def test_handshake_headers_forwarded_dropped_and_request_id_on_accept(
     names = [k.lower() for k, _ in seen.headers]
     assert b"host" not in names  # wsproto reports Host apart: no client Host was added
     assert names.count(b"sec-websocket-key") == 1 and names.count(b"upgrade") == 1
-    assert accept[b"x-trioproxy-request-id"] == b"my-socket-1"
+    assert accept[b"x-trioproxy-request-id"].startswith(b"tp_")
+    assert accept[b"x-trioproxy-correlation-id"] == b"my-socket-1"
     for name in (b"x-request-id", b"openai-model", b"openai-processing-ms",
                  b"x-codex-turn-state", b"x-ratelimit-remaining-requests", b"x-models-etag"):
         assert name in accept, name
     assert b"keep-alive" not in accept
-    assert ex.request_id == "my-socket-1.1" and ex.upstream_request_id == "req_fake_ws_1"
+    socket_id = accept[b"x-trioproxy-request-id"].decode()
+    assert ex.request_id == f"{socket_id}.1" and ex.correlation_id == "my-socket-1"
+    assert ex.upstream_request_id == "req_fake_ws_1"
 
 
 @pytest.mark.parametrize(
@@ -447,7 +478,7 @@ async def test_client_disconnect_closes_upstream_within_100ms_and_records_incomp
     assert usage is not None and not usage.complete and usage.response_id == "resp_fake_1"
     record = build_record(ex, b"secret")
     assert (record.stop_reason, record.end_reason) == ("incomplete", "client_disconnect")
-    assert record.transport == "websocket" and record.session_id == ex.extra["session_id"]
+    assert record.transport == "websocket" and record.session_id == ex.session_id
 
 
 @pytest.mark.parametrize("code", [4000, 1011])

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import sniffio
@@ -20,14 +19,28 @@ import trio
 from . import headers as hdr
 from .config import ConfigError, Settings
 from .errors import ClientRequestError, ProxyError
-from .exchange import Exchange, adopt_request_id
+from .exchange import Exchange, correlation_id
 from .extensions import Extension, ExtensionFailed, ExtensionManager, load_extensions
-from .ledger import answer_usage_lookup, build_record, usage_request_id
-from .log import log_access, request_id_var, setup_logging
-from .payload import hook_context, is_bypass, prepare
-from .relay import HttpRelay, Receive, Scope, Send, read_body, send_error, send_json
+from .ledger import answer_usage_lookup, usage_request_id
+from .lifecycle import End
+from .log import request_id_var, setup_logging
+from .payload import is_bypass, prepare
+from .relay import HttpRelay
+from .responses import (
+    Receive,
+    Send,
+    conflicting_framing,
+    error_messages,
+    has_body,
+    json_messages,
+    read_body,
+    send_all,
+)
 from .routing import provider_hint, resolve
+from .runtime import Runtime
 from .upstream import UpstreamPool
+
+Scope = dict[str, Any]
 
 log = logging.getLogger("trioproxy")
 
@@ -35,53 +48,6 @@ WRONG_WORKER = (
     "trioproxy runs on Trio only. Start it with `hypercorn trioproxy:app --worker-class trio` "
     "or `trioproxy serve`."
 )
-
-
-@dataclass(eq=False)
-class Runtime:
-    """Resources that live from lifespan start-up to shutdown."""
-
-    settings: Settings
-    pool: UpstreamPool
-    relay: HttpRelay
-    finishers: list[Callable[[Exchange], Awaitable[None]]]
-    extensions: ExtensionManager
-
-    inflight: dict[str, Exchange] = field(default_factory=dict)  # by proxy request id
-    writer: Any = None  # accounting.writer.UsageWriter when accounting is on
-    secret: bytes = b""  # key-fingerprint secret
-
-    async def record(self, ex: Exchange) -> None:
-        """Finisher: build the usage record, queue it for the store, run complete hooks.
-
-        Reads of the ledger itself (``GET /v1/usage/{id}``) are access-logged, not recorded:
-        they are not proxied traffic and would skew per-key request counts."""
-        if ex.extra.get("usage_lookup"):
-            return
-        rec = build_record(ex, self.secret)
-        if self.writer is not None:
-            self.writer.submit(rec)
-        if self.extensions.has_complete_hooks:
-            await self.extensions.run_complete(hook_context(ex), rec)
-
-    async def finish(self, ex: Exchange) -> None:
-        """Finalise one exchange (an HTTP request, or one WebSocket response) exactly once:
-        the access line, then every finisher (accounting, complete hooks). Shielded."""
-        with trio.CancelScope(shield=True):
-            if ex.finished_at is not None:
-                return
-            ex.finished_at = trio.current_time()
-            if ex.end_reason is None:  # every normal path names its end: this was cut off
-                ex.end_reason = "cancelled"
-            log_access(ex.access_fields())
-            try:
-                for finisher in self.finishers:
-                    try:
-                        await finisher(ex)
-                    except Exception:
-                        log.exception("finaliser %r failed", finisher)
-            finally:
-                ex.finalised.set()
 
 
 class TrioProxy:
@@ -101,6 +67,7 @@ class TrioProxy:
         self._ssl_context = ssl_context
         self._configure_logging = configure_logging
         self.runtime: Runtime | None = None
+        self._relay: HttpRelay | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -142,8 +109,9 @@ class TrioProxy:
             return
         try:
             async with trio.open_nursery() as nursery:
-                relay = HttpRelay(settings, pool, extensions)
-                self.runtime = Runtime(settings, pool, relay, [], extensions)
+                runtime = Runtime(settings, pool, extensions)
+                self._relay = HttpRelay(settings, pool, extensions, runtime.finish)
+                self.runtime = runtime
                 try:
                     await self._startup_extras(nursery, settings)
                 except Exception as exc:  # e.g. the usage store cannot be opened
@@ -182,42 +150,44 @@ class TrioProxy:
     # -- http ------------------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        runtime = self.runtime
-        if runtime is None:
+        runtime, relay = self.runtime, self._relay
+        if runtime is None or relay is None:
             raise RuntimeError("trioproxy received a request before lifespan start-up")
-        settings = runtime.settings
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         ex = Exchange(
-            request_id=adopt_request_id(hdr.get(headers, settings.request_id_header.encode())),
             method=scope["method"],
             path=raw_path.decode("latin-1"),
             provider=provider_hint(raw_path, headers),
+            correlation_id=correlation_id(
+                hdr.get(headers, runtime.settings.request_id_header.encode())),
             request_headers=headers,
+            close_connection=has_body(headers) or conflicting_framing(headers),
         )
-        token = request_id_var.set(ex.request_id)
+        token = request_id_var.set(ex.log_label())
         runtime.inflight[ex.request_id] = ex
+        lookup_id = usage_request_id(raw_path) if ex.method == "GET" else None
         try:
-            await self._handle(runtime, ex, scope, raw_path, receive, send)
+            if lookup_id is not None:
+                await self._usage_lookup(runtime, ex, lookup_id, send)
+            else:
+                await self._handle(runtime, relay, ex, scope, raw_path, receive, send)
         except Exception as exc:  # a proxy-side fault: 500 if we still can, never silent
             log.exception("proxy fault")
-            ex.fail("proxy_error", f"{type(exc).__name__}: {exc}")
+            ex.fail(End.PROXY_ERROR, f"{type(exc).__name__}: {exc}")
             if not ex.response_started:
                 with trio.CancelScope(shield=True):
-                    await send_error(send, ex, ProxyError("internal proxy error"))
+                    await send_all(send, ex, error_messages(ex, ProxyError("internal proxy error")))
         finally:
-            await runtime.finish(ex)
-            runtime.inflight.pop(ex.request_id, None)
+            await runtime.finish(ex, recorded=lookup_id is None)
+            del runtime.inflight[ex.request_id]
             request_id_var.reset(token)
 
     async def _handle(
-        self, runtime: Runtime, ex: Exchange, scope: Scope, raw_path: bytes,
+        self, runtime: Runtime, relay: HttpRelay, ex: Exchange, scope: Scope, raw_path: bytes,
         receive: Receive, send: Send,
     ) -> None:
-        lookup_id = usage_request_id(raw_path)
-        if lookup_id is not None and ex.method == "GET":
-            await self._usage_lookup(runtime, ex, lookup_id, send)
-            return
+        settings = runtime.settings
         try:
             ex.route = resolve(ex.method, raw_path, ex.request_headers)
             if ex.route is None:
@@ -229,24 +199,21 @@ class TrioProxy:
                     "unknown_path",
                 )
             ex.provider = ex.route.provider
-            body = await read_body(receive, ex, runtime.settings.max_body_bytes)
+            body = await read_body(receive, ex, settings.max_body_bytes)
         except ClientRequestError as exc:
-            ex.fail(exc.kind, exc.message)
-            await send_error(send, ex, exc)
+            await send_all(send, ex, error_messages(ex, exc))
             return
         if body is None:
-            ex.fail("client_disconnect", "client disconnected while sending the body")
+            ex.fail(End.CLIENT_DISCONNECT, "client disconnected while sending the body")
             return
-        settings = runtime.settings
         ex.bypass = is_bypass(ex.request_headers, settings.bypass_header_names)
-        ex.extra["trailers_ok"] = wants_trailers(scope)
-        relay = runtime.relay
+        ex.trailers_ok = wants_trailers(scope)
         base = relay.upstream_for(ex)
         query = scope.get("query_string", b"")
         target = base.prefix + ex.route.path + (b"?" + query if query else b"")
-        has_body = bool(body) or ex.method in ("POST", "PUT", "PATCH")
+        with_body = bool(body) or ex.method in ("POST", "PUT", "PATCH")
         headers = hdr.upstream_request_headers(
-            ex.request_headers, base.host_header, len(body) if has_body else None,
+            ex.request_headers, base.host_header, len(body) if with_body else None,
             drop=settings.bypass_header_names,
         )
         try:
@@ -254,27 +221,29 @@ class TrioProxy:
                 ex, body, headers, runtime.extensions, include_usage=settings.include_usage
             )
         except ExtensionFailed as exc:
-            ex.fail("extension_error", str(exc))
-            await send_error(send, ex, ProxyError(f"request rejected: {exc}"))
+            ex.fail(End.EXTENSION_ERROR, str(exc))  # the first failure names the outcome
+            await send_all(send, ex, error_messages(ex, ProxyError(f"request rejected: {exc}")))
             return
+        del body  # only the outbound bytes live on, for as long as they are being sent
         await relay.relay(ex, base, target, out.headers, out.body, receive, send)
 
     async def _usage_lookup(
         self, runtime: Runtime, ex: Exchange, lookup_id: str, send: Send
     ) -> None:
-        ex.extra["usage_lookup"] = True
         # A client that fetches usage the moment its stream ended can be a few milliseconds
         # ahead of finalisation: wait (bounded) for that exchange's record to exist.
         for other in list(runtime.inflight.values()):
-            if lookup_id in (other.request_id, other.upstream_request_id) and other is not ex:
+            if other is not ex and lookup_id in (
+                    other.request_id, other.correlation_id, other.upstream_request_id):
                 with trio.move_on_after(10):
                     await other.finalised.wait()
         status, body = await answer_usage_lookup(
             lookup_id, ex.request_headers, runtime.writer, runtime.secret,
             runtime.settings.admin_token, ex.provider,
         )
-        ex.end_reason = "complete" if status == 200 else "rejected"
-        await send_json(send, ex, status, body)
+        if status != 200:
+            ex.fail(End.REJECTED, f"usage lookup answered {status}")
+        await send_all(send, ex, json_messages(ex, status, body))
 
     # -- websocket -------------------------------------------------------------------------
 

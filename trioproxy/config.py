@@ -86,6 +86,7 @@ class Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 600.0  # per read; there is no total-duration cap
     write_timeout: float = 60.0
+    write_stall_timeout: float = 60.0  # a client that reads nothing this long ends its stream
     pool_timeout: float = 30.0
     max_connections: int = 200  # per upstream origin
     keepalive_expiry: float = 30.0  # idle upstream connections older than this are closed
@@ -117,7 +118,8 @@ class Settings:
         object.__setattr__(self, "bypass_header_names", tuple(
             n.strip().lower().encode() for n in self.bypass_headers.split(",") if n.strip()
         ))
-        for name in ("connect_timeout", "read_timeout", "write_timeout", "pool_timeout"):
+        for name in ("connect_timeout", "read_timeout", "write_timeout", "pool_timeout",
+                     "write_stall_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TRIOPROXY_{name.upper()} must be > 0")
         if self.max_body_bytes <= 0 or self.max_connections <= 0 or self.channel_size <= 0:

@@ -1,4 +1,9 @@
-"""Per-request state shared by the relay, the access log and accounting."""
+"""Per-exchange facts shared by the relay, the access log and accounting. No I/O.
+
+An :class:`Exchange` is one proxied HTTP request, or one response on the Responses WebSocket.
+What happened to it (its state, failure and outcome) lives in its :class:`Lifecycle`; the
+fields here are what was observed on the way: ids, timings, byte counts, the requested model.
+"""
 
 from __future__ import annotations
 
@@ -10,70 +15,113 @@ from typing import Any
 
 import trio
 
+from .lifecycle import End, Lifecycle
 from .routing import Route
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def new_request_id() -> str:
+    """The proxy's own id: unique, the usage record's key."""
     return "tp_" + secrets.token_hex(12)
 
 
-def adopt_request_id(value: bytes | None) -> str:
-    """Adopt an inbound id if it is a sane token, else generate one."""
+def correlation_id(value: bytes | None) -> str | None:
+    """An inbound id (the configured header) kept beside the proxy's id, if it is a sane token.
+
+    It is never the record's key: a client may reuse it, or send another client's."""
     if value:
         text = value.decode("latin-1").strip()
         if _VALID_ID.match(text):
             return text
-    return new_request_id()
+    return None
 
 
 @dataclass(eq=False)
 class Exchange:
-    """Everything known about one proxied request, filled in as it happens."""
+    """Everything known about one exchange, filled in as it happens."""
 
-    request_id: str
     method: str
     path: str
     provider: str
+    request_id: str = field(default_factory=new_request_id)
+    correlation_id: str | None = None
     route: Route | None = None
     transport: str = "http"
     started_wall: float = field(default_factory=time.time)
     started: float = field(default_factory=trio.current_time)
     request_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    life: Lifecycle = field(default_factory=Lifecycle)
     bytes_in: int = 0
     bytes_out: int = 0
-    status: int | None = None
+    status: int | None = None  # the status the client got (the upstream's, or the proxy's own)
     streamed: bool = False
-    response_started: bool = False
     headers_at: float | None = None  # trio time the upstream response head arrived
     first_byte_at: float | None = None  # trio time the first body byte arrived
     last_chunk_at: float | None = None
     max_gap: float = 0.0
+    finished_at: float | None = None  # trio time the exchange was finalised
     upstream_request_id: str | None = None
-    upstream_complete: bool = False
-    end_reason: str | None = None  # complete / client_disconnect / upstream_error / ...
-    error: str | None = None
-    finished_at: float | None = None
+    response_id: str | None = None  # set by the WebSocket relay (HTTP: from the parsed usage)
     bypass: bool = False
     model_requested: str | None = None
+    stream_requested: bool | None = None  # None: the payload was never decoded
+    session_id: str | None = None
+    close_connection: bool = False  # the client connection closes after this response
+    trailers_ok: bool = False  # HTTP/2 and the client sent TE: trailers
+    strip_usage_chunk: bool = False  # include_usage was injected: remove its chunk again
+    payload_changed_by: list[str] | None = None
+    # The Responses WebSocket: which socket, which response on it.
+    socket_id: str | None = None
+    response_index: int | None = None
+    previous_response_id: str | None = None
+    generate: bool | None = None
     parser: Any = None  # a providers.UsageParser when the route is accounted
-    extra: dict[str, Any] = field(default_factory=dict)
     finalised: trio.Event = field(default_factory=trio.Event)  # set once its record exists
+    _usage: Any = field(default=None, repr=False)
+    _priced: tuple[float | None] | None = field(default=None, repr=False)
+
+    # -- what happened (read from the lifecycle) ---------------------------------------------
+
+    @property
+    def end_reason(self) -> str | None:
+        return self.life.end_reason()
+
+    @property
+    def error(self) -> str | None:
+        return self.life.error
+
+    @property
+    def upstream_complete(self) -> bool:
+        return self.life.upstream_complete
+
+    @property
+    def response_started(self) -> bool:
+        return self.life.started
+
+    def fail(self, reason: End | str, error: str | None = None) -> bool:
+        """Record a failure (the first one wins). True if this one counted."""
+        return self.life.fail(End(reason), error)
+
+    # -- derived, computed once after the body ended ------------------------------------------
 
     def usage(self) -> Any:
         """The parsed usage (a providers.Usage), computed once, after the body has ended."""
-        if "usage" not in self.extra:
-            self.extra["usage"] = self.parser.finish() if self.parser is not None else None
-        return self.extra["usage"]
+        if self._usage is None and self.parser is not None:
+            self._usage = self.parser.finish()
+        return self._usage
 
     def cost_usd(self) -> float | None:
         """Cost of the parsed usage (None when unknown), priced once."""
-        if "cost_usd" not in self.extra:
+        if self._priced is None:
             from .accounting.prices import price_usage
 
-            self.extra["cost_usd"] = price_usage(self.usage(), self.provider)
-        return self.extra["cost_usd"]
+            self._priced = (price_usage(self.usage(), self.provider),)
+        return self._priced[0]
+
+    def log_label(self) -> str:
+        """How log lines name this exchange: the proxy's id, and the inbound id beside it."""
+        return f"{self.request_id}({self.correlation_id})" if self.correlation_id else self.request_id
 
     def api(self) -> str:
         return self.route.api if self.route else "unrouted"
@@ -85,15 +133,12 @@ class Exchange:
             self.first_byte_at = now
             last = self.headers_at if self.headers_at is not None else now
         gap = now - last
-        self.max_gap = max(self.max_gap, gap)
+        if gap > self.max_gap:
+            self.max_gap = gap
         self.last_chunk_at = now
         self.bytes_out += size
 
-    def fail(self, reason: str, error: str | None = None) -> None:
-        """Record the first failure only: later ones are consequences."""
-        if self.end_reason is None:
-            self.end_reason = reason
-            self.error = error
+    # -- reports --------------------------------------------------------------------------------
 
     def timings_ms(self) -> dict[str, float | None]:
         end = self.finished_at if self.finished_at is not None else trio.current_time()
@@ -110,6 +155,7 @@ class Exchange:
     def access_fields(self) -> dict[str, object]:
         return {
             "id": self.request_id,
+            **({"correlation_id": self.correlation_id} if self.correlation_id else {}),
             "method": self.method,
             "path": self.path,
             "route": self.api(),

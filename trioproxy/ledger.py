@@ -22,7 +22,6 @@ from .accounting.writer import UsageWriter, open_usage_writer
 from .config import Settings
 from .errors import ClientRequestError, error_body
 from .exchange import Exchange
-from .payload import note_deferred_request
 
 log = logging.getLogger("trioproxy.accounting")
 
@@ -36,12 +35,11 @@ def _text(value: bytes | None, limit: int = 512) -> str | None:
 
 def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
     """The usage record of one finished exchange."""
-    note_deferred_request(ex)
     usage = ex.usage()
     headers = ex.request_headers
     key = extract_api_key(headers)
     key_fp, key_last4 = fingerprint(key, secret) if key else (None, None)
-    session = ex.extra.get("session_id") or next(
+    session = ex.session_id or next(
         (_text(v) for k, v in headers if k in SESSION_HEADERS), None
     )
     complete = bool(usage is not None and usage.complete)
@@ -64,7 +62,7 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
         streamed=ex.streamed,
         model_requested=ex.model_requested,
         model=usage.model if usage is not None else None,
-        response_id=usage.response_id if usage is not None else None,
+        response_id=ex.response_id or (usage.response_id if usage is not None else None),
         upstream_request_id=ex.upstream_request_id,
         input_tokens=usage.input_tokens if known else None,
         output_tokens=usage.output_tokens if known else None,
@@ -94,12 +92,15 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
 
 
 def _record_extra(ex: Exchange) -> dict[str, Any] | None:
-    keys = ("payload_changed_by", "socket_id", "response_index", "previous_response_id",
-            "generate")
-    extra = {k: ex.extra[k] for k in keys if ex.extra.get(k) is not None}
-    if ex.bypass:
-        extra["bypass"] = True
-    return extra or None
+    extra = {
+        "payload_changed_by": ex.payload_changed_by,
+        "socket_id": ex.socket_id,
+        "response_index": ex.response_index,
+        "previous_response_id": ex.previous_response_id,
+        "generate": ex.generate,
+        "bypass": True if ex.bypass else None,
+    }
+    return {k: v for k, v in extra.items() if v is not None} or None
 
 
 async def open_ledger(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
+from json.decoder import scanstring
 from typing import Any
 
 from . import headers as hdr
@@ -23,6 +25,9 @@ log = logging.getLogger("trioproxy.payload")
 
 PAYLOAD_APIS = ACCOUNTED_APIS  # the payload kinds hooks see are the ones usage is parsed for
 _TRUE = (b"1", b"true", b"yes", b"on")
+MODEL_SCAN_BYTES = 64 * 1024  # how much of a body is read to find its top-level "model"
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
 
 
 def is_bypass(headers: list[tuple[bytes, bytes]], names: tuple[bytes, ...]) -> bool:
@@ -56,8 +61,8 @@ def hook_context(ex: Exchange, payload: dict[str, Any] | None = None) -> HookCon
         model = payload.get("model")
         stream = bool(payload.get("stream"))
     else:
-        note_deferred_request(ex)
-        model, stream = ex.model_requested, bool(ex.extra.get("stream_requested", ex.streamed))
+        model = ex.model_requested
+        stream = ex.stream_requested if ex.stream_requested is not None else ex.streamed
     return HookContext(
         request_id=ex.request_id,
         api=ex.api(),
@@ -88,8 +93,8 @@ async def prepare(
 
     ``headers`` are the outbound upstream headers (policy already applied). With
     ``include_usage``, a streamed Chat Completions request that did not ask for usage gets
-    ``stream_options.include_usage`` injected (and ``ex.extra["strip_usage_chunk"]`` set so
-    the relay removes the extra chunk again). Raises ``ExtensionFailed`` when a hook fails
+    ``stream_options.include_usage`` injected (and ``ex.strip_usage_chunk`` set so the relay
+    removes the extra chunk again). Raises ``ExtensionFailed`` when a hook fails
     and the manager is fail-closed.
     """
     api = ex.api()
@@ -101,9 +106,8 @@ async def prepare(
     if encoding and not hooks:
         return Outbound(body, headers)  # compressed: decode only when a hook needs it
     if not hooks and not (inject and b'"stream"' in body):
-        # Nothing to change: keep the decode off the time-to-first-byte path. The requested
-        # model is read from these bytes only if the usage record needs it, after the answer.
-        ex.extra["request_body"] = body
+        # Nothing to change: no decode of the whole body on the time-to-first-byte path.
+        ex.model_requested = requested_model(body)
         return Outbound(body, headers)
     payload = decode_payload(body, encoding)
     if payload is None:
@@ -123,30 +127,53 @@ async def prepare(
         payload, changed_by = result.payload, result.changed_by
     if inject and inject_include_usage(payload):
         changed_by.append("include_usage")
-        ex.extra["strip_usage_chunk"] = True
+        ex.strip_usage_chunk = True
     if not changed_by:
         return Outbound(body, out_headers)
     new_body = encode_payload(payload)
     _note_request(ex, payload)
     log.info("payload changed by %s (%d -> %d bytes)", ",".join(changed_by),
              len(body), len(new_body))
-    ex.extra["payload_changed_by"] = changed_by
+    ex.payload_changed_by = changed_by
     drop = {b"content-length", b"content-encoding"}
     out_headers = [(k, v) for k, v in out_headers if k not in drop]
     out_headers.append((b"content-length", str(len(new_body)).encode()))
     return Outbound(new_body, out_headers)
 
 
-def note_deferred_request(ex: Exchange) -> None:
-    """Fill ``model_requested`` / ``stream_requested`` from a body ``prepare`` did not decode."""
-    body = ex.extra.pop("request_body", None)
-    if body is not None and ex.model_requested is None:
-        payload = decode_payload(body, None)
-        if payload is not None:
-            _note_request(ex, payload)
+def requested_model(body: bytes, budget: int = MODEL_SCAN_BYTES) -> str | None:
+    """The top-level ``"model"`` of a JSON object body without decoding the whole body.
+
+    The object's keys are read in order; each value before ``"model"`` is skipped by decoding
+    it, within the first ``budget`` bytes. Agents put ``model`` first, so this reads a few
+    dozen bytes of a multi-megabyte context. None when it is not found within the budget."""
+    text = body[:budget].decode("utf-8", "ignore")
+    try:
+        i = _WS.match(text).end()  # type: ignore[union-attr]
+        if text[i:i + 1] != "{":
+            return None
+        i += 1
+        while True:
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if text[i:i + 1] != '"':
+                return None
+            key, i = scanstring(text, i + 1)
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if text[i:i + 1] != ":":
+                return None
+            i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+            value, i = _DECODER.raw_decode(text, i)
+            if key == "model":
+                return value if isinstance(value, str) else None
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if text[i:i + 1] != ",":
+                return None
+            i += 1
+    except ValueError:  # malformed, or the value runs past the budget
+        return None
 
 
 def _note_request(ex: Exchange, payload: dict[str, Any]) -> None:
     model = payload.get("model")
     ex.model_requested = model if isinstance(model, str) else None
-    ex.extra["stream_requested"] = bool(payload.get("stream"))
+    ex.stream_requested = bool(payload.get("stream"))

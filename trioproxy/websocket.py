@@ -28,12 +28,15 @@ from wsproto.utilities import ProtocolError
 from . import headers as hdr
 from .config import UpstreamURL
 from .errors import UpstreamConnectError, UpstreamTimeout, error_body
-from .exchange import Exchange, adopt_request_id
+from .errors import ClientRequestError
+from .exchange import Exchange, correlation_id, new_request_id
 from .extensions import ExtensionFailed, MutableHeaders
+from .lifecycle import End
 from .log import request_id_var
 from .payload import encode_payload, hook_context, is_bypass
-from .relay import Receive, Scope, Send
+from .responses import Receive, Send
 from .routing import Route, resolve
+from .upstream.pool import _build_request as check_request
 from .ws_protocol import (
     DECODED,
     ROUTE,
@@ -54,7 +57,9 @@ from .ws_protocol import (
 )
 
 if TYPE_CHECKING:
-    from .app import Runtime
+    from .runtime import Runtime
+
+Scope = dict[str, Any]
 
 __all__ = ["CreateContext", "ResponsesSocket", "relay_websocket"]
 
@@ -92,7 +97,7 @@ async def _payload_stage(runtime: Runtime, ctx: CreateContext, frame_text: str) 
     if not result.changed_by:
         return frame_text
     ctx.payload = result.payload
-    ctx.exchange.extra["payload_changed_by"] = result.changed_by
+    ctx.exchange.payload_changed_by = result.changed_by
     log.info("response.create changed by %s", ",".join(result.changed_by))
     return encode_payload(result.payload).decode("utf-8")
 
@@ -106,7 +111,8 @@ async def relay_websocket(runtime: Runtime, scope: Scope, receive: Receive, send
         return
     sock = ResponsesSocket(runtime, scope, receive, send)
     route = resolve("GET", sock.raw_path, scope["headers"])
-    token = request_id_var.set(sock.ledger.socket_id)
+    token = request_id_var.set(sock.ledger.socket_id + (
+        f"({sock.ledger.correlation_id})" if sock.ledger.correlation_id else ""))
     try:
         if is_responses_route(route):
             await sock.run(route.path, scope.get("query_string", b""))
@@ -122,7 +128,7 @@ class ResponsesSocket:
     def __init__(self, runtime: Runtime, scope: Scope, receive: Receive, send: Send) -> None:
         settings = runtime.settings
         headers: Headers = scope["headers"]
-        socket_id = adopt_request_id(hdr.get(headers, settings.request_id_header.encode()))
+        socket_id = new_request_id()
         session = hdr.get(headers, b"session-id") or hdr.get(headers, b"session_id")
         self.raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         self.runtime, self.scope, self.receive, self.send = runtime, scope, receive, send
@@ -130,6 +136,7 @@ class ResponsesSocket:
             socket_id, session.decode("latin-1") if session else socket_id,
             self.raw_path.decode("latin-1"), headers,
             is_bypass(headers, settings.bypass_header_names),
+            correlation_id(hdr.get(headers, settings.request_id_header.encode())),
         )
         self.max_size = settings.ws_max_message_size  # both legs; Hypercorn has its own too
         self.ping_interval = settings.ws_ping_interval
@@ -141,6 +148,12 @@ class ResponsesSocket:
     async def run(self, route_path: bytes, query: bytes) -> None:
         base = self.runtime.settings.openai_upstream
         resource = base.prefix + route_path + (b"?" + query if query else b"")
+        try:  # h11 would refuse it later, quoting the value (a credential, maybe): refuse now
+            check_request(b"GET", resource, [(b"host", base.host_header), *upstream_handshake_headers(
+                self.ledger.headers, self.runtime.settings.bypass_header_names)])
+        except ClientRequestError as exc:
+            await self._failed(400, "rejected", exc.code or "invalid_request", exc.message)
+            return
         deadline = trio.current_time() + self.runtime.settings.connect_timeout
         stream = await self._open_stream(base, deadline)
         if stream is None:
@@ -160,7 +173,7 @@ class ResponsesSocket:
             # Ours to close: trio-websocket leaves the socket open when the upstream closes first.
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-            self.ledger.cut("aborted", "the relay stopped before the response ended")
+            self.ledger.cut(End.ABORTED, "the relay stopped before the response ended")
             await self._finish_all()
         if rejected:
             await self._refused(rejected[0])
@@ -170,7 +183,9 @@ class ResponsesSocket:
     async def _upstream_broke(self, exc: BaseException) -> None:
         """The upstream leg failed at the protocol level: 502 if the client is not accepted
         yet, else a 1011 close (its records were already cut as incomplete)."""
-        msg = f"upstream websocket failed: {type(exc).__name__}: {exc}"
+        # A local protocol error is about what we sent: its text may quote a client header.
+        detail = "" if isinstance(exc, h11.LocalProtocolError) else f": {exc}"
+        msg = f"upstream websocket failed: {type(exc).__name__}{detail}"
         if not self.accepted:
             await self._failed(502, "upstream_error", "upstream_error", msg)
         else:
@@ -215,7 +230,8 @@ class ResponsesSocket:
     async def _accept(self, upstream: tws.WebSocketConnection) -> None:
         upstream_headers = list(upstream.handshake_headers)
         self.ledger.upstream_request_id = hdr.upstream_request_id(upstream_headers)
-        headers = client_handshake_headers(upstream_headers, self.ledger.socket_id)
+        headers = client_handshake_headers(upstream_headers, self.ledger.socket_id,
+                                           self.ledger.correlation_id)
         message: dict[str, Any] = {"type": "websocket.accept", "headers": headers}
         if upstream.subprotocol and upstream.subprotocol in (self.scope.get("subprotocols") or ()):
             message["subprotocol"] = upstream.subprotocol
@@ -238,7 +254,7 @@ class ResponsesSocket:
             return
         ex = self.ledger.exchange(self.ledger.socket_id)
         ex.upstream_request_id = hdr.upstream_request_id(exc.headers)
-        ex.end_reason = "complete"  # the upstream's own answer, delivered as it was
+        ex.life.sent_upstream()  # the upstream's own answer, delivered as it was
         await self._http_response(ex, status, list(exc.headers), exc.body or b"")
 
     async def _timed_out(self) -> None:
@@ -251,21 +267,23 @@ class ResponsesSocket:
         log.warning("websocket refused with %d (%s): %s", status, kind, msg)
         ex = self.ledger.exchange(self.ledger.socket_id)
         ex.route = route
-        ex.fail(kind, msg)
+        ex.fail(End(kind), msg)
         await self._http_response(ex, status, _JSON, error_body("openai", status, msg, code))
 
     async def _http_response(self, ex: Exchange, status: int, headers: Headers, body: bytes) -> None:
         """Answers the upgrade with HTTP (``websocket.http.response``), else closes with 1008."""
-        ex.status, ex.response_started, ex.bytes_out = status, True, len(body)
+        ex.status, ex.bytes_out = status, len(body)
+        ex.life.answered(status)
         try:
             if "websocket.http.response" not in (self.scope.get("extensions") or {}):
                 await self.send({"type": "websocket.close", "code": 1008})
-                return
-            out = client_handshake_headers(headers, ex.request_id)
-            out.append((b"content-length", str(len(body)).encode()))
-            await self.send({"type": "websocket.http.response.start", "status": status,
-                             "headers": out})
-            await self.send({"type": "websocket.http.response.body", "body": body})
+            else:
+                out = client_handshake_headers(headers, ex.request_id, ex.correlation_id)
+                out.append((b"content-length", str(len(body)).encode()))
+                await self.send({"type": "websocket.http.response.start", "status": status,
+                                 "headers": out})
+                await self.send({"type": "websocket.http.response.body", "body": body})
+            ex.life.delivered()
         finally:
             await self._finish(Record(ex))
 
@@ -307,22 +325,19 @@ class ResponsesSocket:
             self.ledger.on_client_frame(size)
             await upstream.send_message(data)
             return
-        rec, superseded = self.ledger.start(size)
+        rec = self.ledger.start(size)
         ctx = CreateContext(rec.ex, self.ledger.session_id, self.ledger.headers, obj)
         if not self.ledger.bypass:
             try:
                 data = await _payload_stage(self.runtime, ctx, data)
             except ExtensionFailed as exc:
                 await self._reject_create(rec, ctx, data, exc)
-                if superseded is not None:
-                    await self._finish(superseded)
                 return
+        self.ledger.forwarded(rec)  # from here on the response may come
         try:
             await upstream.send_message(data)
         finally:  # decoded after forwarding: the frame is not delayed by it
             self.ledger.note_create(rec, ctx.payload if ctx.payload is not None else decode(data))
-        if superseded is not None:
-            await self._finish(superseded)
         if rec.ended:  # the terminal event came first: the upstream pump left it to us
             await self._finish(rec)
 
@@ -336,15 +351,16 @@ class ResponsesSocket:
                     await self._upstream_closed(upstream.closed)
                     done.cancel()
                 return
+            now = trio.current_time()
             kind, obj = classify(message) if isinstance(message, str) else (None, None)
-            rec = self.ledger.on_upstream_frame(size_of(message), trio.current_time(), kind)
             if self.client_open:
                 key = "text" if isinstance(message, str) else "bytes"
                 await self.send({"type": "websocket.send", key: message})
-            if kind in DECODED and isinstance(message, str):
-                self.ledger.feed(rec, kind, obj if obj is not None else decode(message))
-                if rec is not None and rec.ended and rec.noted:
-                    await self._finish(rec)
+            if kind in DECODED and obj is None and isinstance(message, str):
+                obj = decode(message)  # after forwarding: the frame is not delayed by it
+            ended = self.ledger.on_upstream_frame(size_of(message), now, kind, obj)
+            if ended is not None and ended.noted:
+                await self._finish(ended)
 
     async def _keepalive(self, upstream: tws.WebSocketConnection, interval: float) -> None:
         """Pings the upstream every ``interval`` seconds (trio-websocket never does)."""
@@ -367,7 +383,7 @@ class ResponsesSocket:
         self.client_open = False
         out = close_code_for_upstream(code)
         log.info("client closed the websocket (%s): closing the upstream with %d", code, out)
-        self.ledger.cut("client_disconnect", f"client closed the websocket ({code})")
+        self.ledger.cut(End.CLIENT_DISCONNECT, f"client closed the websocket ({code})")
         with trio.move_on_after(CLOSE_TIMEOUT):
             await upstream.aclose(out)
         await self._finish_all()
@@ -375,7 +391,7 @@ class ResponsesSocket:
     async def _client_too_big(self, upstream: tws.WebSocketConnection, size: int) -> None:
         log.warning("client message of %d bytes exceeds ws_max_message_size=%d: closing with 1009",
                     size, self.max_size)
-        self.ledger.cut("rejected", f"client message of {size} bytes is too big")
+        self.ledger.cut(End.REJECTED, f"client message of {size} bytes is too big")
         await self._close_client(1009, "message too big")
         with trio.move_on_after(CLOSE_TIMEOUT):
             await upstream.aclose(1000)
@@ -389,7 +405,7 @@ class ResponsesSocket:
         out = close_code_for_client(code)
         log.info("upstream closed the websocket (%d%s): closing the client with %d",
                  code, f" {text}" if text else "", out)
-        self.ledger.cut("upstream_error", f"upstream closed the websocket ({code})")
+        self.ledger.cut(End.UPSTREAM_ERROR, f"upstream closed the websocket ({code})")
         await self._close_client(out, text)
         await self._finish_all()
 
@@ -416,7 +432,7 @@ class ResponsesSocket:
     async def _finish(self, rec: Record) -> None:
         """Finalises one record (``Runtime.finish`` is shielded and runs once per exchange)."""
         self.ledger.discharge(rec)
-        token = request_id_var.set(rec.ex.request_id)
+        token = request_id_var.set(rec.ex.log_label())
         try:
             await self.runtime.finish(rec.ex)
         finally:

@@ -9,7 +9,8 @@
 - **Handshake headers.** End-to-end headers pass both ways; hop-by-hop ones, ``host``,
   ``sec-websocket-*`` and ``x-trioproxy-*`` do not.
 - **Accounting.** ``ResponseLedger`` keeps the usage records of one socket: each
-  ``response.create`` opens one (an ``Exchange`` with id ``<socket id>.<n>`` and status 200),
+  ``response.create`` opens one (an ``Exchange`` with its own proxy id, the socket's id and
+  its index on the socket), matched to its response in order and then by response id, and
   closed by ``response.completed`` / ``failed`` / ``incomplete`` or an ``error`` event, or cut.
 """
 
@@ -18,11 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import headers as hdr
 from .exchange import Exchange
+from .lifecycle import End
 from .providers import make_parser
 from .providers.base import loads_object
 from .providers.openai_responses import TERMINAL
@@ -113,12 +116,16 @@ def upstream_handshake_headers(headers: Headers, bypass_names: tuple[bytes, ...]
     return [(k, v) for k, v in out if k != b"host" and not k.startswith(b"sec-websocket-")]
 
 
-def client_handshake_headers(upstream_headers: Headers, request_id: str) -> Headers:
+def client_handshake_headers(upstream_headers: Headers, request_id: str,
+                             correlation: str | None = None) -> Headers:
     """Every end-to-end upstream handshake header (``x-codex-*``, ``x-request-id``,
-    ``openai-*``, ``*ratelimit*``, ...) plus ``x-trioproxy-request-id``."""
+    ``openai-*``, ``*ratelimit*``, ...) plus ``x-trioproxy-request-id`` (and
+    ``x-trioproxy-correlation-id`` when the client sent an id of its own)."""
     out = [(k, v) for k, v in hdr.client_response_headers(upstream_headers)
            if k != b"content-length" and not k.startswith(b"sec-websocket-")]
     out.append((b"x-trioproxy-request-id", request_id.encode()))
+    if correlation:
+        out.append((b"x-trioproxy-correlation-id", correlation.encode()))
     return out
 
 
@@ -140,41 +147,53 @@ class Record:
     ex: Exchange
     noted: bool = False  # the create frame has been read into the record
     ended: bool = False  # a terminal or error event, or a cut, ended the response
-    warmup: bool = False  # generate: false
 
 
 @dataclass(eq=False)
 class ResponseLedger:
-    """The usage records of one socket. Bookkeeping only: no I/O, never raises on bad input."""
+    """The usage records of one socket. Bookkeeping only: no I/O, never raises on bad input.
+
+    Responses are matched to their ``response.create`` frames strictly in order: the n-th
+    ``response.created`` event belongs to the n-th create still waiting for one. From then on
+    the response's events are attributed by its id (``response.completed`` / ``failed`` /
+    ``incomplete`` carry it); events without an id (deltas) go to the response that was
+    created last. An ``error`` event answers the oldest create still waiting (a create the
+    upstream refused), else the response created last."""
 
     socket_id: str
     session_id: str
     path: str
     headers: Headers
     bypass: bool
+    correlation_id: str | None = None
     upstream_request_id: str | None = None
     count: int = 0
-    current: Record | None = None
+    waiting: deque[Record] = field(default_factory=deque)  # creates without response.created
+    by_id: dict[str, Record] = field(default_factory=dict)  # created, not ended
+    latest: Record | None = None  # the response created last, while it runs
     unfinished: list[Record] = field(default_factory=list)
 
     def exchange(self, request_id: str) -> Exchange:
-        ex = Exchange(request_id=request_id, method="GET", path=self.path, provider="openai",
-                      route=ROUTE, transport="websocket", request_headers=self.headers,
-                      bypass=self.bypass, upstream_request_id=self.upstream_request_id)
-        ex.extra.update(session_id=self.session_id, socket_id=self.socket_id)
-        return ex
+        return Exchange(request_id=request_id, method="GET", path=self.path, provider="openai", route=ROUTE,
+                        transport="websocket", request_headers=self.headers,
+                        correlation_id=self.correlation_id, bypass=self.bypass,
+                        upstream_request_id=self.upstream_request_id,
+                        session_id=self.session_id, socket_id=self.socket_id)
 
-    def start(self, size: int) -> tuple[Record, Record | None]:
-        """A ``response.create`` arrived: open its record; also return the one it supersedes."""
-        previous = self.cut("superseded", "a new response.create arrived before this one ended")
+    def start(self, size: int) -> Record:
+        """A ``response.create`` arrived from the client: open its record."""
         self.count += 1
         ex = self.exchange(f"{self.socket_id}.{self.count}")
-        ex.status, ex.streamed, ex.bytes_in = RECORD_STATUS, True, size
+        ex.streamed, ex.bytes_in, ex.response_index = True, size, self.count
         ex.parser = _new_parser()
-        ex.extra["response_index"] = self.count
-        self.current = Record(ex)
-        self.unfinished.append(self.current)
-        return self.current, previous
+        rec = Record(ex)
+        self.unfinished.append(rec)
+        return rec
+
+    def forwarded(self, rec: Record) -> None:
+        """The create frame went upstream: its response may come."""
+        rec.ex.life.sent_upstream()
+        self.waiting.append(rec)
 
     def note_create(self, rec: Record, payload: dict[str, Any] | None) -> None:
         rec.noted = True
@@ -184,71 +203,115 @@ class ResponseLedger:
         model, previous = payload.get("model"), payload.get("previous_response_id")
         ex.model_requested = model if isinstance(model, str) else None
         if isinstance(previous, str):
-            ex.extra["previous_response_id"] = previous
+            ex.previous_response_id = previous
         if payload.get("generate") is False:
-            rec.warmup, ex.extra["generate"] = True, False
+            ex.generate = False
 
     def reject(self, rec: Record, payload: dict[str, Any] | None, error: str) -> None:
         """The create frame was refused before it went upstream (an extension failed)."""
         self.note_create(rec, payload)
-        if self.current is rec:
-            self.current = None
         rec.ended = True
         rec.ex.status = 500
-        rec.ex.fail("extension_error", error)
+        rec.ex.fail(End.EXTENSION_ERROR, error)
 
     def on_client_frame(self, size: int) -> None:
-        if self.current is not None:
-            self.current.ex.bytes_in += size
+        target = self.latest or (self.waiting[-1] if self.waiting else None)
+        if target is not None:
+            target.ex.bytes_in += size
 
-    def on_upstream_frame(self, size: int, now: float, kind: str | None) -> Record | None:
-        """Counts an upstream frame against the open record, before it is forwarded."""
-        rec = self.current
-        if rec is None:
+    def on_upstream_frame(self, size: int, now: float, kind: str | None,
+                          obj: dict[str, Any] | None) -> Record | None:
+        """Attributes one forwarded upstream frame (``obj`` decoded for ``DECODED`` kinds);
+        returns the record it ended, if it ended one."""
+        if kind == "response.created":
+            rec = self._created(obj)
+        elif kind in TERMINAL:
+            rec = self._by_response_id(obj)
+        elif kind == "error":
+            rec = self.waiting.popleft() if self.waiting else self.latest
+            if rec is None and obj is not None:
+                log.warning("upstream error event outside a response: %s", _error_text(obj))
+        else:
+            rec = self.latest
+        if rec is None or rec.ended:
             return None
         rec.ex.observe_chunk(size, now)
-        rec.ex.response_started = True
-        if kind in TERMINAL or kind == "error":
-            rec.ended, self.current = True, None
+        if obj is not None:
+            self._feed(rec, kind, obj)
+        return rec if rec.ended else None
+
+    def _created(self, obj: dict[str, Any] | None) -> Record | None:
+        if not self.waiting:
+            return None
+        rec = self.waiting.popleft()
+        rec.ex.status = RECORD_STATUS
+        rec.ex.life.head()
+        rec.ex.life.answered(RECORD_STATUS)
+        rid = _response_id(obj)
+        if rid is not None:
+            rec.ex.response_id = rid
+            self.by_id[rid] = rec
+        self.latest = rec
         return rec
 
-    def feed(self, rec: Record | None, kind: str, obj: dict[str, Any] | None) -> None:
-        """Reads a decoded event into its record, after the frame was forwarded."""
-        if obj is None or rec is None:
-            if obj is not None and kind == "error":
-                log.warning("upstream error event outside a response: %s", _error_text(obj))
-            return
+    def _by_response_id(self, obj: dict[str, Any] | None) -> Record | None:
+        rid = _response_id(obj)
+        rec = self.by_id.pop(rid, None) if rid is not None else None
+        if rec is None:  # no id, or no response.created seen: the order decides
+            rec = self.latest if self.latest is not None else (
+                self.waiting.popleft() if self.waiting else None)
+            if rec is not None and rec.ex.response_id is not None:
+                self.by_id.pop(rec.ex.response_id, None)
+        return rec
+
+    def _feed(self, rec: Record, kind: str | None, obj: dict[str, Any]) -> None:
+        """Reads a decoded event into its record."""
         ex = rec.ex
         if ex.parser is not None:
             ex.parser.feed_event(obj)
-        response = obj.get("response")
-        response = response if isinstance(response, dict) else {}
-        if isinstance(response.get("id"), str):
-            ex.extra["response_id"] = response["id"]
         if kind in TERMINAL:
-            ex.upstream_complete = True
-            ex.end_reason = ex.end_reason or "complete"
-            if kind == "response.failed":
-                ex.error = _error_text(response)
+            if ex.life.answered_status is None:  # a terminal event without response.created
+                ex.status = RECORD_STATUS
+                ex.life.head()
+                ex.life.answered(RECORD_STATUS)
+            ex.life.body_ended()  # response.failed too: the upstream's answer, relayed whole
+            ex.life.delivered()
+            self._end(rec)
         elif kind == "error":
-            ex.fail("upstream_error", _error_text(obj))
+            ex.status = ex.status or RECORD_STATUS
+            ex.fail(End.UPSTREAM_ERROR, _error_text(obj))
+            self._end(rec)
 
-    def cut(self, reason: str, error: str) -> Record | None:
-        """Ends the open response without a terminal event (a warm-up counts as complete)."""
-        rec, self.current = self.current, None
-        if rec is None:
-            return None
+    def _end(self, rec: Record) -> None:
         rec.ended = True
-        if rec.warmup:
-            rec.ex.end_reason = rec.ex.end_reason or "complete"
-        else:  # no terminal event: the usage record's stop reason becomes "incomplete"
-            rec.ex.fail(reason, error)
-        return rec
+        if self.latest is rec:
+            self.latest = None
+        if rec in self.waiting:
+            self.waiting.remove(rec)
+        if rec.ex.response_id is not None:
+            self.by_id.pop(rec.ex.response_id, None)
+
+    def cut(self, reason: End, error: str) -> None:
+        """Ends every open response without a terminal event (records become incomplete)."""
+        for rec in self.unfinished:
+            if not rec.ended:
+                rec.ex.fail(reason, error)
+                self._end(rec)
 
     def discharge(self, rec: Record) -> None:
         """``rec`` is being finalised: it is no longer unfinished."""
         if rec in self.unfinished:
             self.unfinished.remove(rec)
+
+
+def _response(obj: dict[str, Any] | None) -> dict[str, Any]:
+    response = obj.get("response") if obj is not None else None
+    return response if isinstance(response, dict) else {}
+
+
+def _response_id(obj: dict[str, Any] | None) -> str | None:
+    rid = _response(obj).get("id")
+    return rid if isinstance(rid, str) else None
 
 
 def _error_text(obj: dict[str, Any]) -> str:
