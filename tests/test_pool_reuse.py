@@ -1,5 +1,5 @@
 """Keep-alive reuse without double sends: dead idle connections are dropped before reuse, a
-request the upstream may have received is never sent again.
+request the upstream may have received is never sent again, and a closed pool stays closed.
 
 Load balancers cut idle keep-alive connections after 60-100 s; a POST resent after the
 upstream took it is billed twice. The fake upstream closes idle connections
@@ -22,6 +22,7 @@ import trustme
 from trioproxy import Settings
 from trioproxy.accounting.store import open_store
 from trioproxy.config import UpstreamURL
+from trioproxy.errors import UpstreamPoolClosed
 from trioproxy.testing import FakeUpstream, Reply
 from trioproxy.upstream import UpstreamPool
 
@@ -204,3 +205,27 @@ async def test_reused_connection_whose_write_fails_is_retried_once_on_a_fresh_on
     assert status == 200
     assert [r.conn_id for r in upstream.requests] == [1, 2]  # the failed write reached nobody
     assert pool.statistics()["retried"] == 1
+
+
+# -- a closed pool -------------------------------------------------------------------------------
+
+
+async def test_closed_pool_refuses_requests_and_closes_connections_given_back(
+    upstream: FakeUpstream,
+) -> None:
+    base = UpstreamURL.parse(upstream.url)
+    pool = UpstreamPool(Settings(accounting=False))
+    body = CALLS["anthropic"][2]
+    with trio.fail_after(20):
+        response = await pool.send_request(
+            base, b"POST", b"/v1/messages", _headers(base, body), body)
+        await pool.aclose()  # while a response is still being read
+        while await response.receive_chunk() is not None:
+            pass
+        await response.aclose()  # complete and reusable, but the pool is closed
+        await upstream.connections[0].closed.wait()
+        with pytest.raises(UpstreamPoolClosed) as refused:
+            await pool.send_request(base, b"GET", b"/v1/models", _headers(base, b""), b"")
+    assert refused.value.status == 503 and "closed" in refused.value.message
+    assert pool.statistics()["idle"] == 0
+    assert len(upstream.requests) == 1 and upstream.connections[0].close_reason == "peer"

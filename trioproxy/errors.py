@@ -66,6 +66,13 @@ class StaleConnection(UpstreamProtocolError):
     connection. (A cut after the write is a plain UpstreamProtocolError: never resent.)"""
 
 
+class UpstreamPoolClosed(UpstreamError):
+    """The upstream pool has been closed (the proxy is shutting down): nothing was sent."""
+
+    status = 503
+    code = "proxy_shutting_down"
+
+
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

@@ -32,6 +32,7 @@ from ..errors import (
     ClientRequestError,
     StaleConnection,
     UpstreamConnectError,
+    UpstreamPoolClosed,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
@@ -168,6 +169,7 @@ class UpstreamPool:
         self.reused = 0
         self.retried = 0
         self.discarded = 0  # idle connections the upstream had closed, found before reuse
+        self._closed = False
 
     def statistics(self) -> dict[str, int]:
         idle = sum(len(v) for v in self._idle.values())
@@ -175,6 +177,9 @@ class UpstreamPool:
                 "discarded": self.discarded, "idle": idle}
 
     async def aclose(self) -> None:
+        """Close idle connections; from now on ``send_request`` raises UpstreamPoolClosed and
+        connections given back by responses still being read are closed, not kept."""
+        self._closed = True
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
@@ -272,6 +277,7 @@ class UpstreamPool:
         request = _build_request(method, target, headers)
         origin = (base.scheme, base.host, base.port)
         limit = self._limit(origin)
+        self._check_open()
         try:
             with trio.fail_after(self._settings.pool_timeout):
                 await limit.acquire()
@@ -282,6 +288,7 @@ class UpstreamPool:
                 "(raise TRIOPROXY_MAX_CONNECTIONS)",
             ) from None
         try:
+            self._check_open()  # it may have closed while we waited for a slot
             response = await self._exchange(base, origin, request, body)
         except BaseException:
             limit.release()
@@ -289,10 +296,14 @@ class UpstreamPool:
         response._release = lambda conn: self._release(conn, limit)
         return response
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UpstreamPoolClosed("the upstream connection pool is closed (shutting down)")
+
     async def _release(self, conn: Connection, limit: trio.Semaphore) -> None:
         try:
             h = conn.h11
-            if h.our_state is h11.DONE and h.their_state is h11.DONE:
+            if h.our_state is h11.DONE and h.their_state is h11.DONE and not self._closed:
                 self._put_idle(conn)
             else:
                 await conn.aclose()
