@@ -61,7 +61,16 @@ class UpstreamProtocolError(UpstreamError):
 
 
 class StaleConnection(UpstreamProtocolError):
-    """A reused keep-alive connection failed before any response byte: safe to retry once."""
+    """A reused keep-alive connection broke while the request was being written, so its end
+    never left this host and the upstream cannot have taken it: safe to retry once on a fresh
+    connection. (A cut after the write is a plain UpstreamProtocolError: never resent.)"""
+
+
+class UpstreamPoolClosed(UpstreamError):
+    """The upstream pool has been closed (the proxy is shutting down): nothing was sent."""
+
+    status = 503
+    code = "proxy_shutting_down"
 
 
 _ANTHROPIC_TYPES = {

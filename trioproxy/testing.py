@@ -24,8 +24,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import random
+import socket
 import ssl
+import struct
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -87,6 +90,7 @@ class Reply:
     chunked: bool = True  # False: content-length framing (the sum of all bytes parts)
     before_headers: float = 0  # sleep before the status line
     close_before_response: bool = False  # read the request, then close without a byte
+    reset_before_response: bool = False  # read the request, then reset (TCP RST) without a byte
     keep_alive: bool = True  # False: `connection: close`, close after the response
     uses: int = field(default=0, init=False, compare=False)  # times sent; a re-send gets new ids
 
@@ -140,7 +144,8 @@ class ConnInfo:
     closed_at: float | None = None
     closed: trio.Event = field(default_factory=trio.Event)
     requests: int = 0
-    close_reason: str | None = None  # "peer", "abort", "close_before_response", "close", "error"
+    close_reason: str | None = None  # "peer", "abort", "close_before_response",
+    # "reset_before_response", "idle_timeout", "close", "error"
 
 
 # -- real-style headers and bodies ------------------------------------------------------------
@@ -481,10 +486,16 @@ class _Closed(Exception):
 
 
 class FakeUpstream:
+    """``idle_timeout``: close a connection whose next request has not arrived within this long
+    (trio time), as servers and load balancers do with idle keep-alive connections (None: never).
+    It may be set on a running fake; it applies from the next wait on."""
+
     def __init__(self, *, tls: ssl.SSLContext | None = None,
-                 default: Callable[[RecordedRequest], Reply] = default_reply) -> None:
+                 default: Callable[[RecordedRequest], Reply] = default_reply,
+                 idle_timeout: float | None = None) -> None:
         self.tls = tls
         self.default = default
+        self.idle_timeout = idle_timeout
         self.port = 0
         self.url = ""
         self.requests: list[RecordedRequest] = []
@@ -532,8 +543,15 @@ class FakeUpstream:
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
-                req = await self._read_request(stream, conn, info)
+                idle = math.inf if self.idle_timeout is None else self.idle_timeout
+                with trio.move_on_after(idle) as waiting:
+                    req = await self._read_request(stream, conn, info)
+                if waiting.cancelled_caught:
+                    raise _Closed("idle_timeout")
                 reply = req.reply = self._pick(req)
+                if reply.reset_before_response:
+                    _linger_zero(stream)
+                    raise _Closed("reset_before_response")
                 if reply.close_before_response:
                     raise _Closed("close_before_response")
                 await self._respond(stream, conn, reply, req)
@@ -648,6 +666,12 @@ class FakeUpstream:
             base.append(("content-length", str(len(reply.body_bytes))))
         names = {k for k, _ in extra}
         return [(k, v) for k, v in base if k not in names] + extra
+
+
+def _linger_zero(stream: trio.abc.Stream) -> None:
+    """Make the coming close a TCP reset (RST) instead of an orderly FIN."""
+    sock = getattr(stream, "transport_stream", stream).socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def _main(host: str, port: int) -> None:

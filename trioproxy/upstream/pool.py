@@ -1,8 +1,14 @@
 """A keep-alive connection pool per upstream origin: h11 over trio streams, TLS via SSLStream.
 
 Timeouts are separate and phase-named (connect, write, read, pool). The read timeout bounds
-each read, never the whole exchange. A reused connection that fails before any response byte
-is retried once on a fresh connection; nothing else is retried.
+each read, never the whole exchange.
+
+A request is never sent twice once the upstream may have received it (a resent POST is billed
+twice). An idle connection is checked before reuse: if it is readable, the upstream has closed
+it (or sent bytes nobody asked for) and another one is taken. The one retry left is for a
+reused connection whose write fails, so that the whole request never left this host: it is
+sent once more on a fresh connection. A connection cut after the request was written, before
+any response byte, is an UpstreamProtocolError (502), never a resend.
 
 ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` are read once, when the pool is created; a
 proxied upstream is reached through a CONNECT tunnel (see ``connect_proxy``).
@@ -26,14 +32,17 @@ from ..errors import (
     ClientRequestError,
     StaleConnection,
     UpstreamConnectError,
+    UpstreamPoolClosed,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
 from .connect_proxy import ProxyURL, check_proxies, environment_proxies, open_tunnel, proxy_for
+from .idle import close_nowait, stream_is_readable
 
 log = logging.getLogger("trioproxy.upstream")
 
 READ_SIZE = 65536
+NOT_RESENT = "; the request was not resent (the upstream may have received it)"
 Headers = list[tuple[bytes, bytes]]
 Origin = tuple[str, str, int]
 
@@ -159,12 +168,18 @@ class UpstreamPool:
         self.opened = 0  # statistics, handy in tests and logs
         self.reused = 0
         self.retried = 0
+        self.discarded = 0  # idle connections the upstream had closed, found before reuse
+        self._closed = False
 
     def statistics(self) -> dict[str, int]:
         idle = sum(len(v) for v in self._idle.values())
-        return {"opened": self.opened, "reused": self.reused, "retried": self.retried, "idle": idle}
+        return {"opened": self.opened, "reused": self.reused, "retried": self.retried,
+                "discarded": self.discarded, "idle": idle}
 
     async def aclose(self) -> None:
+        """Close idle connections; from now on ``send_request`` raises UpstreamPoolClosed and
+        connections given back by responses still being read are closed, not kept."""
+        self._closed = True
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
@@ -224,13 +239,19 @@ class UpstreamPool:
         return Connection(stream, (base.scheme, base.host, base.port))
 
     def _take_idle(self, origin: Origin) -> Connection | None:
+        """The most recently used live idle connection; expired and dead ones are closed."""
         conns = self._idle.get(origin)
         now = trio.current_time()
         while conns:
             conn = conns.pop()
-            if now - conn.idle_since < self._settings.keepalive_expiry:
+            if now - conn.idle_since >= self._settings.keepalive_expiry:
+                close_nowait(conn.stream)
+            elif conn.h11.trailing_data != (b"", False) or stream_is_readable(conn.stream):
+                log.debug("idle connection %d was closed by the upstream", conn.conn_id)
+                self.discarded += 1
+                close_nowait(conn.stream)
+            else:
                 return conn
-            _close_nowait(conn)
         return None
 
     def _put_idle(self, conn: Connection) -> None:
@@ -256,6 +277,7 @@ class UpstreamPool:
         request = _build_request(method, target, headers)
         origin = (base.scheme, base.host, base.port)
         limit = self._limit(origin)
+        self._check_open()
         try:
             with trio.fail_after(self._settings.pool_timeout):
                 await limit.acquire()
@@ -266,6 +288,7 @@ class UpstreamPool:
                 "(raise TRIOPROXY_MAX_CONNECTIONS)",
             ) from None
         try:
+            self._check_open()  # it may have closed while we waited for a slot
             response = await self._exchange(base, origin, request, body)
         except BaseException:
             limit.release()
@@ -273,10 +296,14 @@ class UpstreamPool:
         response._release = lambda conn: self._release(conn, limit)
         return response
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UpstreamPoolClosed("the upstream connection pool is closed (shutting down)")
+
     async def _release(self, conn: Connection, limit: trio.Semaphore) -> None:
         try:
             h = conn.h11
-            if h.our_state is h11.DONE and h.their_state is h11.DONE:
+            if h.our_state is h11.DONE and h.their_state is h11.DONE and not self._closed:
                 self._put_idle(conn)
             else:
                 await conn.aclose()
@@ -291,8 +318,9 @@ class UpstreamPool:
             self.reused += 1
             try:
                 return await self._send_and_read_head(conn, request, body)
-            except StaleConnection as exc:
-                log.info("stale keep-alive connection %d (%s); retrying once", conn.conn_id, exc)
+            except StaleConnection as exc:  # the request cannot have reached the upstream
+                log.info("keep-alive connection %d broke before the request was written (%s); "
+                         "retrying once on a fresh connection", conn.conn_id, exc)
                 self.retried += 1
             except BaseException:
                 await conn.aclose()
@@ -325,37 +353,36 @@ class UpstreamPool:
             if reused:
                 raise StaleConnection(f"write failed: {exc!r}") from exc
             raise UpstreamProtocolError(f"upstream closed while sending request: {exc!r}") from exc
-        return await self._read_head(conn, reused)
+        return await self._read_head(conn)
 
-    async def _read_head(self, conn: Connection, reused: bool) -> UpstreamResponse:
+    async def _read_head(self, conn: Connection) -> UpstreamResponse:
+        """Read up to the response head. Once the request is written nothing is retried: a
+        connection cut before the response may still have delivered the request."""
         h = conn.h11
         timeout = self._settings.read_timeout
         deadline = trio.current_time() + timeout
-        got_bytes = False
         while True:
             try:
                 event = h.next_event()
             except h11.RemoteProtocolError as exc:
-                if reused and not got_bytes:
-                    raise StaleConnection(str(exc)) from exc
-                raise UpstreamProtocolError(f"invalid upstream response: {exc}") from exc
+                raise UpstreamProtocolError(
+                    f"invalid upstream response: {exc}{NOT_RESENT}") from exc
             if event is h11.NEED_DATA:
                 try:
                     data = await _read(conn, deadline, timeout)
                 except UpstreamProtocolError as exc:
-                    if reused and not got_bytes:
-                        raise StaleConnection(str(exc)) from exc
-                    raise
-                got_bytes = got_bytes or bool(data)
+                    raise UpstreamProtocolError(
+                        f"{exc.message} before responding{NOT_RESENT}") from exc
+                if not data:
+                    raise UpstreamProtocolError(
+                        f"upstream closed the connection before responding{NOT_RESENT}")
                 h.receive_data(data)
                 continue
             if type(event) is h11.Response:
                 return UpstreamResponse(conn, event, timeout)
             if type(event) is h11.InformationalResponse:
                 continue
-            if reused and not got_bytes:
-                raise StaleConnection(f"connection closed ({type(event).__name__})")
-            raise UpstreamProtocolError(f"upstream closed before responding ({event!r})")
+            raise UpstreamProtocolError(f"unexpected upstream event {event!r}{NOT_RESENT}")
 
 
 def _build_request(method: bytes, target: bytes, headers: Headers) -> h11.Request:
@@ -382,13 +409,3 @@ def _valid_field(name: bytes, value: bytes) -> bool:
     except h11.LocalProtocolError:
         return False
     return True
-
-
-def _close_nowait(conn: Connection) -> None:
-    """Close an expired idle connection without awaiting (plain sockets close synchronously)."""
-    stream = conn.stream  # SSLStream and tunnel wrappers keep theirs in .transport_stream
-    while not hasattr(stream, "socket") and hasattr(stream, "transport_stream"):
-        stream = stream.transport_stream
-    sock = getattr(stream, "socket", None)
-    if sock is not None:
-        sock.close()
