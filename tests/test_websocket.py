@@ -588,3 +588,63 @@ async def test_broken_upstream_handshake_is_a_502_with_one_record(nursery: trio.
     assert info.status_code == 502
     assert json.loads(info.body)["error"]["code"] == "upstream_error"
     assert ex.status == 502 and ex.end_reason == "upstream_error"
+
+
+async def _h2_websocket_refusal(port: int, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+    """An RFC 8441 WebSocket upgrade over HTTP/2 (where header values HTTP/1.1 forbids can
+    arrive); returns the proxy's status and body."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
+    conn.initiate_connection()
+    await stream.send_all(conn.data_to_send())
+    status, body = 0, b""
+    sent = False
+    try:
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return status, body
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    return status, body
+            if not sent and conn.remote_settings.enable_connect_protocol:
+                sent = True
+                conn.send_headers(1, [
+                    (b":method", b"CONNECT"), (b":protocol", b"websocket"),
+                    (b":scheme", b"http"), (b":path", b"/v1/responses"),
+                    (b":authority", b"proxy.test"), (b"sec-websocket-version", b"13"),
+                    *headers])
+            await stream.send_all(conn.data_to_send())
+    finally:
+        await stream.aclose()
+
+
+async def test_a_handshake_header_h11_refuses_never_echoes_its_value(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An authorization value with a control character (possible over HTTP/2) is refused with
+    a 400 that names the header only: the key reaches no log line, record or response."""
+    caplog.set_level(logging.DEBUG, logger="trioproxy")
+    secret = b"sk-proj-TOPSECRETKEY1234\x0cmore"
+    with trio.fail_after(10):
+        fake = await start_fake(nursery)
+        proxy = await start_proxy(nursery, fake.base_url)
+        status, body = await _h2_websocket_refusal(
+            proxy.port, [(b"authorization", b"Bearer " + secret)])
+        (ex, _), = await proxy.wait_records(1)
+    assert status == 400 and b"authorization" in body
+    assert b"TOPSECRETKEY" not in body
+    assert "TOPSECRETKEY" not in (ex.error or "")
+    assert "TOPSECRETKEY" not in json.dumps(build_record(ex, b"k").to_dict())
+    assert all("TOPSECRETKEY" not in r.getMessage() for r in caplog.records)
+    assert fake.sockets == []  # nothing was sent upstream

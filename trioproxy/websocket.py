@@ -36,7 +36,7 @@ from .log import request_id_var
 from .payload import encode_payload, hook_context, is_bypass
 from .responses import Receive, Send
 from .routing import Route, resolve
-from .upstream.pool import _build_request as check_request
+from .upstream.pool import build_request
 from .ws_protocol import (
     DECODED,
     ROUTE,
@@ -149,7 +149,7 @@ class ResponsesSocket:
         base = self.runtime.settings.openai_upstream
         resource = base.prefix + route_path + (b"?" + query if query else b"")
         try:  # h11 would refuse it later, quoting the value (a credential, maybe): refuse now
-            check_request(b"GET", resource, [(b"host", base.host_header), *upstream_handshake_headers(
+            build_request(b"GET", resource, [(b"host", base.host_header), *upstream_handshake_headers(
                 self.ledger.headers, self.runtime.settings.bypass_header_names)])
         except ClientRequestError as exc:
             await self._failed(400, "rejected", exc.code or "invalid_request", exc.message)

@@ -274,7 +274,7 @@ class UpstreamPool:
         connection then goes back to the pool if the body was read to the end and both sides
         allow keep-alive; otherwise it is closed, shielded, whatever the exit reason.
         """
-        request = _build_request(method, target, headers)
+        request = build_request(method, target, headers)
         origin = (base.scheme, base.host, base.port)
         limit = self._limit(origin)
         self._check_open()
@@ -385,7 +385,7 @@ class UpstreamPool:
             raise UpstreamProtocolError(f"unexpected upstream event {event!r}{NOT_RESENT}")
 
 
-def _build_request(method: bytes, target: bytes, headers: Headers) -> h11.Request:
+def build_request(method: bytes, target: bytes, headers: Headers) -> h11.Request:
     """The h11 request event, validated before any connection is used.
 
     HTTP/2 clients can send header values HTTP/1.1 forbids; that is the client's error (400),
