@@ -16,7 +16,7 @@ import trio
 
 from . import headers as hdr
 from .accounting.keys import extract_api_key, fingerprint, load_or_create_secret
-from .accounting.record import UsageRecord
+from .accounting.record import TOKEN_FIELDS, UsageRecord
 from .accounting.store import open_store, resolve_database_url, secret_path_for, spill_path_for
 from .accounting.writer import UsageWriter, open_usage_writer
 from .config import Settings
@@ -64,15 +64,7 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
         model=usage.model if usage is not None else None,
         response_id=ex.response_id or (usage.response_id if usage is not None else None),
         upstream_request_id=ex.upstream_request_id,
-        input_tokens=usage.input_tokens if known else None,
-        output_tokens=usage.output_tokens if known else None,
-        cache_read_tokens=usage.cache_read_tokens if known else None,
-        cache_write_tokens=usage.cache_write_tokens if known else None,
-        reasoning_tokens=usage.reasoning_tokens if known else None,
-        audio_input_tokens=usage.audio_input_tokens if known else None,
-        audio_output_tokens=usage.audio_output_tokens if known else None,
-        accepted_prediction_tokens=usage.accepted_prediction_tokens if known else None,
-        rejected_prediction_tokens=usage.rejected_prediction_tokens if known else None,
+        **_token_fields(usage if known else None),
         raw_usage=usage.raw_usage if usage is not None else None,
         stop_reason=stop_reason,
         end_reason=ex.end_reason,
@@ -89,6 +81,11 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
         session_id=session,
         extra=_record_extra(ex),
     )
+
+
+def _token_fields(usage: Any) -> dict[str, int | None]:
+    """The record's token counts: all None when the usage is unknown."""
+    return {name: getattr(usage, name, None) for name in TOKEN_FIELDS}
 
 
 def _record_extra(ex: Exchange) -> dict[str, Any] | None:

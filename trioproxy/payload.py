@@ -117,14 +117,7 @@ async def prepare(
     out_headers = headers
     if hooks:
         assert manager is not None
-        mutable = MutableHeaders(headers)
-        result = await manager.run_payload(hook_context(ex, payload), payload, mutable)
-        out_headers = headers
-        if mutable.changed:  # an extension cannot send hop-by-hop or x-trioproxy-* upstream
-            length = hdr.get(headers, b"content-length")
-            out_headers = hdr.sanitize_upstream(
-                mutable.raw(), int(length) if length is not None else None)
-        payload, changed_by = result.payload, result.changed_by
+        payload, changed_by, out_headers = await _run_hooks(ex, manager, payload, headers)
     if inject and inject_include_usage(payload):
         changed_by.append("include_usage")
         ex.strip_usage_chunk = True
@@ -139,6 +132,21 @@ async def prepare(
     out_headers = [(k, v) for k, v in out_headers if k not in drop]
     out_headers.append((b"content-length", str(len(new_body)).encode()))
     return Outbound(new_body, out_headers)
+
+
+async def _run_hooks(
+    ex: Exchange, manager: ExtensionManager, payload: dict[str, Any],
+    headers: list[tuple[bytes, bytes]],
+) -> tuple[dict[str, Any], list[str], list[tuple[bytes, bytes]]]:
+    """(payload, names of the hooks that changed it, outbound headers) after the hooks ran."""
+    mutable = MutableHeaders(headers)
+    result = await manager.run_payload(hook_context(ex, payload), payload, mutable)
+    out_headers = headers
+    if mutable.changed:  # an extension cannot send hop-by-hop or x-trioproxy-* upstream
+        length = hdr.get(headers, b"content-length")
+        out_headers = hdr.sanitize_upstream(
+            mutable.raw(), int(length) if length is not None else None)
+    return result.payload, list(result.changed_by), out_headers
 
 
 def requested_model(body: bytes, budget: int = MODEL_SCAN_BYTES) -> str | None:

@@ -218,23 +218,8 @@ class HttpRelay:
         """Moves chunks until the body ends (True) or the client stops reading (False)."""
         keepalive, stripper, parser = plan.keepalive, plan.stripper, ex.parser
         read_timeout = self._settings.read_timeout
-        stall_timeout = self._settings.write_stall_timeout
+        put = self._putter(send_ch, ex, timeout)
         tail = b"\n\n"
-
-        async def put(data: bytes) -> bool:
-            try:
-                send_ch.send_nowait(data)
-                return True
-            except trio.WouldBlock:  # backpressure: a slow client is not an upstream timeout
-                timeout.deadline = math.inf
-                with trio.move_on_after(stall_timeout):
-                    await send_ch.send(data)
-                    timeout.deadline = trio.current_time() + read_timeout
-                    return True
-                ex.fail(End.CLIENT_STALLED, f"client read nothing for {stall_timeout:g}s")
-                log.warning("client stopped reading for %gs; closing the upstream", stall_timeout)
-                return False
-
         while True:
             if keepalive is None:
                 chunk = await resp.receive_chunk(math.inf)
@@ -246,9 +231,8 @@ class HttpRelay:
                         return False
                     continue
             if chunk is None:
-                if stripper is not None and (rest := stripper.flush()):
-                    if not await put(rest):
-                        return False
+                if stripper is not None and (rest := stripper.flush()) and not await put(rest):
+                    return False
                 ex.life.body_ended()
                 return True
             now = trio.current_time()
@@ -264,6 +248,28 @@ class HttpRelay:
                 tail = (tail + chunk[-4:])[-4:]
             if not await put(chunk):
                 return False
+
+    def _putter(self, send_ch: trio.MemorySendChannel[bytes], ex: Exchange,
+                timeout: trio.CancelScope) -> Callable[[bytes], Awaitable[bool]]:
+        """``put(data)``: queue data for the writer; False once the client stalled."""
+        read_timeout = self._settings.read_timeout
+        stall_timeout = self._settings.write_stall_timeout
+
+        async def put(data: bytes) -> bool:
+            try:
+                send_ch.send_nowait(data)
+                return True
+            except trio.WouldBlock:  # backpressure: a slow client is not an upstream timeout
+                timeout.deadline = math.inf
+                with trio.move_on_after(stall_timeout):
+                    await send_ch.send(data)
+                    timeout.deadline = trio.current_time() + read_timeout
+                    return True
+                ex.fail(End.CLIENT_STALLED, f"client read nothing for {stall_timeout:g}s")
+                log.warning("client stopped reading for %gs; closing the upstream", stall_timeout)
+                return False
+
+        return put
 
     def _keepalive_interval(self, resp: UpstreamResponse, ex: Exchange) -> float | None:
         interval = self._settings.sse_keepalive
