@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.lowlevel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -120,7 +121,7 @@ def test_finalising_from_several_tasks_writes_one_record(steps: list[str], calle
         records: list[Exchange] = []
 
         async def record(ex: Exchange) -> None:
-            await trio.sleep(0)  # a checkpoint inside finalisation
+            await trio.lowlevel.checkpoint()  # a checkpoint inside finalisation
             records.append(ex)
 
         runtime.finishers.append(record)

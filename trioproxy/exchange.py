@@ -133,8 +133,7 @@ class Exchange:
             self.first_byte_at = now
             last = self.headers_at if self.headers_at is not None else now
         gap = now - last
-        if gap > self.max_gap:
-            self.max_gap = gap
+        self.max_gap = max(self.max_gap, gap)
         self.last_chunk_at = now
         self.bytes_out += size
 

@@ -83,8 +83,15 @@ class Outcome:
 class Lifecycle:
     """One exchange's state, its facts and, once finished, its outcome."""
 
-    __slots__ = ("state", "failure", "error", "upstream_complete", "answered_status",
-                 "is_delivered", "outcome")
+    __slots__ = (
+        "answered_status",
+        "error",
+        "failure",
+        "is_delivered",
+        "outcome",
+        "state",
+        "upstream_complete",
+    )
 
     def __init__(self) -> None:
         self.state = State.RECEIVED
