@@ -19,8 +19,10 @@ import pytest
 from trioproxy.accounting.keys import fingerprint
 from trioproxy.accounting.record import COLUMNS, UsageRecord
 from trioproxy.accounting.store import (
+    MIGRATIONS,
     default_database_url,
     open_store,
+    resolve_database_url,
     secret_path_for,
     spill_path_for,
     sqlite_path,
@@ -99,13 +101,36 @@ def test_migrate_is_idempotent_and_versioned(store: Any) -> None:
     store.migrate()
     with store._cursor() as cur:
         cur.execute("SELECT version FROM schema_migrations")
-        assert [row[0] for row in cur.fetchall()] == [1]
+        assert sorted(row[0] for row in cur.fetchall()) == [1, 2]
+
+
+def test_a_version_1_database_is_migrated_and_its_old_rows_still_found(store_url: str) -> None:
+    s = open_store(store_url)
+    try:  # a database written by the previous release: schema v1 only, one old row
+        v1 = MIGRATIONS[0][1]
+        with s._transaction(migrating=True) as cur:
+            cur.execute("CREATE TABLE schema_migrations "
+                        "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+            for statement in v1:
+                cur.execute(statement)
+            cur.execute("INSERT INTO schema_migrations VALUES (1, 0)")
+            old_cols = [c for c in COLUMNS if c != "correlation_id"]
+            cur.execute(s._sql(f"INSERT INTO usage_records ({', '.join(old_cols)}) "
+                               f"VALUES ({', '.join('?' * len(old_cols))})"),
+                        tuple(v for c, v in zip(COLUMNS, make_record(1, response_id="msg_1")
+                                                .to_row(), strict=True) if c != "correlation_id"))
+        s.migrate()
+        s.insert_many([make_record(2, correlation_id="gw-1")])
+        assert [(r.request_id, r.correlation_id) for r in s.find("msg_1")] == [("req_1", None)]
+        assert [r.request_id for r in s.find("gw-1")] == ["req_2"]
+    finally:
+        s.close()
 
 
 def test_sqlite_uses_wal_normal_sync_and_busy_timeout(tmp_path: Path) -> None:
     s = open_store(str(tmp_path / "u.db"))
     try:
-        pragma = {p: s._conn.execute(f"PRAGMA {p}").fetchone()[0]
+        pragma = {p: s.backend.conn.execute(f"PRAGMA {p}").fetchone()[0]
                   for p in ("journal_mode", "synchronous", "busy_timeout")}
     finally:
         s.close()
@@ -154,6 +179,27 @@ def test_get_matches_each_of_the_three_ids(store: Any) -> None:
         got = store.get(id_any)
         assert got is not None and got.request_id == "req_1"
     assert store.get("nope") is None
+
+
+def test_find_returns_every_record_with_the_id_newest_first(store: Any) -> None:
+    store.insert_many([
+        make_record(1, correlation_id="gw-7", key_fingerprint="fa"),
+        make_record(2, started_at=T0 + 60, correlation_id="gw-7", key_fingerprint="fb"),
+        make_record(3, started_at=T0 + 30, upstream_request_id="gw-7", key_fingerprint="fa"),
+        make_record(4, correlation_id="other"),
+    ])
+    assert [r.request_id for r in store.find("gw-7")] == ["req_2", "req_3", "req_1"]
+    assert [r.request_id for r in store.find("gw-7", key_fingerprint="fa")] == ["req_3", "req_1"]
+    assert [r.request_id for r in store.find("gw-7", limit=1)] == ["req_2"]
+    assert store.find("gw-7", key_fingerprint="fc") == []
+
+
+def test_another_keys_many_records_cannot_crowd_out_yours(store: Any) -> None:
+    store.insert_many([make_record(i, started_at=T0 + i, correlation_id="same",
+                                   key_fingerprint="other") for i in range(1, 120)])
+    store.insert_many([make_record(0, started_at=T0, correlation_id="same", key_fingerprint="me")])
+    assert len(store.find("same")) == 100  # bounded
+    assert [r.request_id for r in store.find("same", key_fingerprint="me")] == ["req_0"]
 
 
 def test_get_prefers_the_exact_request_id(store: Any) -> None:
@@ -276,15 +322,15 @@ def test_two_processes_write_the_same_store_exactly_once(store_url: str, tmp_pat
 
 
 def test_database_url_forms(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("TRIOPROXY_DATABASE_URL", raising=False)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
-    assert default_database_url() == f"sqlite://{tmp_path}/trioproxy/usage.db"
-    assert sqlite_path(default_database_url()) == tmp_path / "trioproxy" / "usage.db"
-    monkeypatch.delenv("XDG_DATA_HOME")
+    # the data home is a parameter (the settings read $XDG_DATA_HOME), never read here
+    monkeypatch.setenv("XDG_DATA_HOME", "/not/used")
+    monkeypatch.setenv("TRIOPROXY_DATABASE_URL", "postgres://not.used/usage")
     monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_database_url(tmp_path) == f"sqlite://{tmp_path}/trioproxy/usage.db"
     assert sqlite_path(default_database_url()) == tmp_path / ".local/share/trioproxy/usage.db"
-    monkeypatch.setenv("TRIOPROXY_DATABASE_URL", "postgres://db.example/usage")
-    assert default_database_url() == "postgres://db.example/usage"
+    assert resolve_database_url(None, tmp_path) == f"sqlite://{tmp_path}/trioproxy/usage.db"
+    assert resolve_database_url("postgres://db/u", tmp_path) == "postgres://db/u"
+    assert spill_path_for("postgres://db/u", tmp_path) == tmp_path / "trioproxy/usage-spill.jsonl"
     assert sqlite_path("sqlite:///abs/u.db") == Path("/abs/u.db")
     assert sqlite_path("sqlite:rel/u.db") == Path("rel/u.db")
     assert sqlite_path("/plain/u.db") == Path("/plain/u.db")

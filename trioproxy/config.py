@@ -94,6 +94,10 @@ class Settings:
     request_id_header: str = "x-trioproxy-request-id"
     sse_keepalive: float | None = None  # seconds of upstream silence before a ": keepalive"
     database_url: str | None = None  # None: SQLite at the per-user data path
+    data_home: str | None = None  # XDG_DATA_HOME; None: ~/.local/share
+    store_timeout: float = 10.0  # bounds every store call (connect, statement)
+    usage_max_pending: int = 10_000  # records held in memory; more go to the spill file
+    usage_lookup_timeout: float = 15.0  # GET /v1/usage/{id} answers 503 past this
     accounting: bool = True
     log_level: str = "INFO"
     channel_size: int = 16  # chunks buffered between upstream reader and client writer
@@ -148,6 +152,8 @@ class Settings:
             if not f.init or key not in env:
                 continue
             values[f.name] = _convert(f.name, env[key], key)
+        if env.get("XDG_DATA_HOME"):
+            values["data_home"] = env["XDG_DATA_HOME"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
@@ -159,7 +165,7 @@ def _convert(name: str, raw: str, key: str) -> object:
     default = _DEFAULTS[name].default
     if name in ("sse_keepalive", "ws_ping_interval"):
         return _float_or_none(raw, key)
-    if name in ("database_url", "admin_token"):
+    if name in ("database_url", "admin_token", "data_home"):
         return raw or None
     if isinstance(default, bool):
         return _bool(raw, key)

@@ -17,7 +17,13 @@ import trio
 from . import headers as hdr
 from .accounting.keys import extract_api_key, fingerprint, load_or_create_secret
 from .accounting.record import TOKEN_FIELDS, UsageRecord
-from .accounting.store import open_store, resolve_database_url, secret_path_for, spill_path_for
+from .accounting.store import (
+    StoreUnavailable,
+    open_store,
+    resolve_database_url,
+    secret_path_for,
+    spill_path_for,
+)
 from .accounting.writer import UsageWriter, open_usage_writer
 from .config import Settings
 from .errors import ClientRequestError, error_body
@@ -52,6 +58,7 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
     known = usage is not None and usage.known and not free
     return UsageRecord(
         request_id=ex.request_id,
+        correlation_id=ex.correlation_id,
         started_at=ex.started_wall,
         provider=ex.provider,
         api=ex.api(),
@@ -108,10 +115,13 @@ async def open_ledger(
     The store is opened (and migrated) lazily in the writer thread, so a database that is
     down at start-up does not stop the proxy: records wait in memory and are retried.
     """
-    url = resolve_database_url(settings.database_url)
-    secret = await trio.to_thread.run_sync(load_or_create_secret, secret_path_for(url))
+    home = settings.data_home
+    url = resolve_database_url(settings.database_url, home)
+    secret = await trio.to_thread.run_sync(load_or_create_secret, secret_path_for(url, home))
     async with open_usage_writer(
-        lambda: open_store(url), spill_path=spill_path_for(url), shutdown_timeout=10.0
+        lambda: open_store(url, data_home=home, timeout=settings.store_timeout),
+        spill_path=spill_path_for(url, home), shutdown_timeout=10.0,
+        max_pending=settings.usage_max_pending, lookup_timeout=settings.usage_lookup_timeout,
     ) as writer:
         log.info("usage ledger: %s", _safe_url(url))
         task_status.started((writer, secret))
@@ -138,23 +148,43 @@ async def answer_usage_lookup(
     lookup_id: str, headers: list[tuple[bytes, bytes]], writer: Any, secret: bytes,
     admin_token: str | None, provider: str,
 ) -> tuple[int, bytes]:
-    """(status, JSON body) for ``GET /v1/usage/{id}``: the owner's key or the admin token."""
+    """(status, JSON body) for ``GET /v1/usage/{id}``.
+
+    ``lookup_id`` may be the proxy's request id, the correlation id (an adopted inbound id),
+    the upstream request id or the response id. Only the caller's own records count (same key
+    fingerprint; the admin token sees every key's), so another key's record with the same
+    correlation id never hides the caller's. If several of the caller's records match (a client
+    reusing its own id), the newest is answered. 404 when none matches; 503 in the provider's
+    shape when the store cannot be read now (one log line, no traceback).
+    """
     not_found = ClientRequestError(f"no usage record {lookup_id!r} for this key", 404, "not_found")
-    record = await writer.lookup(lookup_id) if writer is not None else None
-    if record is None or not _may_read(record, headers, secret, admin_token):
+    admin = _is_admin(headers, admin_token)
+    key = extract_api_key(headers)
+    if writer is None or (not admin and key is None):
         return 404, error_body(provider, 404, not_found.message, not_found.code)
+    key_fp = None if admin else fingerprint(key, secret)[0]
+    try:
+        records = await writer.lookup(lookup_id, key_fingerprint=key_fp)
+    except StoreUnavailable as exc:
+        records = exc.pending
+        if not any(_may_read(r, key_fp, admin) for r in records):
+            log.warning("usage lookup %r: usage store unavailable (%s); answered 503",
+                        lookup_id, exc)
+            return 503, error_body(provider, 503, "the usage store is unavailable; retry later",
+                                   "store_unavailable")
+    mine = [r for r in records if _may_read(r, key_fp, admin)]
+    if not mine:
+        return 404, error_body(provider, 404, not_found.message, not_found.code)
+    record = max(mine, key=lambda r: r.started_at)
     return 200, json.dumps(record.to_public_json(), separators=(",", ":")).encode()
 
 
-def _may_read(record: UsageRecord, headers: list[tuple[bytes, bytes]], secret: bytes,
-              admin_token: str | None) -> bool:
-    if admin_token:
-        for name, value in headers:
-            if name == b"x-trioproxy-admin-token" and hmac.compare_digest(
-                value, admin_token.encode()
-            ):
-                return True
-    key = extract_api_key(headers)
-    if key is None or record.key_fingerprint is None:
-        return False
-    return fingerprint(key, secret)[0] == record.key_fingerprint
+def _is_admin(headers: list[tuple[bytes, bytes]], admin_token: str | None) -> bool:
+    return bool(admin_token) and any(
+        name == b"x-trioproxy-admin-token" and hmac.compare_digest(value, admin_token.encode())
+        for name, value in headers
+    )
+
+
+def _may_read(record: UsageRecord, key_fp: str | None, admin: bool) -> bool:
+    return admin or (key_fp is not None and record.key_fingerprint == key_fp)

@@ -28,7 +28,7 @@ _JSON_FIELDS = frozenset({"raw_usage", "extra"})
 class UsageRecord:
     """What one proxied request (or one WebSocket response) did and used."""
 
-    request_id: str  # the proxy's id
+    request_id: str  # the proxy's own unique id (the primary key)
     started_at: float  # unix time
     provider: str | None = None  # "anthropic" / "openai"
     api: str | None = None  # "anthropic.messages", "openai.chat", "openai.responses", ...
@@ -41,6 +41,7 @@ class UsageRecord:
     model: str | None = None  # as answered by the upstream
     response_id: str | None = None  # msg_… / chatcmpl-… / resp_…
     upstream_request_id: str | None = None  # upstream request-id / x-request-id header
+    correlation_id: str | None = None  # an adopted inbound id (e.g. a gateway's log id)
     input_tokens: int | None = None  # TOTAL input, incl. cache read + cache write
     output_tokens: int | None = None
     cache_read_tokens: int | None = None
@@ -86,8 +87,20 @@ class UsageRecord:
         return cls(**{k: v for k, v in data.items() if k in _FIELD_SET})
 
     def matches(self, id_any: str) -> bool:
-        """True when ``id_any`` is this record's proxy, upstream or response id."""
-        return id_any in (self.request_id, self.upstream_request_id, self.response_id)
+        """True when ``id_any`` is this record's proxy, correlation, upstream or response id."""
+        return id_any in (
+            self.request_id, self.correlation_id, self.upstream_request_id, self.response_id
+        )
+
+    def sanitised(self) -> UsageRecord:
+        """A copy any store accepts: text without NUL or lone surrogates, integers that fit a
+        BIGINT (else None), JSON fields that encode (else their ``repr``). For a record the
+        store refused: client-supplied strings (``model``, ``session_id``...) can hold anything.
+        """
+        values = {name: _sane(name, getattr(self, name)) for name in COLUMNS}
+        values["request_id"] = values["request_id"] or "?"
+        values["started_at"] = _sane_float(self.started_at) or 0.0
+        return UsageRecord(**values)
 
     def to_public_json(self) -> dict[str, Any]:
         """The body of ``GET /v1/usage/{id}``. Never contains the key or its fingerprint."""
@@ -95,6 +108,7 @@ class UsageRecord:
             "object": "trioproxy.usage",
             "id": self.request_id,
             "upstream_request_id": self.upstream_request_id,
+            "correlation_id": self.correlation_id,
             "response_id": self.response_id,
             "created_at": self.started_at,
             "provider": self.provider,
@@ -132,6 +146,39 @@ def _to_column(name: str, value: Any) -> Any:
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd")  # PostgreSQL TEXT cannot hold NUL
     return value
+
+
+_BIGINT = 2**63
+
+
+def _sane(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _JSON_FIELDS:
+        try:
+            return json.loads(json.dumps(value, default=str, skipkeys=True))
+        except (TypeError, ValueError, RecursionError):
+            return {"unparsed": _sane_text(repr(value))[:4096]}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -_BIGINT <= value < _BIGINT else None
+    if isinstance(value, float):
+        return _sane_float(value)
+    if isinstance(value, str):
+        return _sane_text(value)
+    return _sane_text(str(value))  # a wrong type from an extension: keep it readable
+
+
+def _sane_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _sane_text(text: str) -> str:
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
 
 
 def _from_column(name: str, value: Any) -> Any:

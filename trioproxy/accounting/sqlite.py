@@ -1,9 +1,10 @@
-"""SQLite usage store: one file shared by every worker process.
+"""SQLite back end: one file shared by every worker process.
 
 WAL mode (readers never block the writer), ``synchronous=NORMAL`` (durable across process
 crashes; an OS crash may lose the last commits), and a busy timeout so concurrent writers wait
-for each other instead of failing. Write transactions are ``BEGIN IMMEDIATE``: the write lock is
-taken up front, so two processes migrating or inserting at once queue instead of deadlocking.
+for each other instead of failing (and no call waits longer than that). Write transactions are
+``BEGIN IMMEDIATE``: the write lock is taken up front, so two processes migrating or inserting
+at once queue instead of deadlocking.
 """
 
 from __future__ import annotations
@@ -15,21 +16,24 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .store import SQLStore
+__all__ = ["SQLiteBackend"]
 
-__all__ = ["SQLiteStore"]
+# Primary result codes that mean "not now" rather than "never for these rows": busy, locked,
+# out of memory, read-only (permissions), interrupted, I/O error, corrupt, disk full, cannot
+# open, lock protocol, not a database. SQLITE_ERROR (syntax, no such table/column), CONSTRAINT,
+# MISMATCH, TOOBIG and RANGE are permanent.
+_TRANSIENT_CODES = frozenset({5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 26})
 
 
-class SQLiteStore(SQLStore):
-    """A usage store in a SQLite file. Connects on construction."""
+class SQLiteBackend:
+    """A connection to a SQLite file. Connects on construction."""
 
-    transient_errors = (sqlite3.OperationalError, OSError)  # locked, disk full, I/O, ...
     day_expr = "date(started_at, 'unixepoch')"
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
-        self._conn = self._connect()
+        self.conn = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -47,25 +51,36 @@ class SQLiteStore(SQLStore):
             raise
         return conn
 
+    def is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is None:  # no code (e.g. a closed connection): an unusable connection
+                return isinstance(exc, sqlite3.OperationalError | sqlite3.InterfaceError)
+            return code & 0xFF in _TRANSIENT_CODES
+        return isinstance(exc, OSError)
+
+    def sql(self, sql: str) -> str:
+        return sql
+
     @contextmanager
-    def _transaction(self, *, migrating: bool = False) -> Iterator[Any]:
-        with closing(self._conn.cursor()) as cur:
+    def transaction(self, *, migrating: bool = False) -> Iterator[Any]:
+        with closing(self.conn.cursor()) as cur:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur
             except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.rollback()
+                if self.conn.in_transaction:
+                    self.conn.rollback()
                 raise
-            self._conn.commit()
+            self.conn.commit()
 
     @contextmanager
-    def _cursor(self) -> Iterator[Any]:
-        with closing(self._conn.cursor()) as cur:
+    def cursor(self) -> Iterator[Any]:
+        with closing(self.conn.cursor()) as cur:
             yield cur
 
     def close(self) -> None:
-        self._conn.close()
+        self.conn.close()
 
     def __repr__(self) -> str:
-        return f"SQLiteStore({str(self.path)!r})"
+        return f"SQLiteBackend({str(self.path)!r})"

@@ -2,13 +2,17 @@
 
 Stores are synchronous and used from threads, one thread at a time per store object (the
 writer thread has its own; look-ups use another). Both back ends share one schema and one set
-of SQL statements; :mod:`.sqlite` and :mod:`.postgres` supply connections, transactions and the
-few dialect differences. Inserts are ``ON CONFLICT (request_id) DO NOTHING``, so a batch that is
-retried (or a spill file loaded twice) never duplicates a row.
+of SQL statements in :class:`SQLStore`; a back end (:mod:`.sqlite`, :mod:`.postgres`) supplies
+the connection, transactions, the few dialect differences, a bound on every call and the
+transient/permanent classification of its errors. Back ends import nothing from here, and
+:func:`open_store` imports them when called, so there is no import cycle. Inserts are
+``ON CONFLICT (request_id) DO NOTHING``, so a batch that is retried (or a spill file read twice)
+never duplicates a row.
 
-Database URLs (``TRIOPROXY_DATABASE_URL``): a plain path, ``sqlite:///abs/path``,
-``sqlite:relative/path``, or ``postgresql://…`` / ``postgres://…``. The default is SQLite at
-``$XDG_DATA_HOME/trioproxy/usage.db`` (``~/.local/share/trioproxy/usage.db``).
+Database URLs: a plain path, ``sqlite:///abs/path``, ``sqlite:relative/path``, or
+``postgresql://…`` / ``postgres://…``. The default is SQLite at ``<data home>/trioproxy/usage.db``,
+where the data home is ``$XDG_DATA_HOME`` as read by the settings (``~/.local/share`` when unset).
+Nothing here reads the environment.
 """
 
 from __future__ import annotations
@@ -20,17 +24,21 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .record import COLUMNS, UsageRecord
 
 __all__ = [
     "GROUP_BY",
+    "LOOKUP_LIMIT",
     "MIGRATIONS",
+    "SQLBackend",
     "SQLStore",
     "Store",
+    "StoreUnavailable",
     "data_dir",
     "default_database_url",
+    "is_postgres_url",
     "open_store",
     "resolve_database_url",
     "secret_path_for",
@@ -41,8 +49,8 @@ __all__ = [
 
 log = logging.getLogger("trioproxy.accounting")
 
-DATABASE_URL_ENV = "TRIOPROXY_DATABASE_URL"
 GROUP_BY: tuple[str, ...] = ("model", "key", "session", "day")
+LOOKUP_LIMIT = 100  # candidates returned by one look-up
 
 # Versioned migrations, applied in order at start-up inside one locked transaction. Never edit
 # a released entry: append a new version. The SQL must run on both SQLite and PostgreSQL.
@@ -71,6 +79,11 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         "CREATE INDEX usage_records_key_fingerprint ON usage_records (key_fingerprint, started_at)",
         "CREATE INDEX usage_records_session_id ON usage_records (session_id, started_at)",
     )),
+    # the adopted inbound id (a gateway's log id...), kept beside the proxy's own request id
+    (2, (
+        "ALTER TABLE usage_records ADD COLUMN correlation_id TEXT",
+        "CREATE INDEX usage_records_correlation_id ON usage_records (correlation_id)",
+    )),
 )
 
 _COLS = ", ".join(COLUMNS)
@@ -78,21 +91,28 @@ _INSERT = (
     f"INSERT INTO usage_records ({_COLS}) VALUES ({', '.join('?' * len(COLUMNS))}) "
     "ON CONFLICT (request_id) DO NOTHING"
 )
-_GET = (
+_FIND = (
     f"SELECT {_COLS} FROM usage_records "
-    "WHERE request_id = ? OR upstream_request_id = ? OR response_id = ? "
-    "ORDER BY CASE WHEN request_id = ? THEN 0 ELSE 1 END, started_at DESC LIMIT 1"
+    "WHERE (request_id = ? OR correlation_id = ? OR upstream_request_id = ? OR response_id = ?)"
 )
 _SUMS = (
     "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
 )
 
 
+class StoreUnavailable(Exception):
+    """The store cannot answer now (down, hung, or refusing every statement): retry later.
+
+    ``pending`` holds the matching records still waiting in the writer's memory, if any.
+    """
+
+    def __init__(self, message: str, pending: Sequence[UsageRecord] = ()) -> None:
+        super().__init__(message)
+        self.pending = list(pending)
+
+
 class Store(abc.ABC):
     """The synchronous store interface (used from one thread at a time)."""
-
-    #: errors that mean "the store is unavailable right now": keep the batch and retry later
-    transient_errors: tuple[type[BaseException], ...] = (OSError,)
 
     @abc.abstractmethod
     def migrate(self) -> None: ...
@@ -102,9 +122,20 @@ class Store(abc.ABC):
         """Insert records, skipping request ids already stored; returns the rows added."""
 
     @abc.abstractmethod
+    def find(
+        self, id_any: str, *, key_fingerprint: str | None = None, limit: int = LOOKUP_LIMIT
+    ) -> list[UsageRecord]:
+        """Every record whose request id, correlation id, upstream request id or response id
+        is ``id_any`` (only ``key_fingerprint``'s when given), newest first, at most ``limit``."""
+
     def get(self, id_any: str) -> UsageRecord | None:
-        """The record whose request id, upstream request id or response id is ``id_any``
-        (an exact request id wins)."""
+        """One record for ``id_any``, for an operator who sees every key (``trioproxy usage
+        --id``): the record with that proxy request id, else the newest match."""
+        found = self.find(id_any)
+        return next((r for r in found if r.request_id == id_any), found[0] if found else None)
+
+    def probe(self) -> None:
+        """Raise unless the store accepts a plain record now (written, then rolled back)."""
 
     @abc.abstractmethod
     def aggregate(
@@ -117,25 +148,58 @@ class Store(abc.ABC):
     def close(self) -> None: ...
 
     def is_transient(self, exc: BaseException) -> bool:
-        return isinstance(exc, self.transient_errors)
+        """True when ``exc`` means "unavailable right now" (retry the same records later);
+        False when the store refuses these records for good (syntax, schema, data, constraint)."""
+        return isinstance(exc, OSError)
+
+
+class SQLBackend(Protocol):
+    """What a SQL back end supplies to :class:`SQLStore` (see :mod:`.sqlite`, :mod:`.postgres`)."""
+
+    day_expr: str  # SQL giving 'YYYY-MM-DD' (UTC) of started_at
+
+    def transaction(self, *, migrating: bool = False) -> AbstractContextManager[Any]:
+        """A write transaction yielding a cursor; ``migrating`` takes the migration lock."""
+
+    def cursor(self) -> AbstractContextManager[Any]:
+        """A cursor for reads outside an explicit transaction."""
+
+    def sql(self, sql: str) -> str:
+        """Dialect placeholders (statements are written with ``?``)."""
+
+    def is_transient(self, exc: BaseException) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class _Rollback(Exception):
+    pass
 
 
 class SQLStore(Store):
-    """Shared SQL for both back ends; subclasses provide connection, transactions, dialect."""
+    """Shared SQL for both back ends."""
 
-    day_expr = ""  # SQL giving 'YYYY-MM-DD' (UTC) of started_at
+    def __init__(self, backend: SQLBackend) -> None:
+        self.backend = backend
+        self.day_expr = backend.day_expr
 
-    @abc.abstractmethod
     def _transaction(self, *, migrating: bool = False) -> AbstractContextManager[Any]:
-        """A write transaction yielding a cursor; ``migrating`` takes the migration lock."""
+        return self.backend.transaction(migrating=migrating)
 
-    @abc.abstractmethod
     def _cursor(self) -> AbstractContextManager[Any]:
-        """A cursor for reads outside an explicit transaction."""
+        return self.backend.cursor()
 
     def _sql(self, sql: str) -> str:
-        """Dialect placeholders (statements are written with ``?``)."""
-        return sql
+        return self.backend.sql(sql)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return self.backend.is_transient(exc)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __repr__(self) -> str:
+        return f"SQLStore({self.backend!r})"
 
     def migrate(self) -> None:
         """Apply pending migrations, serialised against other processes."""
@@ -169,11 +233,28 @@ class SQLStore(Store):
             cur.executemany(self._sql(_INSERT), rows)
             return max(cur.rowcount, 0)
 
-    def get(self, id_any: str) -> UsageRecord | None:
+    def probe(self) -> None:
+        row = UsageRecord(request_id="trioproxy-probe", started_at=0.0).to_row()
+        try:
+            with self._transaction() as cur:
+                cur.execute(self._sql(_INSERT), row)
+                raise _Rollback
+        except _Rollback:
+            pass
+
+    def find(
+        self, id_any: str, *, key_fingerprint: str | None = None, limit: int = LOOKUP_LIMIT
+    ) -> list[UsageRecord]:
+        sql, params = _FIND, [id_any] * 4
+        if key_fingerprint is not None:
+            sql += " AND key_fingerprint = ?"
+            params.append(key_fingerprint)
+        sql += " ORDER BY started_at DESC, request_id LIMIT ?"
+        params.append(int(limit))
         with self._cursor() as cur:
-            cur.execute(self._sql(_GET), (id_any, id_any, id_any, id_any))
-            row = cur.fetchone()
-        return UsageRecord.from_row(row) if row is not None else None
+            cur.execute(self._sql(sql), tuple(params))
+            rows = cur.fetchall()
+        return [UsageRecord.from_row(row) for row in rows]
 
     def aggregate(
         self, group_by: str, since: float | None = None, until: float | None = None
@@ -233,15 +314,17 @@ def _sort_groups(groups: list[dict[str, Any]], group_by: str) -> list[dict[str, 
 # -- locations and URLs -----------------------------------------------------------------------
 
 
-def data_dir() -> Path:
-    """``$XDG_DATA_HOME/trioproxy`` (default ``~/.local/share/trioproxy``)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+def data_dir(data_home: str | os.PathLike[str] | None = None) -> Path:
+    """``<data_home>/trioproxy``. ``data_home`` is ``$XDG_DATA_HOME`` as the settings read it;
+    None or empty means ``~/.local/share``."""
+    base = os.fspath(data_home) if data_home else os.path.join(
+        os.path.expanduser("~"), ".local", "share")
     return Path(base) / "trioproxy"
 
 
-def default_database_url() -> str:
-    """``$TRIOPROXY_DATABASE_URL``, else SQLite at ``data_dir()/usage.db``."""
-    return os.environ.get(DATABASE_URL_ENV) or sqlite_url(data_dir() / "usage.db")
+def default_database_url(data_home: str | os.PathLike[str] | None = None) -> str:
+    """SQLite at ``data_dir(data_home)/usage.db``."""
+    return sqlite_url(data_dir(data_home) / "usage.db")
 
 
 def sqlite_url(path: str | os.PathLike[str]) -> str:
@@ -250,9 +333,11 @@ def sqlite_url(path: str | os.PathLike[str]) -> str:
     return f"sqlite://{text}" if text.startswith("/") else f"sqlite:{text}"
 
 
-def resolve_database_url(url: str | None) -> str:
+def resolve_database_url(
+    url: str | None, data_home: str | os.PathLike[str] | None = None
+) -> str:
     """``url`` itself, or :func:`default_database_url` when it is None or empty."""
-    return url or default_database_url()
+    return url or default_database_url(data_home)
 
 
 def is_postgres_url(url: str) -> bool:
@@ -272,36 +357,43 @@ def sqlite_path(url: str) -> Path:
     return Path(url).expanduser()
 
 
-def _side_file(url: str, suffix: str, default_name: str) -> Path:
+def _side_file(
+    url: str, suffix: str, default_name: str, data_home: str | os.PathLike[str] | None
+) -> Path:
     if is_postgres_url(url):
-        return data_dir() / default_name
+        return data_dir(data_home) / default_name
     db = sqlite_path(url)
     return db.with_name(db.name + suffix)
 
 
-def spill_path_for(url: str) -> Path:
-    """Where unwritable records go at shutdown: next to the SQLite file, or in the data dir."""
-    return _side_file(url, ".spill.jsonl", "usage-spill.jsonl")
+def spill_path_for(url: str, data_home: str | os.PathLike[str] | None = None) -> Path:
+    """Where records wait when the store cannot take them: next to the SQLite file, or in the
+    data dir (the quarantine file goes beside it, see :func:`.spill.quarantine_path_for`)."""
+    return _side_file(url, ".spill.jsonl", "usage-spill.jsonl", data_home)
 
 
-def secret_path_for(url: str) -> Path:
+def secret_path_for(url: str, data_home: str | os.PathLike[str] | None = None) -> Path:
     """Where the fingerprint secret lives: next to the SQLite file, or in the data dir."""
-    return _side_file(url, ".fingerprint-secret", "fingerprint-secret")
+    return _side_file(url, ".fingerprint-secret", "fingerprint-secret", data_home)
 
 
-def open_store(url: str | None = None) -> Store:
+def open_store(
+    url: str | None = None, *, data_home: str | os.PathLike[str] | None = None,
+    timeout: float = 10.0,
+) -> Store:
     """A connected (not yet migrated) store for ``url`` (default: :func:`default_database_url`).
 
+    ``timeout`` bounds every store call (SQLite busy timeout; PostgreSQL connect and statement
+    timeouts plus a client-side deadline, so a server that hangs cannot pin the caller).
     Raises the back end's connection error when the database cannot be reached.
     """
-    url = resolve_database_url(url)
+    url = resolve_database_url(url, data_home)
     if is_postgres_url(url):
-        from .postgres import PostgresStore
+        from .postgres import PostgresBackend
 
-        return PostgresStore(url)
+        return SQLStore(PostgresBackend(url, timeout=timeout))
     if "://" in url and not url.startswith("sqlite:"):
         raise ValueError(f"unsupported database URL scheme: {url.split('://', 1)[0]}")
-    from .sqlite import SQLiteStore
+    from .sqlite import SQLiteBackend
 
-    return SQLiteStore(sqlite_path(url))
-
+    return SQLStore(SQLiteBackend(sqlite_path(url), busy_timeout=timeout))
