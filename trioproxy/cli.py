@@ -77,7 +77,7 @@ def settings_from_args(
     ``TRIOPROXY_*`` variables (worker processes read those). Raises ConfigError."""
     env = os.environ if env is None else env
     text = flag_text(SPECS, args)
-    settings = Settings.from_env(env, config=args.config, **from_flags(SPECS, text))
+    settings = Settings.from_sources(env, config=args.config, flags=from_flags(SPECS, text))
     exported = flags_as_environment(SPECS, text)
     if args.config:
         exported[CONFIG_ENV] = os.path.abspath(args.config)

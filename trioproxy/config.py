@@ -240,17 +240,27 @@ class Settings:
         cls, env: Mapping[str, str] | None = None, *, config: str | None = None,
         **overrides: object,
     ) -> Settings:
-        """Settings from, in order of precedence: ``overrides`` (typed values, e.g. parsed
-        flags; None means not given), ``TRIOPROXY_*`` variables in ``env`` (default
-        ``os.environ``), the TOML file ``config`` (default ``$TRIOPROXY_CONFIG``), defaults."""
+        """Settings from, in order of precedence: ``overrides`` (typed values; None means not
+        given), ``TRIOPROXY_*`` variables in ``env`` (default ``os.environ``), the TOML file
+        ``config`` (default ``$TRIOPROXY_CONFIG``), the defaults."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls.from_sources(env, config=config, flags=given)
+
+    @classmethod
+    def from_sources(
+        cls, env: Mapping[str, str] | None = None, *, config: str | None = None,
+        flags: Mapping[str, object] | None = None,
+    ) -> Settings:
+        """Like :meth:`from_env`, with ``flags`` whose None values are given values
+        (``--sse-keepalive off``)."""
         env = os.environ if env is None else env
         path = config or env.get(CONFIG_ENV)
         values = read_config_file(SPECS, path) if path else {}
         values.update(from_environment(SPECS, env))
-        unknown = set(overrides) - {s.name for s in SPECS}
+        unknown = set(flags or {}) - {s.name for s in SPECS}
         if unknown:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update(flags or {})
         return cls(**values)  # type: ignore[arg-type]
 
 
