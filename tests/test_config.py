@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from trioproxy.cli import main as cli_main
 from trioproxy.config import SPECS, ConfigError, Settings
 from trioproxy.configspec import Spec, markdown_table, read_config_file
 from trioproxy.contrib.model_alias import ModelAlias
+from trioproxy.log import LOGGERS, log_access, request_id_var, setup_logging
 from trioproxy.testing import FakeUpstream
 from trioproxy.testing_ws import FakeResponsesWS
 
@@ -317,3 +319,59 @@ async def test_plain_hypercorn_reads_the_config_file_named_in_the_environment(
         await stream.aclose()
         assert upstream.requests[-1].path.startswith("/from-file/v1/messages")
         stop()
+
+
+# -- log format ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_loggers() -> Iterator[None]:
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate,
+                    logging.getLogger(name).level) for name in LOGGERS}
+    yield
+    for name, (handlers, propagate, level) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = handlers, propagate
+        logger.setLevel(level)
+
+
+def test_json_log_format_makes_every_line_one_json_object(
+    capsys: pytest.CaptureFixture[str], restore_loggers: None
+) -> None:
+    setup_logging("INFO", "json")
+    setup_logging("INFO")  # what the app calls at start-up: keeps the process's format
+    token = request_id_var.set("tp_123")
+    try:
+        log_access({"id": "tp_123", "method": "POST", "status": 200, "end": "complete"})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("trioproxy.relay").exception("proxy fault")
+    finally:
+        request_id_var.reset(token)
+    logging.getLogger("hypercorn.error").info("Running on http://127.0.0.1:8080")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 3
+    access, fault, server = lines
+    assert access["logger"] == "trioproxy.access" and access["request_id"] == "tp_123"
+    assert (access["method"], access["status"], access["end"]) == ("POST", 200, "complete")
+    assert fault["level"] == "ERROR" and "ValueError: boom" in fault["exc"]
+    assert server["logger"] == "hypercorn.error" and server["message"].startswith("Running on")
+    assert all(line["ts"].endswith("Z") for line in lines)
+
+
+def test_text_log_format_keeps_the_readable_access_line(
+    capsys: pytest.CaptureFixture[str], restore_loggers: None
+) -> None:
+    setup_logging("INFO", "text")
+    log_access({"id": "tp_1", "status": 200})
+    (line,) = capsys.readouterr().err.splitlines()
+    prefix, _, fields = line.partition(" access ")
+    assert "INFO trioproxy.access" in prefix and json.loads(fields) == {"id": "tp_1",
+                                                                        "status": 200}
+
+
+def test_serve_routes_hypercorn_lines_through_the_json_handler() -> None:
+    assert build_config(Settings(log_format="json")).errorlog is logging.getLogger(
+        "hypercorn.error")
+    assert build_config(Settings()).errorlog == "-"

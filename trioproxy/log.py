@@ -79,8 +79,7 @@ def setup_logging(level: str = "INFO", log_format: str | None = None) -> None:
     names = LOGGERS if log_format == "json" else LOGGERS[:1]
     for name in names:
         logger = logging.getLogger(name)
-        if name == "trioproxy":
-            logger.setLevel(level.upper())
+        logger.setLevel(level.upper())
         ours = [h for h in logger.handlers if getattr(h, "_trioproxy", False)]
         if ours and getattr(ours[0], "_format", None) == log_format:
             continue
