@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trio
 
+from trioproxy import Settings
 from trioproxy.contrib.model_alias import ModelAlias
 from trioproxy.extensions import Extension, HookContext, MutableHeaders, load_extensions, load_spec
 from trioproxy.testing import FakeUpstream
@@ -262,12 +263,13 @@ def test_mutable_headers_track_changes() -> None:
 
 
 def test_loading_by_spec_and_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
-    ext = load_spec("trioproxy.contrib.model_alias:ModelAlias")
+    ext = load_spec("trioproxy.contrib.model_alias:ModelAlias", Settings())
     assert isinstance(ext, ModelAlias) and ext.name == "model_alias"
     with pytest.raises(ValueError, match="module:attr"):
         load_spec("no-colon")
     monkeypatch.setenv("TRIOPROXY_MODEL_ALIASES", '{"a": "b"}')
-    loaded = load_extensions(["trioproxy.contrib.model_alias:ModelAlias"])
+    loaded = load_extensions(["trioproxy.contrib.model_alias:ModelAlias"],
+                             settings=Settings.from_env())
     assert [e.name for e in loaded][-1] == "model_alias" and loaded[-1].aliases == {"a": "b"}
 
 

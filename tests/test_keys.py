@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from trioproxy.accounting.keys import extract_api_key, fingerprint, load_or_create_secret
+from trioproxy.config import Settings
 
 KEY = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123"
 
@@ -53,8 +54,7 @@ def test_short_keys_do_not_reveal_their_tail() -> None:
     assert fingerprint("sk-short", b"a" * 32)[1] == ""
 
 
-def test_secret_created_private_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TRIOPROXY_FINGERPRINT_SECRET", raising=False)
+def test_secret_created_private_and_reused(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "fingerprint-secret"
     secret = load_or_create_secret(path)
     assert len(secret) == 32
@@ -63,21 +63,31 @@ def test_secret_created_private_and_reused(tmp_path: Path, monkeypatch: pytest.M
     assert [p.name for p in path.parent.iterdir()] == ["fingerprint-secret"]  # no temp files
 
 
-def test_environment_secret_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRIOPROXY_FINGERPRINT_SECRET", "shared-by-every-host")
-    assert load_or_create_secret(tmp_path / "s") == b"shared-by-every-host"
+def test_configured_secret_wins(tmp_path: Path) -> None:
+    assert load_or_create_secret(tmp_path / "s", "shared-by-every-host") == b"shared-by-every-host"
     assert not (tmp_path / "s").exists()
 
 
-def test_too_short_secret_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TRIOPROXY_FINGERPRINT_SECRET", raising=False)
+def test_secret_file_setting_gives_the_generated_files_bytes(tmp_path: Path) -> None:
+    """Pointing TRIOPROXY_FINGERPRINT_SECRET_FILE at a generated (binary) secret file gives
+    every host the fingerprints the host that generated it computes."""
+    generated = load_or_create_secret(tmp_path / "s")
+    settings = Settings.from_env(
+        {"TRIOPROXY_FINGERPRINT_SECRET_FILE": str(tmp_path / "s")}
+    )
+    secret = load_or_create_secret(tmp_path / "other", settings.fingerprint_secret)
+    if not generated.endswith((b"\n", b"\r")):  # a final newline is stripped, as for any file
+        assert secret == generated
+    assert fingerprint(KEY, secret) == fingerprint(KEY, generated.rstrip(b"\r\n"))
+
+
+def test_too_short_secret_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "s").write_bytes(b"abc")
     with pytest.raises(ValueError, match="too short"):
         load_or_create_secret(tmp_path / "s")
 
 
-def test_racing_creators_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TRIOPROXY_FINGERPRINT_SECRET", raising=False)
+def test_racing_creators_agree(tmp_path: Path) -> None:
     path = tmp_path / "secret"
     barrier = threading.Barrier(8)
     results: list[bytes] = []

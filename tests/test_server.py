@@ -101,30 +101,6 @@ def test_cli_rejects_bad_configuration_before_starting(capsys) -> None:
     assert "TRIOPROXY_OPENAI_BASE_URL" in capsys.readouterr().err
 
 
-def test_serve_sets_tcp_user_timeout_on_the_listening_socket() -> None:
-    import argparse
-    import socket
-
-    from trioproxy.cli import build_config
-
-    args = argparse.Namespace(
-        host="127.0.0.1", port=0, workers=1, graceful_timeout=600.0, keep_alive=75.0,
-        tcp_user_timeout=45.0, certfile=None, keyfile=None,
-    )
-    config = build_config(args)
-    sockets = config.create_sockets()
-    try:
-        (sock,) = sockets.insecure_sockets
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 45_000
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-    finally:
-        for sock in sockets.insecure_sockets:
-            sock.close()
-    assert config.read_timeout is None and config.graceful_timeout == 600.0
-    assert config.worker_class == "trio" and config.application_path == "trioproxy:app"
-    assert config.websocket_max_message_size == 65 * 1024 * 1024
-
-
 async def test_serve_with_tls_speaks_http2_and_sends_usage_trailers(
     nursery: trio.Nursery, tmp_path
 ) -> None:

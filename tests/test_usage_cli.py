@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,19 +17,34 @@ from trioproxy.usage_cli import add_usage_parser, run_usage
 
 from .test_store import DAY, T0, database_url, make_record
 
+FREE = {"input_tokens": None, "output_tokens": None, "cost_usd": None}
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     for url in database_url(request.param, tmp_path):
         store = open_store(url)
         store.migrate()
+        ok = {"status": 200, "end_reason": "complete"}
         store.insert_many([
             make_record(1, cost_usd=0.5, key_fingerprint="f1", key_last4="AAAA",
-                        cache_read_tokens=30, cache_write_tokens=4),
+                        cache_read_tokens=30, cache_write_tokens=4, **ok),
             make_record(2, cost_usd=0.25, key_fingerprint="f1", key_last4="AAAA",
-                        response_id="msg_2", upstream_request_id="req_up_2"),
+                        response_id="msg_2", upstream_request_id="req_up_2", **ok),
             make_record(3, started_at=T0 + DAY, model="mystery-7", cost_usd=None,
-                        input_tokens=1000, output_tokens=50, reasoning_tokens=8),
+                        input_tokens=1000, output_tokens=50, reasoning_tokens=8, **ok),
+            # never reached a model: free by nature, not "unpriced"
+            make_record(4, provider=None, api=None, model=None, status=404,
+                        end_reason="rejected", **FREE),
+            make_record(5, model=None, model_requested="claude-sonnet-4-5", status=502,
+                        end_reason="connect_error", **FREE),
+            # sub-cent spend
+            make_record(6, provider="openai", api="openai.chat", model="gpt-4o-mini",
+                        cost_usd=0.000312, **ok),
+            # reached a model that never answered: the cost is unknown
+            make_record(7, provider="openai", api="openai.responses", model=None,
+                        model_requested="gpt-5", status=504, end_reason="timeout",
+                        error="upstream read timeout after 600s", **FREE),
         ])
         store.close()
         yield url
@@ -39,29 +56,85 @@ def usage(*argv: str) -> int:
     return run_usage(parser.parse_args(["usage", *argv]))
 
 
-def test_table_by_model_shows_unknown_cost_as_question_mark(
+def table_rows(out: str) -> dict[str, list[str]]:
+    """label -> the nine fixed cells plus the outcomes text."""
+    lines = [line for line in out.splitlines()[2:] if line and not line.startswith("-")]
+    rows = {}
+    for line in lines:
+        if line.startswith(("requests since", "all recorded")):
+            continue
+        cells = line.split()
+        rows[cells[0]] = [*cells[:9], " ".join(cells[9:])]
+    return rows
+
+
+def test_table_by_model_prices_to_the_micro_dollar_and_separates_free_from_unpriced(
     db_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert usage("--database-url", db_url) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["model", "requests", "input"]
-    rows = {line.split()[0]: line.split() for line in lines[2:] if not line.startswith("-")}
-    assert rows["claude-sonnet-4-5"] == ["claude-sonnet-4-5", "2", "200", "20", "30", "4", "0",
-                                         "0.7500", "0"]
-    assert rows["mystery-7"] == ["mystery-7", "1", "1,000", "50", "0", "0", "8", "?", "1"]
-    assert rows["total"] == ["total", "3", "1,200", "70", "30", "4", "8", "0.7500+?", "1"]
+    assert usage("--database-url", db_url, "--since", "all") == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["model", "requests", "input"]
+    rows = table_rows(out)
+    assert rows["claude-sonnet-4-5"] == ["claude-sonnet-4-5", "3", "200", "20", "30", "4", "0",
+                                         "0.750000", "0", "ok 2, connect_error 1"]
+    assert rows["gpt-4o-mini"][7:] == ["0.000312", "0", "ok 1"]
+    assert rows["mystery-7"] == ["mystery-7", "1", "1,000", "50", "0", "0", "8", "?", "1",
+                                 "ok 1"]
+    assert rows["gpt-5"][7:] == ["?", "1", "timeout 1"]
+    assert rows["(unknown)"][7:] == ["0.000000", "0", "rejected 1"]  # the 404 costs nothing
+    assert rows["total"] == ["total", "7", "1,300", "80", "30", "4", "8", "0.750312+?", "2",
+                             "ok 4, connect_error 1, rejected 1, timeout 1"]
+    assert out.rstrip().endswith("all recorded requests")
 
 
 def test_json_by_key(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert usage("--database-url", db_url, "--by", "key", "--json") == 0
+    assert usage("--database-url", db_url, "--by", "key", "--json", "--since", "all") == 0
     out = json.loads(capsys.readouterr().out)
     assert out["group_by"] == "key"
     groups = {g["group"]: g for g in out["groups"]}
     assert groups["f1"]["requests"] == 2 and groups["f1"]["key_last4"] == "AAAA"
     assert groups["f1"]["cost_usd"] == pytest.approx(0.75)
-    assert groups[None]["cost_usd"] is None and groups[None]["unpriced_requests"] == 1
-    assert out["totals"]["requests"] == 3 and out["totals"]["cost_usd"] == pytest.approx(0.75)
-    assert out["totals"]["unpriced_requests"] == 1
+    assert groups[None]["cost_usd"] == pytest.approx(0.000312)
+    assert (groups[None]["unpriced_requests"], groups[None]["free_requests"]) == (2, 2)
+    assert out["totals"]["requests"] == 7
+    assert out["totals"]["cost_usd"] == pytest.approx(0.750312)
+    assert out["totals"]["unpriced_requests"] == 2 and out["totals"]["free_requests"] == 2
+    assert out["totals"]["outcomes"] == {"ok": 4, "connect_error": 1, "rejected": 1,
+                                         "timeout": 1}
+
+
+@pytest.mark.parametrize(("by", "expected"), [
+    ("provider", {"anthropic": 4, "openai": 2, None: 1}),
+    ("api", {"anthropic.messages": 4, "openai.chat": 1, "openai.responses": 1, None: 1}),
+    ("hour", {"2025-06-15T15:00Z": 6, "2025-06-16T15:00Z": 1}),
+    ("status", {200: 4, 404: 1, 502: 1, 504: 1}),
+    ("outcome", {"ok": 4, "connect_error": 1, "rejected": 1, "timeout": 1}),
+])
+def test_group_by_provider_api_hour_status_and_outcome(
+    db_url: str, capsys: pytest.CaptureFixture[str], by: str, expected: dict[Any, int]
+) -> None:
+    assert usage("--database-url", db_url, "--by", by, "--json", "--since", "all") == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert {g["group"]: g["requests"] for g in groups} == expected
+    if by in ("hour", "status"):
+        assert [g["group"] for g in groups] == sorted(expected)  # in time / code order
+
+
+def test_default_window_is_the_last_24_hours(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = open_store(db_url)
+    store.insert_many([make_record(99, started_at=time.time() - 3600, cost_usd=0.002,
+                                   status=200, end_reason="complete")])
+    store.close()
+    assert usage("--database-url", db_url, "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["totals"]["requests"] == 1 and out["since"] == pytest.approx(
+        time.time() - 86400, abs=60)
+    assert usage("--database-url", db_url) == 0
+    assert "--since all for everything" in capsys.readouterr().out
+    assert usage("--database-url", db_url, "--since", "all", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["requests"] == 8
 
 
 def test_by_day_within_a_window(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -92,11 +92,11 @@ class TrioProxy:
             await send({"type": "lifespan.startup.failed", "message": f"configuration: {exc}"})
             return
         if self._configure_logging:
-            setup_logging(settings.log_level)
+            setup_logging(settings.log_level, settings.log_format)
         try:
             extensions = ExtensionManager(
                 self._extensions if self._extensions is not None
-                else load_extensions(settings.extension_specs),
+                else load_extensions(settings.extension_specs, settings=settings),
                 fail_closed=settings.extensions_fail_closed,
             )
         except Exception as exc:  # noqa: BLE001 - a broken extension must stop start-up, loudly

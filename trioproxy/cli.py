@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from . import __version__
-from .config import ConfigError, Settings
+from .config import CONFIG_ENV, SPECS, ConfigError, Settings
+from .configspec import add_flags, flag_text, flags_as_environment, from_flags, markdown_table
+from .log import setup_logging
 
 DESCRIPTION = """\
 trioproxy: a streaming reverse proxy for the Anthropic and OpenAI APIs.
@@ -19,35 +23,23 @@ Point clients at it:  ANTHROPIC_BASE_URL=http://127.0.0.1:8080
 """
 
 SERVE_EPILOG = """\
-Every flag has an environment variable (TRIOPROXY_<NAME>); flags win. `trioproxy serve` is
-`hypercorn trioproxy:app --worker-class trio` plus settings for long agent streams:
+Every setting has a flag, an environment variable (TRIOPROXY_<NAME>, shown in [brackets]) and a
+key in the TOML file given by --config / TRIOPROXY_CONFIG; flags win over the environment, the
+environment over the file. `trioproxy config --markdown` prints them all as a table.
+`trioproxy serve` is `hypercorn trioproxy:app --worker-class trio` plus settings for long
+agent streams:
 
   hypercorn trioproxy:app --worker-class trio --bind 127.0.0.1:8080 \\
-      --graceful-timeout 600 --keep-alive 75 --websocket-max-message-size 68157440
+      --graceful-timeout 600 --keep-alive 75 --websocket-max-message-size 67108864
   (Hypercorn's read_timeout stays unset: set, it cuts streams that are silent for long.)
 
 TCP_USER_TIMEOUT (--tcp-user-timeout) is set on the listening socket, so a client that stops
 reading is dropped by the kernel after that many seconds instead of pinning its request forever.
-Plain `hypercorn` has no flag for this; use `trioproxy serve` in production.
+Plain `hypercorn` has no flag for this, nor for the request-head limit (--max-header-bytes sets
+Hypercorn's h11_max_incomplete_size); use `trioproxy serve` in production.
 """
 
-# flag -> Settings field, for the flags that map one-to-one onto a setting
-_SETTING_FLAGS = {
-    "anthropic_base_url": "TRIOPROXY_ANTHROPIC_BASE_URL",
-    "openai_base_url": "TRIOPROXY_OPENAI_BASE_URL",
-    "connect_timeout": "TRIOPROXY_CONNECT_TIMEOUT",
-    "read_timeout": "TRIOPROXY_READ_TIMEOUT",
-    "write_timeout": "TRIOPROXY_WRITE_TIMEOUT",
-    "pool_timeout": "TRIOPROXY_POOL_TIMEOUT",
-    "max_connections": "TRIOPROXY_MAX_CONNECTIONS",
-    "max_body_bytes": "TRIOPROXY_MAX_BODY_BYTES",
-    "request_id_header": "TRIOPROXY_REQUEST_ID_HEADER",
-    "sse_keepalive": "TRIOPROXY_SSE_KEEPALIVE",
-    "database_url": "TRIOPROXY_DATABASE_URL",
-    "log_level": "TRIOPROXY_LOG_LEVEL",
-    "ws_max_message_size": "TRIOPROXY_WS_MAX_MESSAGE_SIZE",
-    "ws_ping_interval": "TRIOPROXY_WS_PING_INTERVAL",
-}
+log = logging.getLogger("trioproxy")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -58,46 +50,38 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         epilog=SERVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d = Settings()
-    p.add_argument("--host", default=os.environ.get("TRIOPROXY_HOST", "127.0.0.1"),
-                   help="interface to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("TRIOPROXY_PORT", "8080")),
-                   help="port to listen on (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes sharing the port (default: 1)")
-    p.add_argument("--anthropic-base-url", help=f"Anthropic upstream (default: {d.anthropic_base_url})")
-    p.add_argument("--openai-base-url", help=f"OpenAI upstream (default: {d.openai_base_url})")
-    p.add_argument("--connect-timeout", type=float, help=f"seconds (default: {d.connect_timeout:g})")
-    p.add_argument("--read-timeout", type=float,
-                   help=f"seconds per upstream read; no total cap (default: {d.read_timeout:g})")
-    p.add_argument("--write-timeout", type=float, help=f"seconds (default: {d.write_timeout:g})")
-    p.add_argument("--pool-timeout", type=float,
-                   help=f"seconds to wait for a free upstream connection (default: {d.pool_timeout:g})")
-    p.add_argument("--max-connections", type=int,
-                   help=f"per upstream origin (default: {d.max_connections})")
-    p.add_argument("--max-body-bytes", type=int,
-                   help=f"request body limit, 413 above it (default: {d.max_body_bytes})")
-    p.add_argument("--request-id-header",
-                   help=f"inbound header whose id is adopted (default: {d.request_id_header})")
-    p.add_argument("--sse-keepalive", type=float, metavar="SECONDS",
-                   help="send ': keepalive' after this much upstream SSE silence (default: off)")
-    p.add_argument("--database-url", help="usage store: SQLite path/URL or postgresql:// URL")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default: INFO)")
-    p.add_argument("--extension", action="append", metavar="MODULE:ATTR",
-                   help="load an extension (repeatable; after entry points and "
-                        "TRIOPROXY_EXTENSIONS)")
-    p.add_argument("--graceful-timeout", type=float, default=600.0,
-                   help="seconds in-flight streams may finish after shutdown starts (default: 600)")
-    p.add_argument("--keep-alive", type=float, default=75.0,
-                   help="client keep-alive idle timeout between requests (default: 75)")
-    p.add_argument("--tcp-user-timeout", type=float, default=120.0,
-                   help="drop clients whose sent data stays unacknowledged this long (default: 120)")
-    p.add_argument("--certfile", help="TLS certificate (enables HTTPS and HTTP/2 via ALPN)")
-    p.add_argument("--keyfile", help="TLS private key")
-    p.add_argument("--ws-max-message-size", type=int,
-                   help=f"WebSocket message limit in bytes, both legs (default: {d.ws_max_message_size})")
-    p.add_argument("--ws-ping-interval", type=float,
-                   help=f"seconds between upstream WebSocket pings (default: {d.ws_ping_interval:g})")
+    _add_config_flag(p)
+    add_flags(p, SPECS)
+
+
+def _add_config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help=f"TOML file of settings (keys as in this help, snake_case) [{CONFIG_ENV}]")
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "config", help="check the configuration and print the settings in effect",
+        description="Validate flags, TRIOPROXY_* variables and the config file together, and "
+                    "print the settings in effect as TOML (secrets hidden).",
+    )
+    _add_config_flag(p)
+    p.add_argument("--markdown", action="store_true",
+                   help="print the table of every setting (the README's) instead")
+
+
+def settings_from_args(
+    args: argparse.Namespace, env: Mapping[str, str] | None = None
+) -> tuple[Settings, dict[str, str]]:
+    """Settings from flags > ``env`` > config file > defaults, and the flags as
+    ``TRIOPROXY_*`` variables (worker processes read those). Raises ConfigError."""
+    env = os.environ if env is None else env
+    text = flag_text(SPECS, args)
+    settings = Settings.from_sources(env, config=args.config, flags=from_flags(SPECS, text))
+    exported = flags_as_environment(SPECS, text)
+    if args.config:
+        exported[CONFIG_ENV] = os.path.abspath(args.config)
+    return settings, exported
 
 
 try:
@@ -119,27 +103,34 @@ class TrioproxyConfig(_HypercornConfig):  # type: ignore[misc,valid-type]
         return sockets
 
 
-def build_config(args: argparse.Namespace, settings: Settings | None = None) -> TrioproxyConfig:
+def build_config(settings: Settings) -> TrioproxyConfig:
     """The Hypercorn config ``trioproxy serve`` runs with."""
-    settings = settings or Settings()
     config = TrioproxyConfig()
-    config.tcp_user_timeout_ms = int(args.tcp_user_timeout * 1000)
+    config.tcp_user_timeout_ms = int(settings.tcp_user_timeout * 1000)
     config.application_path = "trioproxy:app"
     config.worker_class = "trio"
-    config.workers = args.workers
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    config.bind = [f"{host}:{args.port}"]
-    config.graceful_timeout = args.graceful_timeout
-    config.keep_alive_timeout = args.keep_alive
+    config.workers = settings.workers
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    config.graceful_timeout = settings.graceful_timeout
+    config.keep_alive_timeout = settings.keep_alive
     config.read_timeout = None
-    # A little above our own limit, so oversize frames reach trioproxy (which closes with 1009
-    # and logs it) instead of being dropped by Hypercorn with only a 1006 to show for it.
-    config.websocket_max_message_size = settings.ws_max_message_size + 1024 * 1024
+    # Hypercorn refuses an oversized message with 1009 while it is still arriving: the same
+    # limit as trioproxy's own, so nothing larger is ever buffered.
+    config.websocket_max_message_size = settings.ws_max_message_size
+    # The request-head limit, whatever the TCP segmentation (h11 counts buffered head bytes;
+    # over it, 431). HTTP/2 keeps at least Hypercorn's default header-list limit, so the app's
+    # own check (same setting) answers there.
+    config.h11_max_incomplete_size = settings.max_header_bytes
+    config.h2_max_header_list_size = max(
+        settings.max_header_bytes, _HypercornConfig.h2_max_header_list_size
+    )
     config.accesslog = None  # trioproxy writes its own structured access line
-    config.errorlog = "-"
-    if args.certfile:
-        config.certfile = args.certfile
-        config.keyfile = args.keyfile
+    # In JSON, Hypercorn's lines go through our handler (see log.setup_logging).
+    config.errorlog = logging.getLogger("hypercorn.error") if settings.log_format == "json" else "-"
+    if settings.certfile:
+        config.certfile = settings.certfile
+        config.keyfile = settings.keyfile
     return config
 
 
@@ -151,32 +142,50 @@ def set_stream_socket_options(sock: socket.socket, user_timeout_ms: int) -> None
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    updates = {
-        env: str(getattr(args, name))
-        for name, env in _SETTING_FLAGS.items()
-        if getattr(args, name, None) is not None
-    }
-    if args.extension:
-        current = os.environ.get("TRIOPROXY_EXTENSIONS", "")
-        updates["TRIOPROXY_EXTENSIONS"] = ",".join(filter(None, [current, *args.extension]))
     try:
-        settings = Settings.from_env({**os.environ, **updates})  # fail fast, before any worker
+        settings, exported = settings_from_args(args)  # fail fast, before any worker
     except ConfigError as exc:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2
-    if bool(args.certfile) != bool(args.keyfile):
-        print("trioproxy: --certfile and --keyfile go together", file=sys.stderr)
-        return 2
     from hypercorn.run import run
 
-    os.environ.update(updates)  # workers are spawned processes: they read the environment
-    scheme = "https" if args.certfile else "http"
-    print(
-        f"trioproxy {__version__} on {scheme}://{args.host}:{args.port} "
-        f"(anthropic -> {settings.anthropic_upstream}, openai -> {settings.openai_upstream})",
-        file=sys.stderr,
+    for name in exported:  # a flag replaces its variable and the variable's _FILE twin
+        os.environ.pop(name.removesuffix("_FILE") + "_FILE", None)
+        os.environ.pop(name.removesuffix("_FILE"), None)
+    os.environ.update(exported)  # workers are spawned processes: they read the environment
+    setup_logging(settings.log_level, settings.log_format)
+    scheme = "https" if settings.certfile else "http"
+    log.info(
+        "trioproxy %s on %s://%s:%s (anthropic -> %s, openai -> %s)", __version__, scheme,
+        settings.host, settings.port, settings.anthropic_upstream, settings.openai_upstream,
     )
-    return run(build_config(args, settings))
+    return run(build_config(settings))
+
+
+def run_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(markdown_table(SPECS))
+        return 0
+    try:
+        settings = Settings.from_env(config=args.config)
+    except ConfigError as exc:
+        print(f"trioproxy: {exc}", file=sys.stderr)
+        return 2
+    for spec in SPECS:
+        value = getattr(settings, spec.name)
+        if spec.secret and value is not None:
+            print(f"{spec.name} = \"***\"  # set")
+        elif value is not None:
+            print(f"{spec.name} = {_toml_value(value)}")
+    return 0
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"trioproxy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
+    _add_config(sub)
     try:
         from .usage_cli import add_usage_parser, run_usage
     except ImportError:  # accounting not installed in this build
@@ -196,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "config":
+        return run_config(args)
     if args.command == "usage" and run_usage is not None:
         return run_usage(args)
     parser.print_help()

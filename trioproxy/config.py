@@ -1,7 +1,9 @@
-"""Settings: read once from ``TRIOPROXY_*`` environment variables, validated at start-up.
+"""Settings: declared once in :class:`Settings`, read once at start-up from flags, the
+``TRIOPROXY_*`` environment, a TOML file (``--config`` / ``TRIOPROXY_CONFIG``) and defaults,
+in that order of precedence, and validated before anything starts.
 
-``trioproxy serve`` has flags for the common settings (they override the environment); the
-README's configuration table lists every variable.
+``trioproxy serve --help`` and the README's configuration table (``python -m trioproxy.config
+--markdown``) are generated from the same declaration.
 """
 
 from __future__ import annotations
@@ -12,11 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from .configspec import (
+    CONFIG_ENV,
+    ConfigError,
+    from_environment,
+    read_config_file,
+    setting,
+    specs_of,
+)
+
+__all__ = ["CONFIG_ENV", "SPECS", "ConfigError", "Settings", "UpstreamURL"]
+
 MiB = 1024 * 1024
-
-
-class ConfigError(ValueError):
-    """A setting has an invalid value; the message names the variable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,85 +64,186 @@ class UpstreamURL:
         return f"{self.scheme}://{self.host_header.decode()}{self.prefix.decode()}"
 
 
-def _bool(value: str, name: str) -> bool:
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {value!r}")
+def _positive(value: float) -> str | None:
+    return "must be > 0" if value <= 0 else None
 
 
-def _float_or_none(value: str, name: str) -> float | None:
-    v = value.strip().lower()
-    if v in ("", "0", "off", "none", "false"):
-        return None
+def _non_negative(value: float) -> str | None:
+    return "must be >= 0" if value < 0 else None
+
+
+def _port(value: int) -> str | None:
+    return "must be a port number, 0-65535" if not 0 <= value <= 65535 else None
+
+
+def _upstream(value: str) -> str | None:
     try:
-        f = float(v)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be a number of seconds or 'off', got {value!r}") from exc
-    if f < 0:
-        raise ConfigError(f"{name} must not be negative, got {value!r}")
-    return f
+        UpstreamURL.parse(value)
+    except ConfigError as exc:
+        return str(exc).removeprefix("base URL ")
+    return None
+
+
+def _header_name(value: str) -> str | None:
+    ok = value and value == value.strip().lower() and " " not in value
+    return None if ok else "must be a lower-case header name"
+
+
+def _lower(text: str) -> str:
+    return text.strip().lower()
+
+
+def _upper(text: str) -> str:
+    return text.strip().upper()
+
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _level(value: str) -> str | None:
+    return None if value.upper() in LEVELS else f"must be one of {', '.join(LEVELS)}"
+
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """All runtime settings. Field ``x`` is read from ``TRIOPROXY_X``."""
+    """All settings, one declaration each: ``TRIOPROXY_<NAME>``, ``--<name>``, TOML key ``name``.
 
-    anthropic_base_url: str = "https://api.anthropic.com"
-    openai_base_url: str = "https://api.openai.com"
-    connect_timeout: float = 10.0
-    read_timeout: float = 600.0  # per read; there is no total-duration cap
-    write_timeout: float = 60.0
-    write_stall_timeout: float = 60.0  # a client that reads nothing this long ends its stream
-    pool_timeout: float = 30.0
-    max_connections: int = 200  # per upstream origin
-    keepalive_expiry: float = 30.0  # idle upstream connections older than this are closed
-    max_body_bytes: int = 32 * MiB
-    request_id_header: str = "x-trioproxy-request-id"
-    sse_keepalive: float | None = None  # seconds of upstream silence before a ": keepalive"
-    database_url: str | None = None  # None: SQLite at the per-user data path
-    data_home: str | None = None  # XDG_DATA_HOME; None: ~/.local/share
-    store_timeout: float = 10.0  # bounds every store call (connect, statement)
-    usage_max_pending: int = 10_000  # records held in memory; more go to the spill file
-    usage_lookup_timeout: float = 15.0  # GET /v1/usage/{id} answers 503 past this
-    accounting: bool = True
-    log_level: str = "INFO"
-    channel_size: int = 16  # chunks buffered between upstream reader and client writer
-    admin_token: str | None = None  # may read every usage record via GET /v1/usage/{id}
-    extensions: str = ""  # "module:attr,module:attr" loaded after the entry points
-    extensions_fail_closed: bool = False
-    bypass_headers: str = "x-trioproxy-bypass"  # comma list; "true" in any of them = bypass
-    include_usage: bool = True  # inject stream_options.include_usage for Chat streams
-    ws_max_message_size: int = 64 * MiB
-    ws_ping_interval: float | None = 20.0
+    ``Settings.from_env()`` applies flags (``overrides``) > environment > config file > defaults.
+    """
+
+    # -- serving (``trioproxy serve``; plain Hypercorn has its own flags for these) -----------
+    host: str = setting("127.0.0.1", "interface to listen on (trioproxy serve)",
+                        example="0.0.0.0")
+    port: int = setting(8080, "port to listen on (trioproxy serve; plain Hypercorn: 8000)",
+                        example="9090", check=_port)
+    workers: int = setting(1, "worker processes sharing the port (trioproxy serve)",
+                           example="3", check=_positive)
+    graceful_timeout: float = setting(
+        600.0, "seconds in-flight streams may finish after shutdown starts (trioproxy serve)",
+        example="30", check=_non_negative)
+    keep_alive: float = setting(
+        75.0, "seconds an idle client connection stays open between requests (trioproxy serve)",
+        example="5", check=_positive)
+    tcp_user_timeout: float = setting(
+        120.0, "drop clients whose sent data stays unacknowledged this many seconds "
+        "(TCP_USER_TIMEOUT; trioproxy serve)", example="45", check=_positive)
+    certfile: str | None = setting(
+        None, "TLS certificate (PEM): serve HTTPS, HTTP/2 via ALPN (trioproxy serve)",
+        example="/etc/trioproxy/cert.pem", metavar="FILE")
+    keyfile: str | None = setting(None, "TLS private key (PEM), with certfile (trioproxy serve)",
+                                  example="/etc/trioproxy/key.pem", metavar="FILE")
+    max_header_bytes: int = setting(
+        16384, "largest request head (request line + headers) accepted; larger heads get 431",
+        example="32768", check=_positive)
+    # -- upstreams -----------------------------------------------------------------------------
+    anthropic_base_url: str = setting(
+        "https://api.anthropic.com", "Anthropic upstream (origin + optional path prefix)",
+        example="http://127.0.0.1:9000/anthropic", check=_upstream, metavar="URL")
+    openai_base_url: str = setting("https://api.openai.com", "OpenAI upstream",
+                                   example="http://127.0.0.1:9001", check=_upstream,
+                                   metavar="URL")
+    connect_timeout: float = setting(10.0, "seconds to connect upstream (TCP + TLS + CONNECT)",
+                                     example="3", check=_positive, metavar="SECONDS")
+    read_timeout: float = setting(600.0, "seconds per upstream read; no total-duration cap",
+                                  example="120", check=_positive, metavar="SECONDS")
+    write_timeout: float = setting(60.0, "seconds to send the request upstream",
+                                   example="20", check=_positive, metavar="SECONDS")
+    write_stall_timeout: float = setting(
+        60.0, "seconds a client may read nothing while its stream waits; then the stream ends "
+        "(client_stalled) and its upstream connection is freed", example="120", check=_positive,
+        metavar="SECONDS")
+    pool_timeout: float = setting(30.0, "seconds to wait for a free upstream connection",
+                                  example="5", check=_positive, metavar="SECONDS")
+    max_connections: int = setting(200, "upstream connections per origin", example="50",
+                                   check=_positive)
+    keepalive_expiry: float = setting(30.0, "idle upstream connections older than this many "
+                                      "seconds are not reused", example="10",
+                                      check=_non_negative, metavar="SECONDS")
+    # -- requests ------------------------------------------------------------------------------
+    max_body_bytes: int = setting(32 * MiB, "request body limit in bytes; 413 above it",
+                                  example="1048576", check=_positive)
+    request_id_header: str = setting(
+        "x-trioproxy-request-id", "inbound header whose request id is adopted",
+        example="X-Api-Request-Log-Id", check=_header_name, metavar="NAME", normalize=_lower)
+    sse_keepalive: float | None = setting(
+        None, "seconds of upstream SSE silence before a ': keepalive' comment ('off': never)",
+        example="15", shown_default="off", metavar="SECONDS")
+    include_usage: bool = setting(True, "inject stream_options.include_usage into streamed "
+                                  "Chat Completions requests", example="false")
+    bypass_headers: str = setting("x-trioproxy-bypass", "comma list of header names whose "
+                                  "value 'true' requests the bypass", example="x-a,x-b",
+                                  metavar="NAMES")
+    channel_size: int = setting(16, "chunks buffered between upstream reader and client writer",
+                                example="4", check=_positive)
+    # -- WebSocket -----------------------------------------------------------------------------
+    ws_max_message_size: int = setting(64 * MiB, "WebSocket message limit in bytes, both legs; "
+                                       "larger messages close with 1009", example="1048576",
+                                       check=_positive)
+    ws_ping_interval: float | None = setting(20.0, "seconds between pings on the upstream "
+                                             "WebSocket leg ('off': none)", example="off",
+                                             metavar="SECONDS")
+    # -- accounting ----------------------------------------------------------------------------
+    accounting: bool = setting(True, "record usage at all", example="false")
+    database_url: str | None = setting(
+        None, "usage store: SQLite path/URL or postgresql://… URL", example="/tmp/usage.db",
+        secret=True, shown_default="SQLite in $XDG_DATA_HOME/trioproxy", metavar="URL")
+    data_home: str | None = setting(
+        None, "directory for the default SQLite ledger, spill and secret files (else "
+        "$XDG_DATA_HOME, else ~/.local/share)", example="/var/lib", metavar="DIR",
+        shown_default="$XDG_DATA_HOME")
+    store_timeout: float = setting(10.0, "seconds any usage-store call may take (connect, "
+                                   "statement) before it counts as an outage", example="5",
+                                   check=_positive, metavar="SECONDS")
+    usage_max_pending: int = setting(10_000, "usage records held in memory while the store is "
+                                     "down; more go to the spill file", example="1000",
+                                     check=_positive)
+    usage_lookup_timeout: float = setting(15.0, "seconds GET /v1/usage/{id} waits for the store "
+                                          "before answering 503", example="5", check=_positive,
+                                          metavar="SECONDS")
+    fingerprint_secret: str | None = setting(
+        None, "HMAC secret for API key fingerprints (the same on every host sharing a store)",
+        example="shared-secret", secret=True, shown_default="generated once",
+        metavar="SECRET")
+    admin_token: str | None = setting(
+        None, "token that may read every record via GET /v1/usage/{id}", example="admin-token",
+        secret=True, metavar="TOKEN")
+    # -- extensions ----------------------------------------------------------------------------
+    extensions: str = setting(
+        "", "extensions module:attr, loaded after the entry points (comma list)",
+        example="trioproxy.contrib.model_alias:ModelAlias", flag="--extension",
+        repeatable=True, metavar="MODULE:ATTR")
+    extensions_fail_closed: bool = setting(False, "500 instead of fail-open when a hook fails",
+                                           example="true")
+    model_aliases: dict[str, str] = setting(  # noqa: RUF009 - a field(default_factory=dict)
+        {}, "model renames for trioproxy.contrib.model_alias (JSON object / TOML table)",
+        example='{"fast": "claude-haiku-4-5"}', metavar="JSON")
+    # -- logging -------------------------------------------------------------------------------
+    log_level: str = setting("INFO", "log level (DEBUG, INFO, WARNING, ERROR)", example="DEBUG",
+                             check=_level, metavar="LEVEL", normalize=_upper)
+    log_format: str = setting("text", "log line format: text, or one JSON object per line",
+                              example="json", choices=("text", "json"), normalize=_lower)
     # Parsed once here, not on every request:
     anthropic_upstream: UpstreamURL = field(init=False, repr=False, compare=False)
     openai_upstream: UpstreamURL = field(init=False, repr=False, compare=False)
     bypass_header_names: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        parse = UpstreamURL.parse
-        object.__setattr__(self, "anthropic_upstream",
-                           parse(self.anthropic_base_url, name="TRIOPROXY_ANTHROPIC_BASE_URL"))
-        object.__setattr__(self, "openai_upstream",
-                           parse(self.openai_base_url, name="TRIOPROXY_OPENAI_BASE_URL"))
-        object.__setattr__(self, "bypass_header_names", tuple(
+        for spec in SPECS:
+            problem = spec.problem(getattr(self, spec.name))
+            if problem:
+                shown = "" if spec.secret else f", got {getattr(self, spec.name)!r}"
+                raise ConfigError(f"{spec.env} {problem}{shown}")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ConfigError("certfile and keyfile (TRIOPROXY_CERTFILE, TRIOPROXY_KEYFILE) "
+                              "go together")
+        set_ = object.__setattr__
+        set_(self, "log_level", self.log_level.upper())
+        set_(self, "anthropic_upstream", UpstreamURL.parse(self.anthropic_base_url))
+        set_(self, "openai_upstream", UpstreamURL.parse(self.openai_base_url))
+        set_(self, "bypass_header_names", tuple(
             n.strip().lower().encode() for n in self.bypass_headers.split(",") if n.strip()
         ))
-        for name in ("connect_timeout", "read_timeout", "write_timeout", "pool_timeout",
-                     "write_stall_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"TRIOPROXY_{name.upper()} must be > 0")
-        if self.max_body_bytes <= 0 or self.max_connections <= 0 or self.channel_size <= 0:
-            raise ConfigError("sizes and limits must be positive")
-        if self.ws_max_message_size <= 0:
-            raise ConfigError("TRIOPROXY_WS_MAX_MESSAGE_SIZE must be > 0")
-        if self.ws_ping_interval is not None and self.ws_ping_interval <= 0:
-            raise ConfigError("TRIOPROXY_WS_PING_INTERVAL must be > 0 or 'off'")
-        if not self.request_id_header or self.request_id_header != self.request_id_header.lower():
-            raise ConfigError("TRIOPROXY_REQUEST_ID_HEADER must be a lower-case header name")
 
     @property
     def extension_specs(self) -> list[str]:
@@ -143,42 +253,34 @@ class Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Build settings from ``TRIOPROXY_*`` variables; ``overrides`` (e.g. CLI flags) win."""
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, config: str | None = None,
+        **overrides: object,
+    ) -> Settings:
+        """Settings from, in order of precedence: ``overrides`` (typed values; None means not
+        given), ``TRIOPROXY_*`` variables in ``env`` (default ``os.environ``), the TOML file
+        ``config`` (default ``$TRIOPROXY_CONFIG``), the defaults."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls.from_sources(env, config=config, flags=given)
+
+    @classmethod
+    def from_sources(
+        cls, env: Mapping[str, str] | None = None, *, config: str | None = None,
+        flags: Mapping[str, object] | None = None,
+    ) -> Settings:
+        """Like :meth:`from_env`, with ``flags`` whose None values are given values
+        (``--sse-keepalive off``)."""
         env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for f in dataclasses.fields(cls):
-            key = f"TRIOPROXY_{f.name.upper()}"
-            if not f.init or key not in env:
-                continue
-            values[f.name] = _convert(f.name, env[key], key)
-        if env.get("XDG_DATA_HOME"):
-            values["data_home"] = env["XDG_DATA_HOME"]
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        path = config or env.get(CONFIG_ENV)
+        values = read_config_file(SPECS, path) if path else {}
+        values.update(from_environment(SPECS, env))
+        if "data_home" not in values and env.get("XDG_DATA_HOME"):
+            values["data_home"] = env["XDG_DATA_HOME"]  # the standard's own variable, below ours
+        unknown = set(flags or {}) - {s.name for s in SPECS}
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        values.update(flags or {})
         return cls(**values)  # type: ignore[arg-type]
 
 
-_DEFAULTS = Settings.__dataclass_fields__
-
-
-def _convert(name: str, raw: str, key: str) -> object:
-    default = _DEFAULTS[name].default
-    if name in ("sse_keepalive", "ws_ping_interval"):
-        return _float_or_none(raw, key)
-    if name in ("database_url", "admin_token", "data_home"):
-        return raw or None
-    if isinstance(default, bool):
-        return _bool(raw, key)
-    if isinstance(default, int):
-        try:
-            return int(raw)
-        except ValueError as exc:
-            raise ConfigError(f"{key} must be an integer, got {raw!r}") from exc
-    if isinstance(default, float):
-        try:
-            return float(raw)
-        except ValueError as exc:
-            raise ConfigError(f"{key} must be a number, got {raw!r}") from exc
-    if name == "request_id_header":
-        return raw.strip().lower()
-    return raw
+SPECS = specs_of(Settings)

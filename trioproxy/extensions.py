@@ -203,9 +203,12 @@ class ExtensionManager:
                 pass  # the response is already over: nothing to fail closed
 
 
-def _instantiate(obj: Any, name: str) -> Extension:
+def _instantiate(obj: Any, name: str, settings: Any = None) -> Extension:
+    """An extension from a class (built with ``from_settings(settings)`` when it has one),
+    a factory or an instance."""
     if isinstance(obj, type):
-        obj = obj()
+        from_settings = getattr(obj, "from_settings", None)
+        obj = from_settings(settings) if settings is not None and from_settings else obj()
     elif callable(obj) and not isinstance(obj, Extension):
         obj = obj()  # a factory
     if not isinstance(obj, Extension):
@@ -215,7 +218,7 @@ def _instantiate(obj: Any, name: str) -> Extension:
     return obj
 
 
-def load_spec(spec: str) -> Extension:
+def load_spec(spec: str, settings: Any = None) -> Extension:
     """Load ``module:attr`` (a class, a factory or an instance)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -223,14 +226,16 @@ def load_spec(spec: str) -> Extension:
     obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)
-    return _instantiate(obj, spec)
+    return _instantiate(obj, spec, settings)
 
 
-def load_extensions(specs: Sequence[str] = (), *, use_entry_points: bool = True) -> list[Extension]:
-    """Entry points (sorted by name) first, then ``specs`` in the given order."""
+def load_extensions(specs: Sequence[str] = (), *, use_entry_points: bool = True,
+                    settings: Any = None) -> list[Extension]:
+    """Entry points (sorted by name) first, then ``specs`` in the given order. Classes with a
+    ``from_settings`` class method are built from ``settings`` (a trioproxy Settings)."""
     found: list[Extension] = []
     if use_entry_points:
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            found.append(_instantiate(ep.load(), ep.name))
-    found.extend(load_spec(s.strip()) for s in specs if s.strip())
+            found.append(_instantiate(ep.load(), ep.name, settings))
+    found.extend(load_spec(s.strip(), settings) for s in specs if s.strip())
     return found

@@ -117,7 +117,13 @@ async def open_ledger(
     """
     home = settings.data_home
     url = resolve_database_url(settings.database_url, home)
-    secret = await trio.to_thread.run_sync(load_or_create_secret, secret_path_for(url, home))
+    secret = await trio.to_thread.run_sync(
+        load_or_create_secret, secret_path_for(url, home), settings.fingerprint_secret)
+    try:  # migrations at start-up; a store that is down is retried by the writer instead
+        await trio.to_thread.run_sync(_migrate, url, settings.store_timeout)
+    except Exception as exc:  # noqa: BLE001 - any store failure: keep proxying
+        log.warning("usage store not migrated at start-up (%s: %s); the writer will retry",
+                    type(exc).__name__, _safe_error(exc, url))
     async with open_usage_writer(
         lambda: open_store(url, data_home=home, timeout=settings.store_timeout),
         spill_path=spill_path_for(url, home), shutdown_timeout=10.0,
@@ -126,6 +132,19 @@ async def open_ledger(
         log.info("usage ledger: %s", _safe_url(url))
         task_status.started((writer, secret))
         await trio.sleep_forever()
+
+
+def _migrate(url: str, timeout: float) -> None:
+    store = open_store(url, timeout=timeout)
+    try:
+        store.migrate()
+    finally:
+        store.close()
+
+
+def _safe_error(exc: Exception, url: str) -> str:
+    """An error's text without the database URL's password."""
+    return str(exc).replace(url, _safe_url(url))
 
 
 def _safe_url(url: str) -> str:

@@ -1,11 +1,12 @@
 """API keys: extraction from request headers, and keyed fingerprints (the key is never stored).
 
 A record stores ``HMAC-SHA256(secret, key)`` truncated to 16 hex digits and the key's last four
-characters. The secret comes from ``TRIOPROXY_FINGERPRINT_SECRET`` or a random 32-byte file
-created once (mode 0600) next to the SQLite database / in the data directory.
+characters. The secret is the ``fingerprint_secret`` setting (``TRIOPROXY_FINGERPRINT_SECRET``
+or ``…_FILE``) or a random 32-byte file created once (mode 0600) next to the SQLite database /
+in the data directory.
 
-With a PostgreSQL store shared by several hosts, set the same ``TRIOPROXY_FINGERPRINT_SECRET``
-on every host: otherwise each host fingerprints the same key differently, and ``GET
+With a PostgreSQL store shared by several hosts, set the same ``fingerprint_secret`` on every
+host: otherwise each host fingerprints the same key differently, and ``GET
 /v1/usage/{id}`` and ``trioproxy usage --by key`` cannot match records across hosts.
 """
 
@@ -17,9 +18,8 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["SECRET_ENV", "extract_api_key", "fingerprint", "load_or_create_secret"]
+__all__ = ["extract_api_key", "fingerprint", "load_or_create_secret"]
 
-SECRET_ENV = "TRIOPROXY_FINGERPRINT_SECRET"
 SECRET_BYTES = 32
 FINGERPRINT_HEX = 16
 _MIN_LAST4_KEY = 12  # shorter keys would be mostly revealed by their last four characters
@@ -54,17 +54,18 @@ def fingerprint(key: str, secret: bytes) -> tuple[str, str]:
     return digest[:FINGERPRINT_HEX], last4
 
 
-def load_or_create_secret(path: str | os.PathLike[str]) -> bytes:
-    """The fingerprint secret: ``$TRIOPROXY_FINGERPRINT_SECRET`` if set, else the file at
-    ``path``, created with 32 random bytes (mode 0600) if missing.
+def load_or_create_secret(
+    path: str | os.PathLike[str], configured: str | None = None
+) -> bytes:
+    """The fingerprint secret: ``configured`` (the ``fingerprint_secret`` setting) if set,
+    else the file at ``path``, created with 32 random bytes (mode 0600) if missing.
 
     Creation is atomic: the secret is written to a private temporary file that is then
     hard-linked into place, which fails if another process got there first; the loser reads
     the winner's file. So worker processes starting at once all agree.
     """
-    env = os.environ.get(SECRET_ENV)
-    if env:
-        return env.encode("utf-8")
+    if configured:
+        return configured.encode("utf-8", "surrogateescape")
     target = Path(path)
     try:
         return _read_secret(target)
@@ -92,6 +93,6 @@ def _read_secret(path: Path) -> bytes:
     if len(data) < 16:
         raise ValueError(
             f"fingerprint secret {path} is too short ({len(data)} bytes): delete it to "
-            f"regenerate, or set {SECRET_ENV}"
+            "regenerate, or set TRIOPROXY_FINGERPRINT_SECRET(_FILE)"
         )
     return data

@@ -1,7 +1,11 @@
 """The read side: time ranges, per-group totals and their table / JSON rendering.
 
-Used by ``trioproxy usage``; works on either store. Days are UTC days; an ISO date or time
+Used by ``trioproxy usage``; works on either store. Days and hours are UTC; an ISO date or time
 without a zone is taken as UTC too, so ``--since 2025-06-01 --by day`` lines up.
+
+Costs: a request is *priced* (its cost is known), *unpriced* (it reached a model, but the price
+is unknown: the total shows ``+?``) or *free* by nature (it never reached a model: a 404, a
+413, a connect failure, an error answer, ``GET /v1/models``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ _RELATIVE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*\Z", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _TOTAL_FIELDS = (
     "requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-    "reasoning_tokens", "priced_requests", "unpriced_requests",
+    "reasoning_tokens", "priced_requests", "unpriced_requests", "free_requests",
 )
 
 
@@ -69,7 +73,12 @@ def summarize(
 def _totals(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
     totals: dict[str, Any] = {name: sum(g[name] for g in groups) for name in _TOTAL_FIELDS}
     costs = [g["cost_usd"] for g in groups if g["cost_usd"] is not None]
-    totals["cost_usd"] = sum(costs) if costs else None
+    totals["cost_usd"] = sum(costs) if costs else (None if totals["unpriced_requests"] else 0.0)
+    outcomes: dict[str, int] = {}
+    for g in groups:
+        for name, n in g["outcomes"].items():
+            outcomes[name] = outcomes.get(name, 0) + n
+    totals["outcomes"] = outcomes
     return totals
 
 
@@ -84,24 +93,31 @@ def _label(group_by: str, group: dict[str, Any]) -> str:
 
 
 def _cost(cost: float | None, unpriced: int) -> str:
+    """Dollars to the micro-dollar (a small request costs well under a cent); ``?`` unknown."""
     if cost is None:
         return "?"
-    return f"{cost:,.4f}" + ("+?" if unpriced else "")
+    return f"{cost:,.6f}" + ("+?" if unpriced else "")
+
+
+def _outcomes(outcomes: dict[str, int]) -> str:
+    """``ok 12, timeout 1``: ok first, then the most frequent."""
+    order = sorted(outcomes.items(), key=lambda kv: (kv[0] != "ok", -kv[1], kv[0]))
+    return ", ".join(f"{name} {n:,}" for name, n in order)
 
 
 def format_table(summary: dict[str, Any]) -> str:
     """A plain-text table; unknown cost shows as ``?`` and is counted in ``unpriced``."""
     group_by = summary["group_by"]
     header = [group_by, "requests", "input", "output", "cache read", "cache write", "reasoning",
-              "cost_usd", "unpriced"]
+              "cost_usd", "unpriced", "outcomes"]
     rows = [_row(_label(group_by, g), g) for g in summary["groups"]]
     rows.append(_row("total", summary["totals"]))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
         first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest]).rstrip()
+        rest = (c.rjust(w) for c, w in zip(cells[1:-1], widths[1:-1], strict=True))
+        return "  ".join([first, *rest, cells[-1]]).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     body = [*map(line, rows[:-1]), rule] if len(rows) > 1 else []
@@ -114,4 +130,4 @@ def _row(label: str, g: dict[str, Any]) -> list[str]:
         "reasoning_tokens",
     )]
     return [label, *counts, _cost(g["cost_usd"], g["unpriced_requests"]),
-            f"{g['unpriced_requests']:,}"]
+            f"{g['unpriced_requests']:,}", _outcomes(g["outcomes"])]

@@ -49,7 +49,9 @@ __all__ = [
 
 log = logging.getLogger("trioproxy.accounting")
 
-GROUP_BY: tuple[str, ...] = ("model", "key", "session", "day")
+GROUP_BY: tuple[str, ...] = (
+    "model", "key", "session", "day", "hour", "provider", "api", "status", "outcome",
+)
 LOOKUP_LIMIT = 100  # candidates returned by one look-up
 
 # Versioned migrations, applied in order at start-up inside one locked transaction. Never edit
@@ -141,7 +143,7 @@ class Store(abc.ABC):
     def aggregate(
         self, group_by: str, since: float | None = None, until: float | None = None
     ) -> list[dict[str, Any]]:
-        """Totals per group (``model``, ``key``, ``session`` or ``day`` in UTC) over
+        """Totals per group (one of :data:`GROUP_BY`; days and hours in UTC) over
         ``since <= started_at < until``."""
 
     @abc.abstractmethod
@@ -264,20 +266,52 @@ class SQLStore(Store):
             "key": "key_fingerprint",
             "session": "session_id",
             "day": self.day_expr,
+            # floor(started_at / 3600) in both dialects (NUMERIC rounds half away from zero)
+            "hour": "ROUND(CAST(started_at / 3600 - 0.5 AS NUMERIC))",
+            "provider": "provider",
+            "api": "api",
+            "status": "status",
+            "outcome": _OUTCOME,
         }
         if group_by not in exprs:
             raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}, not {group_by!r}")
         where, params = _time_filter(since, until)
         sums = ", ".join(f"SUM({c})" for c in _SUMS)
         sql = (
-            f"SELECT {exprs[group_by]}, COUNT(*), {sums}, SUM(cost_usd), COUNT(cost_usd), "
-            f"MAX(key_last4), MIN(started_at), MAX(started_at) FROM usage_records{where} "
-            "GROUP BY 1"
+            f"SELECT {exprs[group_by]}, {_OUTCOME}, {_BILLING}, COUNT(*), {sums}, "
+            f"SUM(cost_usd), MAX(key_last4), MIN(started_at), MAX(started_at) "
+            f"FROM usage_records{where} GROUP BY 1, 2, 3"
         )
         with self._cursor() as cur:
             cur.execute(self._sql(sql), params)
             rows = cur.fetchall()
-        return _sort_groups([_group_dict(group_by, row) for row in rows], group_by)
+        groups: dict[Any, dict[str, Any]] = {}
+        for row in rows:
+            _group_dict(groups, group_by, row)
+        return _sort_groups(list(groups.values()), group_by)
+
+
+# What a request came to (``ok``, ``upstream_4xx``/``upstream_5xx`` for an upstream's error
+# answer, else why it ended: ``client_disconnect``, ``upstream_error``, ``connect_error``,
+# ``timeout``, ``rejected``, ``cancelled``, ...).
+_OUTCOME = (
+    "CASE WHEN end_reason = 'complete' AND status >= 500 THEN 'upstream_5xx' "
+    "WHEN end_reason = 'complete' AND status >= 400 THEN 'upstream_4xx' "
+    "WHEN end_reason = 'complete' THEN 'ok' "
+    "ELSE COALESCE(end_reason, 'unknown') END"
+)
+# Whether a request cost something: priced; unpriced (tokens, or a model answered, but no
+# known price); or free by nature: it never reached a model (404, 413, connect failures,
+# refused or errored before generation, other endpoints such as GET /v1/models).
+_BILLING = (
+    "CASE WHEN cost_usd IS NOT NULL THEN 'priced' "
+    "WHEN COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0) > 0 THEN 'unpriced' "
+    "WHEN api IN ('anthropic.messages', 'openai.chat', 'openai.responses') AND status < 400 "
+    "THEN 'unpriced' "
+    "WHEN end_reason = 'timeout' AND substr(error, 1, 21) = 'upstream read timeout' "
+    "THEN 'unpriced' "
+    "ELSE 'free' END"
+)
 
 
 def _time_filter(since: float | None, until: float | None) -> tuple[str, tuple[float, ...]]:
@@ -291,23 +325,42 @@ def _time_filter(since: float | None, until: float | None) -> tuple[str, tuple[f
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
 
 
-def _group_dict(group_by: str, row: Sequence[Any]) -> dict[str, Any]:
-    group, requests, *sums = row[:2 + len(_SUMS)]
-    cost, priced, last4, first_at, last_at = row[2 + len(_SUMS):]
-    out: dict[str, Any] = {"group": group, "requests": int(requests)}
-    out.update({name: int(v) if v is not None else 0 for name, v in zip(_SUMS, sums, strict=True)})
-    out["cost_usd"] = float(cost) if cost is not None else None
-    out["priced_requests"] = int(priced)
-    out["unpriced_requests"] = int(requests) - int(priced)
-    if group_by == "key":
+def _group_dict(groups: dict[Any, dict[str, Any]], group_by: str, row: Sequence[Any]) -> None:
+    """Fold one (group, outcome, billing) row into its group's totals."""
+    group, outcome, billing, requests, *sums = row[:4 + len(_SUMS)]
+    cost, last4, first_at, last_at = row[4 + len(_SUMS):]
+    if group_by == "hour" and group is not None:
+        group = time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(int(group) * 3600))
+    elif group_by == "status" and group is not None:
+        group = int(group)
+    out = groups.get(group)
+    if out is None:
+        out = groups[group] = {"group": group, "requests": 0, **dict.fromkeys(_SUMS, 0),
+                               "cost_usd": None, "priced_requests": 0, "unpriced_requests": 0,
+                               "free_requests": 0, "outcomes": {},
+                               "first_at": first_at, "last_at": last_at}
+        if group_by == "key":
+            out["key_last4"] = last4
+    n = int(requests)
+    out["requests"] += n
+    for name, v in zip(_SUMS, sums, strict=True):
+        out[name] += int(v) if v is not None else 0
+    out[f"{billing}_requests"] += n
+    if cost is not None:
+        out["cost_usd"] = (out["cost_usd"] or 0.0) + float(cost)
+    out["outcomes"][outcome] = out["outcomes"].get(outcome, 0) + n
+    if group_by == "key" and last4 and not out["key_last4"]:
         out["key_last4"] = last4
-    out["first_at"], out["last_at"] = first_at, last_at
-    return out
+    out["first_at"] = min(out["first_at"], first_at)
+    out["last_at"] = max(out["last_at"], last_at)
 
 
 def _sort_groups(groups: list[dict[str, Any]], group_by: str) -> list[dict[str, Any]]:
-    if group_by == "day":
-        return sorted(groups, key=lambda g: g["group"] or "")
+    for g in groups:  # nothing to price is free, not unknown
+        if g["cost_usd"] is None and not g["unpriced_requests"]:
+            g["cost_usd"] = 0.0
+    if group_by in ("day", "hour", "status"):
+        return sorted(groups, key=lambda g: (g["group"] is None, g["group"] or 0))
     return sorted(groups, key=lambda g: (-(g["cost_usd"] or 0.0), -g["requests"], str(g["group"])))
 
 
