@@ -1,7 +1,10 @@
 """Per-chunk cost of what trioproxy does on the hot path besides moving bytes.
 
 Measures, per SSE event (one event per chunk, as upstreams send them):
-- the usage parser's ``feed`` for each API (Anthropic, Chat, Responses);
+- the usage parser's ``feed`` for each API (Anthropic, Chat, Responses), without and with a
+  ``LatencyTracker`` (chunk times passed as ``feed(chunk, now)``, "arg", or set as
+  ``parser.now`` before ``feed(chunk)``, "attr");
+- the tracker alone (one content event and one relayed chunk per event);
 - the include_usage ``UsageChunkStripper`` on a Chat stream;
 - ``Exchange.observe_chunk`` (timing and byte counters);
 and, for scale, one ``b"".join`` of two chunks (the writer's coalescing).
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trioproxy.exchange import Exchange
+from trioproxy.latency import LatencyTracker
 from trioproxy.providers import make_parser
 from trioproxy.testing import anthropic_sse, openai_chat_sse, openai_responses_sse
 from trioproxy.usage_wire import UsageChunkStripper
@@ -61,6 +65,37 @@ def _parser_run(api: str) -> Callable[[list[bytes]], None]:
     return run
 
 
+def _timed_parser_run(api: str, how: str) -> Callable[[list[bytes]], None]:
+    """The parser with a LatencyTracker, given each chunk's time as ``feed(chunk, now)``
+    (how="arg") or as ``parser.now = now`` before ``feed(chunk)`` (how="attr")."""
+    def run(events: list[bytes]) -> None:
+        tracker = LatencyTracker(0.0)
+        parser = make_parser(api, streaming=True, latency=tracker)
+        now = 0.0
+        if how == "arg":
+            for e in events:
+                now += 0.001
+                parser.feed(e, now)
+        else:
+            for e in events:
+                now += 0.001
+                parser.now = now
+                parser.feed(e)
+        tracker.finish(now, parser.finish().output_tokens)
+
+    return run
+
+
+def _tracker_run(events: list[bytes]) -> None:
+    tracker = LatencyTracker(0.0)
+    now = 0.0
+    for _ in events:
+        now += 0.001
+        tracker.on_content(now)
+        tracker.on_relay(now, now + 0.0001)
+    tracker.finish(now, len(events))
+
+
 def _stripper_run(events: list[bytes]) -> None:
     s = UsageChunkStripper()
     for e in events:
@@ -91,6 +126,11 @@ def main() -> None:
         (f"parser {api}", _parser_run(api), events) for api, events in streams.items()
     ]
     cases += [
+        (f"parser {api} + latency, {how}", _timed_parser_run(api, how), events)
+        for api, events in streams.items() for how in ("arg", "attr")
+    ]
+    cases += [
+        ("LatencyTracker on_content+on_relay", _tracker_run, streams["openai.chat"]),
         ("include_usage stripper (chat)", _stripper_run, streams["openai.chat"]),
         ("Exchange.observe_chunk", _observe_run, streams["openai.chat"]),
         ("writer coalesce join (per pair)", _join_run, streams["openai.chat"]),
@@ -101,9 +141,9 @@ def main() -> None:
         samples = _time_per_event(fn, events, args.repeat)
         rows.append({"case": name, "events": len(events), "median_ns": statistics.median(samples),
                      "p99_ns": max(samples), "mean_event_bytes": sum(map(len, events)) / len(events)})
-    print(f"{'per event':40} {'median':>10} {'worst of runs':>14} {'event size':>11}")
+    print(f"{'per event':44} {'median':>10} {'worst of runs':>14} {'event size':>11}")
     for r in rows:
-        print(f"{r['case']:40} {r['median_ns'] / 1000:8.2f}µs {r['p99_ns'] / 1000:12.2f}µs "
+        print(f"{r['case']:44} {r['median_ns'] / 1000:8.2f}µs {r['p99_ns'] / 1000:12.2f}µs "
               f"{r['mean_event_bytes']:9.0f} B")
     RESULTS.mkdir(exist_ok=True)
     out = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},

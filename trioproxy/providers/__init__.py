@@ -1,13 +1,15 @@
 """Per-API usage parsers: ``make_parser(api, streaming=..., content_encoding=...)``.
 
-Every parser has ``feed(bytes) -> None`` and ``finish() -> Usage`` and never raises; the
-Responses parser also has ``feed_event(dict)`` / ``feed_message(str | bytes)`` for WebSocket
-frames. Compressed bodies are decompressed on the side (the relayed bytes are untouched).
+Every parser has ``feed(bytes, now=None) -> None`` and ``finish() -> Usage`` and never raises;
+the Responses parser also has ``feed_event(dict, now=None)`` / ``feed_message(str | bytes,
+now=None, kind=None)`` for WebSocket frames. ``now`` (the relay's clock) times the content events
+reported to ``parser.latency``. Compressed bodies are decompressed on the side (the relayed bytes are untouched).
 """
 
 from __future__ import annotations
 
 from ..decoding import MAX_DECODED_BYTES, DecodeError, Decoder, is_supported
+from ..latency import LatencyTracker
 from .anthropic import AnthropicCountTokensParser, AnthropicMessagesParser
 from .base import NullParser, Usage, UsageParser
 from .openai_chat import OpenAIChatParser
@@ -52,7 +54,7 @@ class DecodingParser(UsageParser):
         except DecodeError as exc:
             self.give_up(str(exc))
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes, now: float | None = None) -> None:
         if self._decoder is None or not data:
             return
         try:
@@ -61,7 +63,7 @@ class DecodingParser(UsageParser):
             self._decoder = None
             self.give_up(f"{type(exc).__name__}: {exc}")
             return
-        self.inner.feed(plain)
+        self.inner.feed(plain, now)
 
     def finish(self) -> Usage:
         if self._result is None:
@@ -79,18 +81,19 @@ class DecodingParser(UsageParser):
 
 
 def make_parser(
-    api: str, *, streaming: bool, content_encoding: str | None = None
+    api: str, *, streaming: bool, content_encoding: str | None = None,
+    latency: LatencyTracker | None = None,
 ) -> UsageParser:
     """The usage parser for ``api`` (a routing API name); a :class:`NullParser` if it has none.
 
     ``content_encoding`` (the response header value) wraps the parser in a
     :class:`DecodingParser` unless it is empty or ``identity``; unsupported codings give
-    unknown usage.
+    unknown usage. ``latency`` is told the arrival time of each content event of a stream.
     """
     cls = PARSERS.get(api)
     if cls is None:
         return NullParser(streaming)
-    parser = cls(streaming)
+    parser = cls(streaming, latency=latency)
     encoding = (content_encoding or "").strip()
     if encoding and encoding.lower() != "identity":
         if not is_supported(encoding):

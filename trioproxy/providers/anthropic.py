@@ -6,20 +6,40 @@ input and cache fields too) and ``message_delta.delta.stop_reason`` the stop rea
 ``message_stop`` marks the stream complete; an ``error`` event sets ``error``. Only those events
 are JSON-decoded (by their ``event:`` name, or a sniffed leading ``"type"`` if a server omits it).
 
+Content events (latency): ``content_block_delta`` with a non-empty ``text``, ``partial_json`` or
+``thinking`` (not ``signature_delta``, ``citations_delta`` or an empty delta), found by a scan
+from its ``"delta"`` key for such a key and its value, without decoding (an event without a type line or a leading
+``"type"`` is decoded anyway and judged by meaning: :func:`is_content_delta`).
+
 Normalised: ``input_tokens = input_tokens + cache_creation_input_tokens +
 cache_read_input_tokens``; ``cache_write_tokens`` is the cache creation count.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from ..latency import LatencyTracker
 from ..sse import SSEEvent
 from .base import UsageParser, as_count, error_text, loads_object, merge_usage, sniff_type
 
-__all__ = ["AnthropicCountTokensParser", "AnthropicMessagesParser"]
+__all__ = ["AnthropicCountTokensParser", "AnthropicMessagesParser", "is_content_delta"]
 
 _WANTED = frozenset({"message_start", "message_delta", "message_stop", "error"})
+_CONTENT_FIELDS = ("text", "partial_json", "thinking")
+# A content key with a non-empty string value. A quote inside a JSON string is always escaped,
+# so ``"text"\s*:`` matches a key, never string content; whitespace and key order are free.
+_CONTENT = re.compile(rb'"(?:text|partial_json|thinking)"\s*:\s*"(?!")')
+
+
+def is_content_delta(obj: dict[str, Any]) -> bool:
+    """A ``content_block_delta`` carrying output: non-empty text, tool input JSON or thinking
+    (a ``signature_delta`` or ``citations_delta`` carries no generated token)."""
+    delta = obj.get("delta")
+    if not isinstance(delta, dict):
+        return False
+    return any(isinstance(v := delta.get(k), str) and v for k in _CONTENT_FIELDS)
 
 
 class AnthropicMessagesParser(UsageParser):
@@ -29,6 +49,13 @@ class AnthropicMessagesParser(UsageParser):
 
     def on_event(self, event: SSEEvent) -> None:
         kind = event.event or sniff_type(event.data)
+        if kind == "content_block_delta":
+            if (latency := self.latency) is not None:
+                data = event.data
+                start = data.find(b'"delta"')
+                if start >= 0 and _CONTENT.search(data, start) is not None:
+                    latency.on_content(self.now)
+            return
         if kind == "message_stop":
             self.usage.complete = True
             return
@@ -51,6 +78,8 @@ class AnthropicMessagesParser(UsageParser):
             self.usage.complete = True
         elif kind == "error":
             self.usage.error = error_text(obj.get("error"))
+        elif kind == "content_block_delta" and self.latency is not None and is_content_delta(obj):
+            self.note_content()  # an event without a type line, decoded: judged by meaning
 
     def on_json(self, obj: dict[str, Any]) -> None:
         self.usage.complete = True  # the whole body was seen
@@ -89,8 +118,8 @@ class AnthropicCountTokensParser(UsageParser):
 
     api = "anthropic.count_tokens"
 
-    def __init__(self, streaming: bool = False) -> None:
-        super().__init__(False)  # always a JSON body
+    def __init__(self, streaming: bool = False, *, latency: LatencyTracker | None = None) -> None:
+        super().__init__(False)  # always a JSON body: no content events
 
     def on_json(self, obj: dict[str, Any]) -> None:
         self.usage.complete = True

@@ -4,6 +4,10 @@ A parser is fed the upstream response body (chunks exactly as they go to the cli
 after the body ended, ``finish()`` returns a :class:`Usage`. Streaming parsers frame SSE and
 JSON-decode only the events that can carry usage, ids or stop reasons; non-streaming parsers
 buffer the body (up to a cap) and decode it once in ``finish()``.
+
+Streaming parsers also spot *content events* (a text, tool-call or reasoning delta; per API in
+each module) and tell ``parser.latency`` (a :class:`~trioproxy.latency.LatencyTracker`, if set)
+their arrival time: ``feed(chunk, now)`` times every event the chunk completes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..latency import LatencyTracker
 from ..sse import SSEEvent, SSEFramer
 
 __all__ = [
@@ -122,8 +127,13 @@ class UsageParser:
 
     api = "unknown"
 
-    def __init__(self, streaming: bool = False, *, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, streaming: bool = False, *, max_body: int = MAX_BODY_BYTES,
+        latency: LatencyTracker | None = None,
+    ) -> None:
         self.streaming = streaming
+        self.latency = latency  # told the arrival time of each content event (streams only)
+        self.now = 0.0  # arrival time of the chunk being fed
         self.usage = Usage()
         self.raw: dict[str, Any] = {}
         self.failed: str | None = None  # why the parser gave up
@@ -132,8 +142,11 @@ class UsageParser:
         self._max_body = max_body
         self._result: Usage | None = None
 
-    def feed(self, data: bytes) -> None:
-        """Consume a chunk of the response body. Never raises."""
+    def feed(self, data: bytes, now: float | None = None) -> None:
+        """Consume a chunk of the response body that arrived at ``now`` (the relay's clock;
+        content events completed by this chunk are timed by it). Never raises."""
+        if now is not None:
+            self.now = now
         if self.failed is not None or self._result is not None or not data:
             return
         try:
@@ -198,6 +211,11 @@ class UsageParser:
 
     def normalise(self, raw: dict[str, Any]) -> None:
         """Fill the token fields of ``self.usage`` from the merged provider usage ``raw``."""
+
+    def note_content(self) -> None:
+        """A content event (text, tool-call or reasoning delta) completed at ``self.now``."""
+        if self.latency is not None:
+            self.latency.on_content(self.now)
 
     def note_ids(self, model: object, response_id: object) -> None:
         """Record the answering model and the response id (non-empty strings only)."""

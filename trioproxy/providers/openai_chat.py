@@ -6,6 +6,11 @@ Stream: chunks carry no event name. The first chunks are decoded until id and mo
 is skipped). With ``stream_options.include_usage`` the last chunk (``choices: []``) has ``usage``.
 ``[DONE]`` marks the stream complete.
 
+Content events (latency): a chunk whose ``choices[].delta`` carries output (see
+:func:`has_content`; the role-only first chunk, ``delta: {}`` and the usage chunk do not). A
+chunk decoded anyway is judged by meaning; any other by a scan from its ``"delta"`` key for a
+content key with a non-empty value. Without ``parser.latency`` nothing is scanned for content.
+
 Semantics: ``input_tokens = prompt_tokens`` (already includes cached tokens),
 ``cache_read_tokens = prompt_tokens_details.cached_tokens``, ``output_tokens =
 completion_tokens`` (includes reasoning); stop reason is the last non-null ``finish_reason``.
@@ -21,9 +26,36 @@ from typing import Any
 from ..sse import SSEEvent
 from .base import UsageParser, as_count, error_text, loads_object, merge_usage
 
-__all__ = ["OpenAIChatParser"]
+__all__ = ["OpenAIChatParser", "has_content"]
 
 _INTERESTING = re.compile(rb'"(?:usage"\s*:\s*\{|finish_reason"\s*:\s*"|error"\s*:\s*\{)')
+# Content in a chunk that is not decoded: from ``"delta"`` on, a text key with a non-empty
+# string, a non-empty tool_calls list or audio object. A quote inside a JSON string is always
+# escaped, so ``"name"\s*:`` matches a key, never string content; whitespace and order are free.
+_CONTENT = re.compile(
+    rb'"(?:(?:content|reasoning_content|reasoning|refusal)"\s*:\s*"(?!")'
+    rb'|tool_calls"\s*:\s*\[\s*\{|audio"\s*:\s*\{\s*")'
+)
+_TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+def has_content(obj: dict[str, Any]) -> bool:
+    """A chunk whose ``choices[].delta`` carries output: non-empty ``content``,
+    ``reasoning_content`` / ``reasoning`` (vLLM, DeepSeek, OpenRouter), ``refusal``, a non-empty
+    ``tool_calls`` list or ``audio`` object. A role-only chunk or ``delta: {}`` does not."""
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        if any(isinstance(v := delta.get(k), str) and v for k in _TEXT_FIELDS):
+            return True
+        calls, audio = delta.get("tool_calls"), delta.get("audio")
+        if (isinstance(calls, list) and calls) or (isinstance(audio, dict) and audio):
+            return True
+    return False
 
 
 class OpenAIChatParser(UsageParser):
@@ -37,11 +69,16 @@ class OpenAIChatParser(UsageParser):
             self.usage.complete = True
             return
         u = self.usage
-        if u.model is not None and u.response_id is not None and not _INTERESTING.search(data):
-            return
-        obj = loads_object(data)
-        if obj is not None:
-            self._chunk(obj)
+        if u.model is None or u.response_id is None or _INTERESTING.search(data) is not None:
+            obj = loads_object(data)
+            if obj is not None:
+                self._chunk(obj)
+                if self.latency is not None and has_content(obj):  # judged by meaning
+                    self.note_content()
+        elif (latency := self.latency) is not None:
+            start = data.find(b'"delta"')
+            if start >= 0 and _CONTENT.search(data, start) is not None:
+                latency.on_content(self.now)
 
     def on_json(self, obj: dict[str, Any]) -> None:
         self.usage.complete = True  # the whole body was seen

@@ -5,6 +5,11 @@ id or model is unknown), the terminal ``response.completed`` / ``response.failed
 ``response.incomplete`` (``response.usage``), and ``error``. Everything else (output items,
 text deltas) is skipped by its event name or sniffed leading ``"type"``.
 
+Content events (latency): every ``response.*.delta`` event (output_text, refusal,
+function_call_arguments, reasoning_text, reasoning_summary_text, audio, ...) with a non-empty
+``delta``, by type name; only a delta whose text holds ``""`` is decoded to check it is not
+empty. ``response.created`` and the other lifecycle events never count.
+
 Semantics: ``input_tokens`` (already includes cached), ``cache_read_tokens =
 input_tokens_details.cached_tokens``, ``output_tokens`` (includes reasoning),
 ``reasoning_tokens = output_tokens_details.reasoning_tokens``. Stop reason: ``"completed"``,
@@ -20,11 +25,18 @@ from typing import Any
 from ..sse import SSEEvent
 from .base import UsageParser, as_count, error_text, loads_object, merge_usage, sniff_type
 
-__all__ = ["OpenAIResponsesParser"]
+__all__ = ["OpenAIResponsesParser", "is_content_event"]
 
 _START = frozenset({"response.created", "response.in_progress", "response.queued"})
 TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
 _WANTED = _START | TERMINAL | {"error"}
+
+
+def is_content_event(obj: dict[str, Any]) -> bool:
+    """A ``response.*.delta`` event with a non-empty ``delta`` (output text, refusal, function
+    call arguments, reasoning text or summary, audio, tool input...)."""
+    delta = obj.get("delta")
+    return bool(delta) and isinstance(delta, str | dict | list)
 
 
 class OpenAIResponsesParser(UsageParser):
@@ -40,27 +52,41 @@ class OpenAIResponsesParser(UsageParser):
         return kind in _START and (u.response_id is None or u.model is None)
 
     def on_event(self, event: SSEEvent) -> None:
-        kind = event.event or sniff_type(event.data)
-        if not self.wants(kind):
+        self._data(event.event or sniff_type(event.data), event.data)
+
+    def _data(self, kind: str | None, data: bytes | str) -> None:
+        """One event's JSON text whose type is ``kind`` (None: not known without decoding)."""
+        if kind is not None and kind[-6:] == ".delta":
+            if (latency := self.latency) is None:
+                return
+            suspect = ('""' if isinstance(data, str) else b'""') in data  # may be empty
+            if not suspect or ((obj := loads_object(data)) is not None and is_content_event(obj)):
+                latency.on_content(self.now)
             return
-        obj = loads_object(event.data)
-        if obj is not None:
+        if self.wants(kind) and (obj := loads_object(data)) is not None:
             self._event(kind or obj.get("type"), obj)
 
-    def feed_message(self, message: str | bytes) -> None:
-        """One WebSocket text frame; decoded only if its type matters. Never raises."""
+    def feed_message(
+        self, message: str | bytes, now: float | None = None, kind: str | None = None
+    ) -> None:
+        """One WebSocket text frame that arrived at ``now``; ``kind`` is its type if the caller
+        already knows it (else sniffed). Decoded only if its type matters. Never raises."""
+        if now is not None:
+            self.now = now
         if self.failed is not None or self._result is not None:
             return
         try:
-            data = message.encode("utf-8") if isinstance(message, str) else message
-            kind = sniff_type(data)
-            if self.wants(kind) and (obj := loads_object(data)) is not None:
-                self._event(kind or obj.get("type"), obj)
+            if kind is None:
+                kind = sniff_type(message.encode() if isinstance(message, str) else message)
+            self._data(kind, message)
         except Exception as exc:  # noqa: BLE001 - a parser must never break the relay
             self.give_up(f"{type(exc).__name__}: {exc}")
 
-    def feed_event(self, obj: dict[str, Any]) -> None:
-        """One already-decoded event (a WebSocket frame). Never raises."""
+    def feed_event(self, obj: dict[str, Any], now: float | None = None) -> None:
+        """One already-decoded event (a WebSocket frame) that arrived at ``now``. Never
+        raises. Feed each frame once: either here or through :meth:`feed_message`."""
+        if now is not None:
+            self.now = now
         if self.failed is not None or self._result is not None:
             return
         try:
@@ -78,6 +104,10 @@ class OpenAIResponsesParser(UsageParser):
         self._response(obj, status if isinstance(status, str) else None)
 
     def _event(self, kind: object, obj: dict[str, Any]) -> None:
+        if isinstance(kind, str) and kind[-6:] == ".delta":
+            if self.latency is not None and is_content_event(obj):
+                self.note_content()
+            return
         if kind == "error":
             err = obj.get("error")
             self.usage.error = error_text(err if isinstance(err, dict) else obj)

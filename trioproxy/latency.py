@@ -1,0 +1,269 @@
+"""Per-request latency figures, measured on the side of the relay. Pure: no I/O, no clock.
+
+The relay hands a :class:`LatencyTracker` the times it already has (``trio.current_time()``
+values, in seconds); the usage parser calls :meth:`LatencyTracker.on_content` with the arrival
+time of each *content* event (a text, tool-call or reasoning delta; see the parsers). At the end
+:meth:`LatencyTracker.finish` returns a :class:`Latency` in milliseconds.
+
+Figures (ours, then the GenAI-Perf / AIPerf and vLLM ``bench serve`` names):
+
+- ``ttft_ms``: first content event − request received (``time_to_first_token`` / ``ttft``).
+  Role-only chunks, ``message_start``, ``response.created`` and ``: ping`` do not count.
+- ``itl_p50_ms`` … ``itl_max_ms``: gaps between consecutive content events
+  (``inter_token_latency`` / ``itl``, per event: an event may carry several tokens; events that
+  arrive in the same chunk have a gap of 0). ``itl_count`` is the number of gaps.
+- ``tpot_ms``: (last − first content event) / (output tokens − 1) (``tpot``); None with fewer
+  than 2 output tokens or fewer than 2 content events.
+- ``tokens_per_s``: (output tokens − 1) / (e2e − TTFT) in seconds: the decode rate a user sees
+  (AIPerf's ``output_token_throughput_per_user``); None when TTFT is unknown (not streamed).
+- ``duration_ms``: end − request received (``request_latency`` / ``e2el``).
+- ``upstream_head_ms``: response head received − request written upstream.
+- ``proxy_request_ms``: request written upstream − request received (routing, extensions, and
+  the upstream connection set-up when no pooled connection was free).
+- ``proxy_relay_ms`` / ``proxy_relay_max_ms``: mean / max delay of a chunk from its read from
+  upstream to its hand-over to the client ``send()`` (includes waiting for a slow client).
+- ``proxy_overhead_ms`` = ``proxy_request_ms`` + ``proxy_relay_ms``: what the proxy adds to the
+  arrival of a token, on average.
+
+Memory is bounded: the first :data:`EXACT_GAPS` gaps are kept exactly (an ``array('d')``, 8 bytes
+each, so percentiles are exact for ordinary responses); past that every gap goes to a log-bucket
+histogram (ratio :data:`BUCKET_RATIO`, so percentiles keep a relative error under 0.5 %; sparse,
+so a few hundred buckets at most). The maximum stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+__all__ = [
+    "BUCKET_RATIO",
+    "EXACT_GAPS",
+    "Latency",
+    "LatencyTracker",
+    "percentile",
+    "server_timing",
+]
+
+EXACT_GAPS = 4096  # 32 KiB of exact gaps per response, then a histogram
+BUCKET_RATIO = 1.01
+_LOG_RATIO = math.log(BUCKET_RATIO)
+_BUCKET_FLOOR = 1e-6  # gaps under 1 µs (same chunk: 0) share bucket 0
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default) of a sorted, non-empty
+    sequence; ``q`` in [0, 100]."""
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """The latency figures of one response, in ms (None: not measurable for this response)."""
+
+    ttft_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p90_ms: float | None = None
+    itl_p99_ms: float | None = None
+    itl_max_ms: float | None = None
+    itl_count: int = 0
+    tpot_ms: float | None = None
+    tokens_per_s: float | None = None
+    duration_ms: float | None = None
+    upstream_head_ms: float | None = None
+    proxy_request_ms: float | None = None
+    proxy_relay_ms: float | None = None
+    proxy_relay_max_ms: float | None = None
+    proxy_overhead_ms: float | None = None
+    content_events: int = 0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+class LatencyTracker:
+    """Accumulates the times of one response; :meth:`finish` turns them into a :class:`Latency`.
+
+    ``received`` is when the proxy got the request. The relay sets :attr:`upstream_sent` and
+    :attr:`head` (or calls the methods), calls :meth:`on_relay` per chunk handed to the client,
+    and the parser calls :meth:`on_content` per content event. Never raises on odd input.
+    """
+
+    __slots__ = (
+        "_buckets",
+        "_gaps",
+        "_max_gap",
+        "_relay_count",
+        "_relay_max",
+        "_relay_sum",
+        "content_events",
+        "first_content",
+        "head",
+        "last_content",
+        "received",
+        "upstream_sent",
+    )
+
+    def __init__(self, received: float) -> None:
+        self.received = received
+        self.upstream_sent: float | None = None
+        self.head: float | None = None
+        self.first_content: float | None = None
+        self.last_content: float | None = None
+        self.content_events = 0
+        self._gaps = array("d")
+        self._buckets: dict[int, int] | None = None  # only once EXACT_GAPS is exceeded
+        self._max_gap = 0.0
+        self._relay_sum = 0.0
+        self._relay_count = 0
+        self._relay_max = 0.0
+
+    def request_sent(self, now: float) -> None:
+        """The request (head and body) was written upstream."""
+        self.upstream_sent = now
+
+    def response_head(self, now: float) -> None:
+        """The upstream response head arrived."""
+        self.head = now
+
+    def on_content(self, now: float) -> None:
+        """A content event arrived at ``now`` (the time of the chunk that completed it)."""
+        last = self.last_content
+        self.last_content = now
+        self.content_events += 1
+        if last is None:
+            self.first_content = now
+            return
+        gap = now - last
+        if gap > self._max_gap:  # noqa: PLR1730 - per event: a compare, not a call
+            self._max_gap = gap
+        if len(self._gaps) < EXACT_GAPS:
+            self._gaps.append(gap)
+        else:
+            self._bucket(gap)
+
+    def on_relay(self, read_at: float, handed_at: float) -> None:
+        """A chunk read from upstream at ``read_at`` was handed to the client's send at
+        ``handed_at`` (for coalesced chunks: once per chunk, each with its own read time)."""
+        delay = handed_at - read_at
+        self._relay_sum += delay
+        self._relay_count += 1
+        if delay > self._relay_max:  # noqa: PLR1730 - per chunk: a compare, not a call
+            self._relay_max = delay
+
+    def _bucket(self, gap: float) -> None:
+        buckets = self._buckets
+        if buckets is None:
+            buckets = self._buckets = {}
+        key = _bucket_key(gap)
+        buckets[key] = buckets.get(key, 0) + 1
+
+    def itl_percentiles(self) -> tuple[float, float, float] | None:
+        """(p50, p90, p99) of the gaps in seconds, None without gaps."""
+        if not self._gaps:
+            return None
+        if self._buckets is None:
+            ordered = sorted(self._gaps)
+            return percentile(ordered, 50), percentile(ordered, 90), percentile(ordered, 99)
+        buckets = dict(self._buckets)  # the exact values join a copy of the histogram
+        for gap in self._gaps:
+            key = _bucket_key(gap)
+            buckets[key] = buckets.get(key, 0) + 1
+        return _histogram_percentiles(buckets, (50, 90, 99), self._max_gap)
+
+    def finish(self, ended: float, output_tokens: int | None) -> Latency:
+        """The figures for a response that ended at ``ended`` with ``output_tokens``."""
+        ttft = None if self.first_content is None else self.first_content - self.received
+        duration = ended - self.received
+        itl = self.itl_percentiles()
+        n = output_tokens if isinstance(output_tokens, int) and output_tokens >= 0 else None
+        tpot = rate = None
+        if n is not None and n > 1 and self.content_events > 1:
+            tpot = (self.last_content - self.first_content) / (n - 1)  # type: ignore[operator]
+        if n is not None and n > 1 and ttft is not None and duration - ttft > 0:
+            rate = round((n - 1) / (duration - ttft), 3)
+        sent = self.upstream_sent
+        head = None if self.head is None or sent is None else self.head - sent
+        proxy_request = None if sent is None else sent - self.received
+        relay = self._relay_sum / self._relay_count if self._relay_count else None
+        overhead = None
+        if proxy_request is not None or relay is not None:
+            overhead = (proxy_request or 0.0) + (relay or 0.0)
+        return Latency(
+            ttft_ms=_ms(ttft),
+            itl_p50_ms=_ms(itl[0]) if itl else None,
+            itl_p90_ms=_ms(itl[1]) if itl else None,
+            itl_p99_ms=_ms(itl[2]) if itl else None,
+            itl_max_ms=_ms(self._max_gap) if itl else None,
+            itl_count=max(0, self.content_events - 1),
+            tpot_ms=_ms(tpot),
+            tokens_per_s=rate,
+            duration_ms=_ms(duration),
+            upstream_head_ms=_ms(head),
+            proxy_request_ms=_ms(proxy_request),
+            proxy_relay_ms=_ms(relay),
+            proxy_relay_max_ms=_ms(self._relay_max) if self._relay_count else None,
+            proxy_overhead_ms=_ms(overhead),
+            content_events=self.content_events,
+        )
+
+
+def _bucket_key(gap: float) -> int:
+    """Bucket k >= 1 holds gaps in [floor * r**(k-1), floor * r**k); bucket 0 those < floor."""
+    return 0 if gap < _BUCKET_FLOOR else 1 + int(math.log(gap / _BUCKET_FLOOR) / _LOG_RATIO)
+
+
+def _histogram_percentiles(
+    buckets: dict[int, int], qs: Sequence[float], max_gap: float
+) -> tuple[float, ...]:
+    """Percentiles of a log-bucket histogram: the geometric middle of the bucket holding the
+    rank (nearest rank), capped at the exact maximum; bucket 0 (under 1 µs) counts as 0."""
+    total = sum(buckets.values())
+    keys = sorted(buckets)
+    out = []
+    for q in qs:
+        rank = max(1, math.ceil(total * q / 100.0))
+        seen = 0
+        for key in keys:
+            seen += buckets[key]
+            if seen >= rank:
+                mid = 0.0 if key == 0 else _BUCKET_FLOOR * BUCKET_RATIO ** (key - 0.5)
+                out.append(min(mid, max_gap))
+                break
+    return tuple(out)
+
+
+_TIMING_FIELDS = (
+    ("upstream", "upstream_head_ms", "upstream response head"),
+    ("ttft", "ttft_ms", "time to first token"),
+    ("itl", "itl_p50_ms", "inter-token latency p50"),
+    ("tpot", "tpot_ms", "time per output token"),
+    ("proxy", "proxy_overhead_ms", "added by the proxy"),
+    ("total", "duration_ms", "end to end"),
+)
+
+
+def _dur(value: float) -> str:
+    text = f"{value:.3f}".rstrip("0").rstrip(".")
+    return text if text not in ("", "-0") else "0"
+
+
+def server_timing(latency: Latency) -> bytes:
+    """A W3C ``Server-Timing`` header (or trailer) value for the figures that are known, e.g.
+    ``ttft;dur=12.3;desc="time to first token", total;dur=80;desc="end to end"``. Empty when
+    nothing is known."""
+    parts = []
+    for name, attr, desc in _TIMING_FIELDS:
+        value = getattr(latency, attr)
+        if value is not None:
+            parts.append(f'{name};dur={_dur(value)};desc="{desc}"')
+    return ", ".join(parts).encode("ascii")
