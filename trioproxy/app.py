@@ -214,11 +214,12 @@ class TrioProxy:
         self, runtime: Runtime, ex: Exchange, scope: Scope, raw_path: bytes,
         receive: Receive, send: Send,
     ) -> None:
-        lookup_id = usage_request_id(raw_path)
-        if lookup_id is not None and ex.method == "GET":
-            await self._usage_lookup(runtime, ex, lookup_id, send)
-            return
         try:
+            hdr.check_head_size(scope)  # the lead wires settings.max_head_bytes here
+            lookup_id = usage_request_id(raw_path)
+            if lookup_id is not None and ex.method == "GET":
+                await self._usage_lookup(runtime, ex, lookup_id, send)
+                return
             ex.route = resolve(ex.method, raw_path, ex.request_headers)
             if ex.route is None:
                 raise ClientRequestError(
