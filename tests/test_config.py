@@ -27,6 +27,7 @@ from trioproxy.config import SPECS, ConfigError, Settings
 from trioproxy.configspec import Spec, markdown_table, read_config_file
 from trioproxy.contrib.model_alias import ModelAlias
 from trioproxy.extensions import load_spec
+from trioproxy.headers import hypercorn_head_limit
 from trioproxy.log import LOGGERS, log_access, request_id_var, setup_logging
 from trioproxy.testing import FakeUpstream
 from trioproxy.testing_ws import FakeResponsesWS
@@ -218,7 +219,8 @@ def test_serve_hands_hypercorn_the_limits_and_socket_options() -> None:
     assert config.worker_class == "trio" and config.application_path == "trioproxy:app"
     assert (config.workers, config.keep_alive_timeout) == (3, 5)
     assert config.websocket_max_message_size == 1000
-    assert config.h11_max_incomplete_size == config.h2_max_header_list_size == 70000
+    assert config.h2_max_header_list_size == 70000
+    assert config.h11_max_incomplete_size == hypercorn_head_limit(70000)
 
 
 # -- end to end: the Hypercorn config `trioproxy serve` builds, on loopback ---------------------

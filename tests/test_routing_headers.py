@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 
+import h11
 import pytest
 
 from trioproxy.config import ConfigError, Settings, UpstreamURL
-from trioproxy.errors import error_body
-from trioproxy.headers import client_response_headers, upstream_request_headers
-from trioproxy.routing import provider_hint, resolve
+from trioproxy.errors import ClientRequestError, error_body
+from trioproxy.headers import (
+    MAX_HEAD_BYTES,
+    check_head_size,
+    client_response_headers,
+    hypercorn_head_limit,
+    request_head_size,
+    upstream_request_headers,
+)
+from trioproxy.routing import provider_hint, remove_dot_segments, resolve
 
 ANTHROPIC_AUTH = [(b"x-api-key", b"sk-ant-test"), (b"anthropic-version", b"2023-06-01")]
 OPENAI_AUTH = [(b"authorization", b"Bearer sk-test")]
@@ -45,6 +53,69 @@ def test_routes(method, path, headers, expected) -> None:
 def test_unroutable_paths_have_no_route(path: bytes) -> None:
     # /v1/models without any auth style is ambiguous: no route rather than a guess.
     assert resolve("GET", path, []) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "clean"),
+    [
+        (b"/v1/messages", b"/v1/messages"),
+        (b"/v1/files/../messages", b"/v1/messages"),
+        (b"/v1/./messages", b"/v1/messages"),
+        (b"/v1/x/%2e%2E/messages", b"/v1/messages"),
+        (b"/v1/messages/..", b"/v1/"),  # RFC 3986 5.2.4: the trailing slash stays
+        (b"/v1/messages/.", b"/v1/messages/"),
+        (b"/v1/a%2fb/../c%20d", b"/v1/c%20d"),  # other percent-encoding untouched
+        (b"/v1/.../x", b"/v1/.../x"),  # three dots are a name, not a dot-segment
+        (b"/v1/a%2fb", b"/v1/a%2fb"),  # an encoded slash without dots is forwarded as-is
+    ],
+)
+def test_remove_dot_segments(path: bytes, clean: bytes) -> None:
+    assert remove_dot_segments(path) == clean
+
+
+@pytest.mark.parametrize(
+    "path", [b"/..", b"/v1/../..", b"/%2e%2e/x", b"/v1/..%2f..%2fx", b"/v1/..%5cx",
+             b"/v1\\..\\..", b"/v1/..;/x", b"/v1/a/.;x/.."],
+)
+def test_dot_segments_that_climb_out_or_hide_behind_other_separators_are_refused(
+    path: bytes,
+) -> None:
+    with pytest.raises(ClientRequestError) as info:
+        remove_dot_segments(path)
+    assert (info.value.status, info.value.code) == (400, "invalid_path")
+
+
+def test_routes_are_chosen_on_the_normalised_path_and_prefix_escapes_are_refused() -> None:
+    route = resolve("POST", b"/./anthropic/v1/files/../messages", [])
+    assert route is not None and (route.api, route.path) == ("anthropic.messages", b"/v1/messages")
+    with pytest.raises(ClientRequestError, match="/anthropic route"):
+        resolve("POST", b"/anthropic/../openai/v1/chat/completions", [])
+    assert resolve("OPTIONS", b"*", []) is None
+
+
+def _scope(target: bytes, headers: list[tuple[bytes, bytes]]) -> dict:
+    path, _, query = target.partition(b"?")
+    return {"method": "POST", "path": path.decode(), "raw_path": path, "query_string": query,
+            "headers": headers}
+
+
+@pytest.mark.parametrize("target", [b"/v1/messages", b"/v1/messages?beta=true&x=%2F"])
+def test_request_head_size_is_the_size_of_the_head_on_the_wire(target: bytes) -> None:
+    headers = [(b"host", b"proxy.test"), (b"x-api-key", b"sk-ant-x"), (b"x-pad", b"p" * 999)]
+    wire = h11.Connection(h11.CLIENT).send(h11.Request(method="POST", target=target,
+                                                        headers=headers))
+    assert request_head_size(_scope(target, headers)) == len(wire)
+
+
+def test_head_size_limit_is_inclusive_and_hypercorn_gets_room_above_it() -> None:
+    headers = [(b"host", b"x")]
+    base = request_head_size(_scope(b"/v1/messages", headers))
+    pad = MAX_HEAD_BYTES - base - len(b"x-pad: \r\n")
+    check_head_size(_scope(b"/v1/messages", [*headers, (b"x-pad", b"p" * pad)]))
+    with pytest.raises(ClientRequestError) as info:
+        check_head_size(_scope(b"/v1/messages", [*headers, (b"x-pad", b"p" * (pad + 1))]))
+    assert info.value.status == 431
+    assert hypercorn_head_limit(MAX_HEAD_BYTES) >= MAX_HEAD_BYTES + 64 * 1024
 
 
 def test_error_format_follows_the_caller() -> None:

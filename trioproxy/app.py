@@ -30,6 +30,7 @@ from .responses import (
     Receive,
     Send,
     conflicting_framing,
+    drain_body,
     error_messages,
     has_body,
     json_messages,
@@ -189,6 +190,7 @@ class TrioProxy:
     ) -> None:
         settings = runtime.settings
         try:
+            hdr.check_head_size(scope, settings.max_header_bytes)
             ex.route = resolve(ex.method, raw_path, ex.request_headers)
             if ex.route is None:
                 raise ClientRequestError(
@@ -198,9 +200,14 @@ class TrioProxy:
                     404,
                     "unknown_path",
                 )
-            ex.provider = ex.route.provider
-            body = await read_body(receive, ex, settings.max_body_bytes)
         except ClientRequestError as exc:
+            await drain_body(receive, ex)  # keep the connection usable for the next request
+            await send_all(send, ex, error_messages(ex, exc))
+            return
+        ex.provider = ex.route.provider
+        try:
+            body = await read_body(receive, ex, settings.max_body_bytes)
+        except ClientRequestError as exc:  # 413: the connection closes after the answer
             await send_all(send, ex, error_messages(ex, exc))
             return
         if body is None:

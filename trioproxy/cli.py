@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from . import __version__
 from .config import CONFIG_ENV, SPECS, ConfigError, Settings
 from .configspec import add_flags, flag_text, flags_as_environment, from_flags, markdown_table
+from .headers import hypercorn_head_limit
 from .log import setup_logging
 
 DESCRIPTION = """\
@@ -121,7 +122,7 @@ def build_config(settings: Settings) -> TrioproxyConfig:
     # The request-head limit, whatever the TCP segmentation (h11 counts buffered head bytes;
     # over it, 431). HTTP/2 keeps at least Hypercorn's default header-list limit, so the app's
     # own check (same setting) answers there.
-    config.h11_max_incomplete_size = settings.max_header_bytes
+    config.h11_max_incomplete_size = hypercorn_head_limit(settings.max_header_bytes)
     config.h2_max_header_list_size = max(
         settings.max_header_bytes, _HypercornConfig.h2_max_header_list_size
     )

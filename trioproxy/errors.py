@@ -79,6 +79,7 @@ _ANTHROPIC_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     413: "request_too_large",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     504: "timeout_error",
 }

@@ -11,7 +11,10 @@ Forward every end-to-end header in both directions. Drop only:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .errors import ClientRequestError
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -101,3 +104,46 @@ def upstream_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
         if name in found:
             return found[name].decode("latin-1")
     return None
+
+
+# -- request-head size: the same answer however TCP segmented the head -----------------------
+#
+# Hypercorn's h11 checks ``h11_max_incomplete_size`` only while a head is still incomplete, so a
+# head that arrives in one read passes at any size up to Hypercorn's 64 KiB read, and the same
+# head in 4 KiB writes gets a bare 431. Measured on the complete head, as below, the limit does
+# not depend on segmentation. Keep it at or below Hypercorn's limit: Hypercorn's default (16 KiB)
+# equals MAX_HEAD_BYTES, and ``hypercorn_head_limit`` gives the value a server should set so
+# that only heads far beyond ours meet Hypercorn's body-less 431 first.
+
+MAX_HEAD_BYTES = 16 * 1024  # Hypercorn's default h11_max_incomplete_size
+HYPERCORN_HEAD_MARGIN = 64 * 1024  # Hypercorn reads at most 64 KiB per receive
+
+
+def request_head_size(scope: Mapping[str, Any]) -> int:
+    """Bytes of the request head written as HTTP/1.1 (request line, ``name: value`` lines, blank
+    line), from the ASGI scope: whitespace a client added around values is not counted."""
+    target = len(scope.get("raw_path") or scope["path"].encode())
+    query = scope.get("query_string", b"")
+    if query:
+        target += 1 + len(query)
+    request_line = len(scope["method"]) + 1 + target + len(b" HTTP/1.1\r\n")
+    return request_line + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + 2
+
+
+def check_head_size(scope: Mapping[str, Any], limit: int = MAX_HEAD_BYTES) -> None:
+    """Raise ClientRequestError (431) when the request head is over ``limit`` bytes."""
+    size = request_head_size(scope)
+    if size > limit:
+        raise ClientRequestError(
+            f"request head is {size} bytes, over the {limit} byte limit (request line and "
+            "headers)", 431, "request_header_fields_too_large",
+        )
+
+
+def hypercorn_head_limit(max_head_bytes: int) -> int:
+    """The ``h11_max_incomplete_size`` a server should run with for ``max_head_bytes``.
+
+    At least ``max_head_bytes`` (else h11 refuses, depending on segmentation, heads the app
+    accepts), plus a margin: heads between the two get the provider-shaped 431 in any
+    segmentation; h11 still caps what one connection can make the server buffer."""
+    return max_head_bytes + HYPERCORN_HEAD_MARGIN

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
 from . import headers as hdr
 from .errors import ClientRequestError, ProxyError, error_body
 from .exchange import Exchange
@@ -77,6 +79,28 @@ async def read_body(receive: Receive, ex: Exchange, limit: int) -> bytes | None:
             ex.bytes_in = size
             ex.close_connection = conflicting_framing(ex.request_headers)
             return b"".join(parts)
+
+
+DRAIN_LIMIT = 64 * 1024  # request bytes read and discarded to keep a connection reusable
+DRAIN_TIMEOUT = 5.0
+
+
+async def drain_body(receive: Receive, ex: Exchange) -> None:
+    """Read and discard the body of a request the proxy answers without using it (404, 400),
+    so the connection can serve the next request. A body over ``DRAIN_LIMIT``, or one that does
+    not arrive within ``DRAIN_TIMEOUT``, closes the connection instead (``Connection: close``)."""
+    if not ex.close_connection:
+        return
+    size = 0
+    with trio.move_on_after(DRAIN_TIMEOUT):
+        while size <= DRAIN_LIMIT:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                ex.close_connection = conflicting_framing(ex.request_headers)
+                return
 
 
 def has_body(headers: list[tuple[bytes, bytes]]) -> bool:

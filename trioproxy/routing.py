@@ -2,12 +2,21 @@
 
 The upstream host always comes from configuration; the request only chooses the provider and
 the path that is appended to that provider's configured base URL.
+
+Dot-segments (``.``, ``..``, also percent-encoded as ``%2e``) are removed before routing
+(RFC 3986 section 5.2.4), so the route is chosen on, and the upstream receives, the path the
+request names. A path whose ``..`` would climb out of its route (``/anthropic/../x``, or above the
+upstream base URL's own path) is refused, and so is a dot-segment that only some servers see
+as one (joined by ``%2f``, ``%5c``, ``\\`` or ``;``): what it reaches depends on the upstream.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
+
+from .errors import ClientRequestError
 
 Provider = Literal["anthropic", "openai"]
 
@@ -30,6 +39,53 @@ class Route:
 ACCOUNTED_APIS = frozenset(
     {"anthropic.messages", "anthropic.count_tokens", "openai.chat", "openai.responses"}
 )
+
+
+# What some server along the way may read as a segment separator: "/", an encoded slash, a
+# backslash (Windows servers, WHATWG URL parsers) or an encoded backslash.
+_ANY_SEPARATOR = re.compile(rb"/|\\|%2[fF]|%5[cC]")
+
+
+def _dot_kind(segment: bytes) -> int:
+    """1 for ``.``, 2 for ``..`` (either dot may be written ``%2e``), else 0."""
+    plain = segment.replace(b"%2e", b".").replace(b"%2E", b".")
+    return len(plain) if plain in (b".", b"..") else 0
+
+
+def _loose_dot_segments(path: bytes) -> int:
+    """Dot-segments as the most lenient server reads them (any separator, ``;params`` cut)."""
+    return sum(1 for seg in _ANY_SEPARATOR.split(path) if _dot_kind(seg.split(b";", 1)[0]))
+
+
+def remove_dot_segments(path: bytes, route: str = "the upstream base path") -> bytes:
+    """``path`` (starting with "/") without dot-segments; percent-encoding and the rest intact.
+
+    Raises ClientRequestError (400) when a ``..`` would climb above ``path``'s root (``route``
+    names that root in the message), or when a dot-segment is joined by anything but "/"."""
+    loose = _loose_dot_segments(path)
+    if not loose:
+        return path  # the common case: nothing to do
+    segments = path.split(b"/")[1:]
+    if loose != sum(1 for seg in segments if _dot_kind(seg)):
+        raise ClientRequestError(
+            "the request path has a dot-segment joined by an encoded slash, a backslash or ';' "
+            "(such as '..%2f'); servers disagree on where it leads, so it is refused",
+            400, "invalid_path",
+        )
+    out: list[bytes] = []
+    for i, seg in enumerate(segments):
+        kind = _dot_kind(seg)
+        if kind == 2:
+            if not out:
+                raise ClientRequestError(
+                    f"the request path's '..' segments climb out of {route}", 400, "invalid_path"
+                )
+            out.pop()
+        elif kind == 0:
+            out.append(seg)
+        if kind and i == len(segments) - 1:
+            out.append(b"")  # "/a/b/.." is "/a/": the trailing slash stays
+    return b"/" + b"/".join(out)
 
 
 def _strip_prefix(path: bytes, prefix: bytes) -> bytes | None:
@@ -81,11 +137,19 @@ def provider_from_auth(headers: list[tuple[bytes, bytes]]) -> Provider | None:
 
 
 def resolve(method: str, path: bytes, headers: list[tuple[bytes, bytes]]) -> Route | None:
-    """Map a client request onto an upstream route, or None (404)."""
+    """Map a client request onto an upstream route, or None (404).
+
+    Raises ClientRequestError (400) for a path that dot-segments would take out of its route."""
     for prefix, provider in ((ANTHROPIC_PREFIX, "anthropic"), (OPENAI_PREFIX, "openai")):
         rest = _strip_prefix(path, prefix)
         if rest is not None:
+            rest = remove_dot_segments(rest, f"the {prefix.decode()} route")
             return Route(provider, api_kind(provider, method, rest), rest)  # type: ignore[arg-type]
+    if not path.startswith(b"/"):
+        return None  # "*" or an absolute-form target: nothing to route
+    clean = remove_dot_segments(path)
+    if clean != path:  # e.g. "/./anthropic/v1/messages": route what it names (no dots remain)
+        return resolve(method, clean, headers)
     provider = _known_provider(path)
     if provider is None and path.startswith(b"/v1/"):
         provider = provider_from_auth(headers)
