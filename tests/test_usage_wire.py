@@ -206,11 +206,24 @@ def test_stripper_handles_events_split_across_chunks() -> None:
         assert out == stream.replace(usage, b"") and s.stripped
 
 
-def test_inject_respects_explicit_choices() -> None:
-    assert not inject_include_usage({"stream": True, "stream_options": {"include_usage": False}})
-    assert not inject_include_usage({"stream": False})
-    p = {"stream": True, "stream_options": {"x": 1}}
+def test_inject_whenever_the_client_did_not_ask_for_usage() -> None:
+    for options in ({"include_usage": False}, {"include_usage": None}, None, {}):
+        p = {"stream": True, "stream_options": options}
+        assert inject_include_usage(p) and p["stream_options"] == {"include_usage": True}
+    p = {"stream": True, "stream_options": {"x": 1, "include_usage": False}}
     assert inject_include_usage(p) and p["stream_options"] == {"x": 1, "include_usage": True}
+    p = {"stream": True}
+    assert inject_include_usage(p) and p["stream_options"] == {"include_usage": True}
+
+
+def test_inject_leaves_alone_what_the_client_decided_or_the_upstream_must_judge() -> None:
+    for payload in ({"stream": True, "stream_options": {"include_usage": True}},
+                    {"stream": True, "stream_options": {"include_usage": "yes"}},
+                    {"stream": True, "stream_options": {"include_usage": 0}},
+                    {"stream": True, "stream_options": "on"},
+                    {"stream": False}, {"stream": "true"}):
+        before = json.dumps(payload)
+        assert not inject_include_usage(payload) and json.dumps(payload) == before
 
 
 async def test_oversized_chunked_json_is_streamed_on_without_usage_headers(
