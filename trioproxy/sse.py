@@ -125,24 +125,33 @@ class SSEFramer:
             return events
         buf = self._buf
         base = self._base
-        buf += data
+        if buf:
+            buf += data
+            text: bytes | bytearray = buf
+        else:
+            text = data  # no partial line: scan the chunk itself, keep only its tail
         if not self._any_cr and b"\r" in data:
             self._any_cr = True
         pos = 0
         if self._bom:
-            if len(buf) < 3 and _BOM.startswith(buf):
+            if len(text) < 3 and _BOM.startswith(text):
+                if text is data:
+                    buf += data
                 return events  # could still be a BOM: wait for more
             self._bom = False
-            if buf.startswith(_BOM):
+            if text.startswith(_BOM):
                 pos = self._mark = 3
         if self._cr:
             self._cr = False
-            if buf[pos] == _LF:  # the second half of a CRLF split across chunks
+            if text[pos] == _LF:  # the second half of a CRLF split across chunks
                 pos += 1
                 if self._mark == base:  # it ends the blank line the CR began
                     self._mark += 1
-        pos = self._lines(buf, pos, max(self._scan, pos), events)
-        del buf[:pos]
+        pos = self._lines(text, pos, max(self._scan, pos), events)
+        if text is buf:
+            del buf[:pos]
+        elif pos < len(data):
+            buf += memoryview(data)[pos:]
         self._base = base + pos
         self._scan = len(buf)
         if len(buf) + self._data_size > self._max:
@@ -196,7 +205,9 @@ class SSEFramer:
         self._reset()
         return events
 
-    def _lines(self, buf: bytearray, pos: int, scan: int, events: list[SSEEvent]) -> int:
+    def _lines(
+        self, buf: bytes | bytearray, pos: int, scan: int, events: list[SSEEvent]
+    ) -> int:
         """Process every complete line in ``buf[pos:]``; returns the start of the partial one."""
         size = len(buf)
         search = _EOL.search if self._any_cr else None  # LF-only streams: plain find
