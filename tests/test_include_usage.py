@@ -125,3 +125,16 @@ async def test_stripped_stream_is_byte_identical_apart_from_the_usage_chunk(
     usage = [e for e in events if e != b"data: [DONE]\n\n" and json.loads(e[6:])["choices"] == []]
     assert len(usage) == 1 and b'"choices": []' in usage[0]
     assert resp.body == b"".join(e for e in events if e not in usage)
+
+
+def test_the_fakes_json_style_changes_bytes_not_meaning() -> None:
+    plain = openai_chat_sse(["a"], include_usage=True).body
+    styled = openai_chat_sse(["a"], include_usage=True, style=JSONStyle(spaced=True, shuffled=True,
+                                                                         seed=3)).body
+    for a, b in zip(plain, styled, strict=True):
+        if a != b"data: [DONE]\n\n":
+            obj_a, obj_b = json.loads(a[6:]), json.loads(b[6:])
+            assert list(obj_a) != list(obj_b) and b'": ' in b and b'": ' not in a
+            obj_a.pop("id"), obj_b.pop("id"), obj_a.pop("system_fingerprint")
+            obj_b.pop("system_fingerprint")
+            assert obj_a == obj_b
