@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,86 @@ def test_many_small_events_in_one_chunk_take_linear_time() -> None:
     events = SSEFramer().feed(stream)
     assert len(events) == 50_000
     assert time.perf_counter() - started < 3.0
+
+
+def blocks(*chunks: bytes) -> list[tuple[int, int, bytes]]:
+    framer = SSEFramer()
+    return [(e.start, e.end, e.data) for c in chunks for e in framer.feed(c)]
+
+
+def test_events_carry_the_offsets_of_their_block() -> None:
+    stream = b": hi\n\ndata: 1\n\n\n: c\nevent: x\ndata: 2\r\n\r\ndata: 3\r\r"
+    assert blocks(stream) == [(6, 15, b"1"), (16, 40, b"2"), (40, 49, b"3")]
+    assert stream[16:40] == b": c\nevent: x\ndata: 2\r\n\r\n"
+    assert blocks(b"\xef\xbb\xbfdata: 1\n\n") == [(3, 12, b"1")]  # the BOM is no event's
+
+
+def test_block_start_moves_past_blank_lines_only() -> None:
+    framer = SSEFramer()
+    starts = []
+    for chunk in [b"data: 1\n", b"\n", b": c\n", b"\r", b"\n", b"data: 2\r", b"\r", b"\ndata"]:
+        framer.feed(chunk)
+        starts.append(framer.block_start)
+    # the LF after a CR that ended a blank line belongs to that blank line
+    assert starts == [0, 9, 9, 14, 15, 15, 24, 25]
+
+
+@SETTINGS
+@given(SSE_TEXT, POINTS)
+def test_block_offsets_do_not_depend_on_chunking(data: bytes, points: list[int]) -> None:
+    whole = blocks(data)
+    chunked = blocks(*split(data, points))
+    assert [(s, d) for s, _, d in chunked] == [(s, d) for s, _, d in whole]
+    for (_, end, _), (_, whole_end, _) in zip(chunked, whole, strict=True):
+        # a CRLF blank line split after its CR: the LF is not yet known to the event
+        assert end == whole_end or (end == whole_end - 1 and data[end - 1:end + 1] == b"\r\n")
+    for start, end, payload in whole:  # each block frames alone to its own event
+        assert [e.data for e in frame(data[start:end])] == [payload]
+        assert whole == sorted(whole) and start >= 0 and end <= len(data)
+
+
+def test_skip_mode_drops_an_oversized_event_keeps_memory_bounded_and_goes_on() -> None:
+    framer = SSEFramer(max_event_size=1000, on_overflow="skip")
+    assert framer.feed(b"data: small\n\ndata: ") == [SSEEvent(None, b"small")]
+    for _ in range(100):  # 50 KB of one line, then more data lines of the same event
+        assert framer.feed(b"y" * 500) == []
+    assert framer.skipping
+    assert framer.feed(b"\n" + b"data: zzzz\n" * 300) == []
+    [event] = framer.feed(b"\nevent: next\ndata: after\n\n")
+    assert event == SSEEvent("next", b"after") and not framer.skipping
+    assert (event.start, event.end) == (13 + 6 + 50_000 + 1 + 11 * 300 + 1,
+                                        13 + 6 + 50_000 + 1 + 11 * 300 + 1 + 25)
+
+
+def test_skip_mode_memory_stays_bounded_by_the_limit() -> None:
+    framer = SSEFramer(max_event_size=1000, on_overflow="skip")
+    chunk = b"x" * 65536
+    tracemalloc.start()
+    try:
+        framer.feed(b"data: ")
+        for _ in range(160):  # a 10 MiB line
+            framer.feed(chunk)
+        framer.feed(b"\n")
+        line = b"data: " + b"x" * 900 + b"\n"
+        for _ in range(1000):  # then 900 KB of data lines
+            framer.feed(line)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert framer.skipping and peak < 3 * 65536 + 2000  # the chunk being fed + the limit
+    assert framer.feed(b"\ndata: next\n\n") == [SSEEvent(None, b"next")]
+
+
+def test_skip_whole_blocks_only_between_events_and_offsets_go_on() -> None:
+    framer = SSEFramer()
+    assert not framer.skip_whole_blocks(b"data: 0\n\n")  # a BOM may still come
+    assert framer.feed(b"data: 1\n\n") == [SSEEvent(None, b"1")]
+    assert framer.skip_whole_blocks(b"data: 2\n\n: c\n\n")
+    assert framer.block_start == 9 + 14
+    assert not framer.skip_whole_blocks(b"data: 3\n")  # does not end with a blank line
+    framer.feed(b"data: 3")
+    assert not framer.skip_whole_blocks(b"\n\n")  # an event is pending: frame it
+    [event] = framer.feed(b"\n\n")
+    assert (event.start, event.end) == (23, 32)
+    assert framer.feed(b"data: 4\r\r") == [SSEEvent(None, b"4")]
+    assert not framer.skip_whole_blocks(b"\ndata: 5\n\n")  # the LF may end the CR's line

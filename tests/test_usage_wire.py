@@ -152,8 +152,8 @@ async def test_include_usage_injected_upstream_and_stripped_downstream(
     # What upstream would have sent without injection, apart from the "usage": null fields
     plain = openai_chat_sse(["Hello", " world"], include_usage=False)
     events = [e for e in resp.body.split(b"\n\n") if e]
-    assert all(b'"choices":[]' not in e for e in events)
     assert events[-1] == b"data: [DONE]"
+    assert all(json.loads(e.removeprefix(b"data: "))["choices"] for e in events[:-1])
     expected_events = [e for e in b"".join(p for p in plain.body if isinstance(p, bytes)).split(b"\n\n") if e]
     assert len(events) == len(expected_events)
     # exact accounting despite the client not asking
@@ -169,7 +169,9 @@ async def test_client_that_asked_for_usage_is_untouched(
     with trio.fail_after(20):
         resp = await raw_client.request("POST", "/v1/chat/completions", OPENAI, body)
     assert upstream.requests[-1].body == body
-    assert b'"choices":[]' in resp.body
+    events = [json.loads(e.removeprefix(b"data: ")) for e in resp.body.split(b"\n\n")
+              if e and e != b"data: [DONE]"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens"] > 0
 
 
 async def test_include_usage_can_be_turned_off(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
@@ -206,11 +208,24 @@ def test_stripper_handles_events_split_across_chunks() -> None:
         assert out == stream.replace(usage, b"") and s.stripped
 
 
-def test_inject_respects_explicit_choices() -> None:
-    assert not inject_include_usage({"stream": True, "stream_options": {"include_usage": False}})
-    assert not inject_include_usage({"stream": False})
-    p = {"stream": True, "stream_options": {"x": 1}}
+def test_inject_whenever_the_client_did_not_ask_for_usage() -> None:
+    for options in ({"include_usage": False}, {"include_usage": None}, None, {}):
+        p = {"stream": True, "stream_options": options}
+        assert inject_include_usage(p) and p["stream_options"] == {"include_usage": True}
+    p = {"stream": True, "stream_options": {"x": 1, "include_usage": False}}
     assert inject_include_usage(p) and p["stream_options"] == {"x": 1, "include_usage": True}
+    p = {"stream": True}
+    assert inject_include_usage(p) and p["stream_options"] == {"include_usage": True}
+
+
+def test_inject_leaves_alone_what_the_client_decided_or_the_upstream_must_judge() -> None:
+    for payload in ({"stream": True, "stream_options": {"include_usage": True}},
+                    {"stream": True, "stream_options": {"include_usage": "yes"}},
+                    {"stream": True, "stream_options": {"include_usage": 0}},
+                    {"stream": True, "stream_options": "on"},
+                    {"stream": False}, {"stream": "true"}):
+        before = json.dumps(payload)
+        assert not inject_include_usage(payload) and json.dumps(payload) == before
 
 
 async def test_oversized_chunked_json_is_streamed_on_without_usage_headers(

@@ -3,8 +3,12 @@
 The relay forwards compressed bytes untouched; parsers that need the plain text run them
 through a :class:`Decoder`. Supports ``gzip`` (also concatenated members), ``deflate`` (zlib or
 raw), ``br`` and ``zstd``, and comma-separated chains (``"gzip, br"``, undone right to left).
-Output is capped (decompression bombs stop at the cap, not after it). Errors raise
-:class:`DecodeError`; :func:`decompress` is the one-shot form that returns None instead.
+Output is capped: decoding raises :class:`DecodeError` as soon as the output passes the cap,
+and each codec is driven so that it cannot produce much more than that first: zlib (gzip,
+deflate) stops at the cap + 1 byte, zstd at the cap + 64 KiB (its write size), brotli >= 1.2 at
+about the cap (its output buffer limit), brotli 1.1 (no output limit in its API) at the cap plus
+what one input byte decodes to, at most one 16 MiB meta-block. :func:`decompress` is the
+one-shot form that returns None instead of raising.
 """
 
 from __future__ import annotations
@@ -69,6 +73,11 @@ class _Zlib:
 
 
 class _Brotli:
+    """brotli >= 1.2: ``process(data, output_buffer_limit=...)`` stops the output at the cap.
+    brotli 1.1 has only ``process(data)``, which returns all that its input decodes to, so the
+    input goes in one byte at a time and the cap is checked after each: one byte completes at
+    most one meta-block (16 MiB at most) of output."""
+
     def __init__(self) -> None:
         import brotli
 
@@ -79,13 +88,26 @@ class _Brotli:
     def decode(self, data: bytes, room: int) -> bytes:
         try:
             if not self._limited:
-                return self._d.process(data)
+                return self._bytewise(data, room)
             part = self._d.process(data, output_buffer_limit=room + 1)
             if len(part) > room or not self._d.can_accept_more_data():
                 raise DecodeError("decompressed body over the size cap")
             return part
         except self._error as exc:
             raise DecodeError(f"brotli: {exc}") from None
+
+    def _bytewise(self, data: bytes, room: int) -> bytes:
+        out: list[bytes] = []
+        process = self._d.process
+        with memoryview(data) as view:
+            for i in range(len(view)):
+                part = process(view[i : i + 1])
+                if part:
+                    room -= len(part)
+                    if room < 0:
+                        raise DecodeError("decompressed body over the size cap")
+                    out.append(part)
+        return b"".join(out)
 
     def flush(self, room: int) -> bytes:
         return b""

@@ -6,12 +6,17 @@ colon, a leading BOM, ``id`` that persists across events, events without ``data`
 Data stays bytes (multi-byte UTF-8 may be split anywhere); only the ``event`` and ``id`` field
 values are decoded. Buffering is linear: each byte is searched once and the consumed prefix is
 deleted once per :meth:`SSEFramer.feed` call.
+
+Every event also says where its block lies in the stream (``start``/``end`` byte offsets, from
+just past the previous blank line to just past its own), so a caller that forwards the raw bytes
+can cut one event out exactly (see ``usage_wire.UsageChunkStripper``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 __all__ = ["MAX_EVENT_SIZE", "SSEEvent", "SSEFramer", "SSEOverflow"]
 
@@ -32,6 +37,11 @@ class SSEEvent:
     event: str | None = None
     data: bytes = b""  # the data lines joined by b"\n"
     id: str | None = None  # the last event id seen so far in the stream (it persists)
+    # The event's block in the stream: [start, end) runs from just past the previous blank line
+    # (its comments and fields included) to just past its own blank line. When that blank line
+    # ends in a CR at the end of the bytes fed so far, an LF that comes next belongs to it too.
+    start: int = field(default=0, compare=False, repr=False)
+    end: int = field(default=0, compare=False, repr=False)
 
     def text(self) -> str:
         """The data as text (invalid UTF-8 replaced)."""
@@ -39,10 +49,17 @@ class SSEEvent:
 
 
 class SSEFramer:
-    """Feed bytes, get whole events. ``feed`` may raise :class:`SSEOverflow`, nothing else."""
+    """Feed bytes, get whole events.
+
+    An event (its pending line plus its data so far) larger than ``max_event_size`` makes
+    ``feed`` raise :class:`SSEOverflow` (``on_overflow="raise"``, nothing else is raised), or
+    is skipped (``"skip"``): it is not dispatched, the framer keeps at most ``max_event_size``
+    bytes of it and goes on with the next event.
+    """
 
     __slots__ = (
         "_any_cr",
+        "_base",
         "_bom",
         "_buf",
         "_cr",
@@ -50,13 +67,20 @@ class SSEFramer:
         "_data_size",
         "_event",
         "_last_id",
+        "_mark",
         "_max",
         "_pending",
         "_scan",
+        "_skip",
+        "_skipping",
     )
 
-    def __init__(self, *, max_event_size: int = MAX_EVENT_SIZE) -> None:
+    def __init__(
+        self, *, max_event_size: int = MAX_EVENT_SIZE,
+        on_overflow: Literal["raise", "skip"] = "raise",
+    ) -> None:
         self._max = max_event_size
+        self._skip = on_overflow == "skip"
         self._reset()
 
     def _reset(self) -> None:
@@ -70,6 +94,20 @@ class SSEFramer:
         self._data_size = 0
         self._last_id: str | None = None
         self._pending = False  # a field line was seen since the last blank line
+        self._base = 0  # stream offset of _buf[0]
+        self._mark = 0  # stream offset just past the last blank line: the pending block's start
+        self._skipping = False  # the pending event outgrew the limit: it will not be dispatched
+
+    @property
+    def block_start(self) -> int:
+        """Stream offset where the pending block starts: every byte before it belongs to
+        complete events (or comments and blank lines between them)."""
+        return self._mark
+
+    @property
+    def skipping(self) -> bool:
+        """True while the pending event is being skipped for its size (``on_overflow="skip"``)."""
+        return self._skipping
 
     @property
     def at_boundary(self) -> bool:
@@ -86,26 +124,72 @@ class SSEFramer:
         if not data:
             return events
         buf = self._buf
-        buf += data
+        base = self._base
+        if buf:
+            buf += data
+            text: bytes | bytearray = buf
+        else:
+            text = data  # no partial line: scan the chunk itself, keep only its tail
         if not self._any_cr and b"\r" in data:
             self._any_cr = True
         pos = 0
         if self._bom:
-            if len(buf) < 3 and _BOM.startswith(buf):
+            if len(text) < 3 and _BOM.startswith(text):
+                if text is data:
+                    buf += data
                 return events  # could still be a BOM: wait for more
             self._bom = False
-            if buf.startswith(_BOM):
-                pos = 3
+            if text.startswith(_BOM):
+                pos = self._mark = 3
         if self._cr:
             self._cr = False
-            if buf[pos] == _LF:  # the second half of a CRLF split across chunks
+            if text[pos] == _LF:  # the second half of a CRLF split across chunks
                 pos += 1
-        pos = self._lines(buf, pos, max(self._scan, pos), events)
-        del buf[:pos]
+                if self._mark == base:  # it ends the blank line the CR began
+                    self._mark += 1
+        pos = self._lines(text, pos, max(self._scan, pos), events)
+        if text is buf:
+            del buf[:pos]
+        elif pos < len(data):
+            buf += memoryview(data)[pos:]
+        self._base = base + pos
         self._scan = len(buf)
         if len(buf) + self._data_size > self._max:
-            raise SSEOverflow(f"SSE event larger than {self._max} bytes")
+            self._overflow()
         return events
+
+    def skip_whole_blocks(self, data: bytes) -> bool:
+        """Account for ``data`` without framing it, when that is safe: the framer is between
+        events (nothing buffered or pending, no split CRLF, no BOM decision left) and ``data``
+        ends with a blank line. Returns False, having done nothing, otherwise.
+
+        For callers that need only where events end, not the events: offsets and
+        :attr:`block_start` move past ``data``; its events are not dispatched and its ``id``
+        fields are not seen. (After a line end, an LF always ends an empty line.)
+        """
+        if (self._buf or self._pending or self._cr or self._bom or self._skipping
+                or not data.endswith(b"\n\n")):
+            return False
+        self._base += len(data)
+        self._mark = self._base
+        return True
+
+    def _overflow(self) -> None:
+        if not self._skip:
+            raise SSEOverflow(f"SSE event larger than {self._max} bytes")
+        self.skip_event()
+
+    def skip_event(self) -> None:
+        """Skip the pending event: it will not be dispatched, and at most one byte of it is
+        kept (the framer still finds its end, so :attr:`block_start` moves on as usual)."""
+        self._skipping = True
+        self._data = []
+        self._data_size = 0
+        buf = self._buf
+        if len(buf) > 1:  # keep one byte: the partial line stays a non-empty, unknown field
+            self._base += len(buf) - 1
+            del buf[:-1]
+            self._scan = 1
 
     def close(self, *, flush: bool = False) -> list[SSEEvent]:
         """End of stream. Per the spec an unterminated event is discarded (returns []).
@@ -116,12 +200,14 @@ class SSEFramer:
         events: list[SSEEvent] = []
         if flush:
             if self._buf:
-                self._line(bytes(self._buf), events)
-            self._dispatch(events)
+                self._line(bytes(self._buf))
+            self._dispatch(events, self._base + len(self._buf))
         self._reset()
         return events
 
-    def _lines(self, buf: bytearray, pos: int, scan: int, events: list[SSEEvent]) -> int:
+    def _lines(
+        self, buf: bytes | bytearray, pos: int, scan: int, events: list[SSEEvent]
+    ) -> int:
         """Process every complete line in ``buf[pos:]``; returns the start of the partial one."""
         size = len(buf)
         search = _EOL.search if self._any_cr else None  # LF-only streams: plain find
@@ -133,8 +219,9 @@ class SSEFramer:
                 end = -1 if m is None else m.start()
             if end < 0:
                 return pos
-            if end == pos:
-                self._dispatch(events)
+            blank = end == pos
+            if blank:
+                pass  # dispatched below, once the end of its line end is known
             elif buf.startswith(b"data: ", pos, end):  # the common cases: one copy, no split
                 value = bytes(buf[pos + 6 : end])
                 self._data.append(value)
@@ -144,20 +231,19 @@ class SSEFramer:
                 self._event = buf[pos + 7 : end].decode("utf-8", "replace") or None
                 self._pending = True
             else:
-                self._line(bytes(buf[pos:end]), events)
+                self._line(bytes(buf[pos:end]))
             pos = end + 1
             if search is not None and buf[end] == _CR:
                 if pos == size:
                     self._cr = True
                 elif buf[pos] == _LF:
                     pos += 1
+            if blank:
+                self._dispatch(events, self._base + pos)
             scan = pos
 
-    def _line(self, line: bytes, events: list[SSEEvent]) -> None:
-        """Interpret one line (without its line end)."""
-        if not line:
-            self._dispatch(events)
-            return
+    def _line(self, line: bytes) -> None:
+        """Interpret one non-empty line (without its line end)."""
         if line[0] == _COLON:
             return  # comment
         self._pending = True
@@ -173,11 +259,16 @@ class SSEFramer:
             self._last_id = value.decode("utf-8", "replace")
         # "retry" and unknown fields are ignored
 
-    def _dispatch(self, events: list[SSEEvent]) -> None:
-        """A blank line: emit the pending event if it has data, then reset the event buffers."""
+    def _dispatch(self, events: list[SSEEvent], end: int) -> None:
+        """A blank line ending at stream offset ``end``: emit the pending event if it has data
+        (and was not skipped), then reset the event buffers."""
         if self._data:
-            events.append(SSEEvent(self._event, b"\n".join(self._data), self._last_id))
+            if not self._skipping:
+                events.append(SSEEvent(
+                    self._event, b"\n".join(self._data), self._last_id, self._mark, end))
             self._data = []
             self._data_size = 0
         self._event = None
         self._pending = False
+        self._skipping = False
+        self._mark = end

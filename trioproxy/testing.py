@@ -55,8 +55,36 @@ def _rand(alphabet: str, n: int) -> str:
     return "".join(_rng.choices(alphabet, k=n))
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+@dataclass(frozen=True)
+class JSONStyle:
+    """How the fake writes JSON in SSE events. Real upstreams differ: OpenAI writes compact
+    JSON (``"choices":[]``); Python's ``json.dumps`` default and several OpenAI-compatible
+    servers write ``"choices": []``. ``shuffled`` reorders the keys of every object (from
+    ``seed``, else at random); ``ascii`` escapes non-ASCII as ``\\uXXXX``."""
+
+    spaced: bool = False
+    shuffled: bool = False
+    ascii: bool = False
+    seed: int | None = None
+
+    def dumps(self, obj: Any) -> str:
+        if self.shuffled:
+            obj = _shuffle_keys(obj, random.Random(self.seed) if self.seed is not None else _rng)
+        separators = (", ", ": ") if self.spaced else (",", ":")
+        return json.dumps(obj, separators=separators, ensure_ascii=self.ascii)
+
+
+COMPACT = JSONStyle()
+
+
+def _shuffle_keys(obj: Any, rng: random.Random) -> Any:
+    if isinstance(obj, dict):
+        items = [(k, _shuffle_keys(v, rng)) for k, v in obj.items()]
+        rng.shuffle(items)
+        return dict(items)
+    if isinstance(obj, list):
+        return [_shuffle_keys(v, rng) for v in obj]
+    return obj
 
 
 def anthropic_request_id() -> str:
@@ -197,7 +225,7 @@ def _headers(provider: str, content_type: str) -> list[tuple[str, str]]:
 
 
 def _json_reply(provider: str, obj: Any, status: int = 200, *, pretty: bool = False) -> Reply:
-    text = json.dumps(obj, indent=2) + "\n" if pretty else _dumps(obj)
+    text = json.dumps(obj, indent=2) + "\n" if pretty else COMPACT.dumps(obj)
     return Reply(status, _headers(provider, "application/json"), [text.encode()], chunked=False)
 
 
@@ -222,8 +250,8 @@ def _sse_reply(
     return Reply(200, _headers(provider, "text/event-stream; charset=utf-8"), body)
 
 
-def _sse(name: str | None, data: Any) -> bytes:
-    payload = data if isinstance(data, str) else _dumps(data)
+def _sse(name: str | None, data: Any, style: JSONStyle = COMPACT) -> bytes:
+    payload = data if isinstance(data, str) else style.dumps(data)
     return (f"event: {name}\n" if name else "").encode() + f"data: {payload}\n\n".encode()
 
 
@@ -239,7 +267,7 @@ def anthropic_sse(
     text_chunks: list[str] | None = None, *, model: str = ANTHROPIC_MODEL, input_tokens: int = 25,
     output_tokens: int | None = None, cache_read: int = 0, cache_creation: int = 0,
     gaps: float | list[float] | None = None, abort_after: int | None = None,
-    stop_reason: str = "end_turn", msg_id: str | None = None,
+    stop_reason: str = "end_turn", msg_id: str | None = None, style: JSONStyle = COMPACT,
 ) -> Reply:
     """Events: message_start, content_block_start, ping, one content_block_delta per chunk,
     content_block_stop, message_delta, message_stop (3 + n + 3 events, one body chunk each)."""
@@ -248,18 +276,18 @@ def anthropic_sse(
     message = {"id": msg_id or "msg_01" + _rand(_B58, 22), "type": "message", "role": "assistant",
                "model": model, "content": [], "stop_reason": None, "stop_sequence": None,
                "usage": _anthropic_usage(input_tokens, 1, cache_read, cache_creation)}
-    events = [_sse("message_start", {"type": "message_start", "message": message}),
+    events = [_sse("message_start", {"type": "message_start", "message": message}, style),
               _sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                           "content_block": {"type": "text", "text": ""}}),
+                                           "content_block": {"type": "text", "text": ""}}, style),
               b'event: ping\ndata: {"type": "ping"}\n\n']
     events += [_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                            "delta": {"type": "text_delta", "text": c}})
+                                            "delta": {"type": "text_delta", "text": c}}, style)
                for c in chunks]
-    events += [_sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    events += [_sse("content_block_stop", {"type": "content_block_stop", "index": 0}, style),
                _sse("message_delta", {"type": "message_delta",
                                       "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                                      "usage": {"output_tokens": out}}),
-               _sse("message_stop", {"type": "message_stop"})]
+                                      "usage": {"output_tokens": out}}, style),
+               _sse("message_stop", {"type": "message_stop"}, style)]
     return _sse_reply("anthropic", events, set(range(3, 3 + len(chunks))), gaps, abort_after)
 
 
@@ -288,10 +316,11 @@ def openai_chat_sse(
     text_chunks: list[str] | None = None, *, model: str = CHAT_MODEL, include_usage: bool = False,
     prompt_tokens: int = 12, completion_tokens: int | None = None, cached_tokens: int = 0,
     reasoning_tokens: int = 0, gaps: float | list[float] | None = None,
-    abort_after: int | None = None, finish_reason: str = "stop",
+    abort_after: int | None = None, finish_reason: str = "stop", style: JSONStyle = COMPACT,
 ) -> Reply:
     """Chunks: role, one per text chunk, finish_reason, [usage chunk with choices: []], [DONE].
-    With include_usage every earlier chunk carries "usage": null (as the real API does)."""
+    With include_usage every earlier chunk carries "usage": null (as the real API does).
+    ``style`` says how the JSON is written (whitespace, key order)."""
     chunks = DEFAULT_TEXT if text_chunks is None else text_chunks
     completion = max(1, len(chunks)) if completion_tokens is None else completion_tokens
     base = {"id": "chatcmpl-" + _rand(_ALNUM, 29), "object": "chat.completion.chunk",
@@ -301,14 +330,14 @@ def openai_chat_sse(
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         c = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                   "finish_reason": finish}]}
-        return _sse(None, {**c, "usage": None} if include_usage else c)
+        return _sse(None, {**c, "usage": None} if include_usage else c, style)
 
     events = [chunk({"role": "assistant", "content": "", "refusal": None})]
     events += [chunk({"content": c}) for c in chunks]
     events.append(chunk({}, finish_reason))
     if include_usage:
         usage = _chat_usage(prompt_tokens, completion, cached_tokens, reasoning_tokens)
-        events.append(_sse(None, {**base, "choices": [], "usage": usage}))
+        events.append(_sse(None, {**base, "choices": [], "usage": usage}, style))
     events.append(b"data: [DONE]\n\n")
     return _sse_reply("openai", events, set(range(1, 1 + len(chunks))), gaps, abort_after)
 
@@ -355,7 +384,7 @@ def openai_responses_sse(
     text_chunks: list[str] | None = None, *, model: str = RESPONSES_MODEL, input_tokens: int = 13,
     cached_tokens: int = 0, output_tokens: int | None = None, reasoning_tokens: int = 0,
     gaps: float | list[float] | None = None, abort_after: int | None = None,
-    status: str = "completed",
+    status: str = "completed", style: JSONStyle = COMPACT,
 ) -> Reply:
     """Events: created, in_progress, output_item.added, content_part.added, one
     output_text.delta per chunk, output_text.done, content_part.done, output_item.done, then
@@ -393,7 +422,7 @@ def openai_responses_sse(
         if "response" in p:
             p["response"]["id"] = rid
         events.append(_sse(p["type"], {"type": p["type"], "sequence_number": seq,
-                                       **{k: v for k, v in p.items() if k != "type"}}))
+                                       **{k: v for k, v in p.items() if k != "type"}}, style))
     return _sse_reply("openai", events, set(range(4, 4 + len(chunks))), gaps, abort_after)
 
 
@@ -420,7 +449,7 @@ def error_reply(
         headers = anthropic_headers()
         body = {"type": "error", "error": {"type": type, "message": message},
                 "request_id": dict(headers)["request-id"]}
-        reply = Reply(status, headers, [_dumps(body).encode()], chunked=False)
+        reply = Reply(status, headers, [COMPACT.dumps(body).encode()], chunked=False)
         if retry_after is None and status in (429, 529):
             retry_after = 1
         if status in (429, 529) or status >= 500:
@@ -447,8 +476,10 @@ def models_list(provider: str) -> Reply:
     return _json_reply("openai", {"object": "list", "data": data}, pretty=True)
 
 
-def default_reply(req: RecordedRequest) -> Reply:
-    """The reply made when nothing is enqueued: chosen by method, path suffix and JSON body."""
+def default_reply(req: RecordedRequest, *, style: JSONStyle = COMPACT) -> Reply:
+    """The reply made when nothing is enqueued: chosen by method, path suffix and JSON body.
+    ``style`` is how streamed events' JSON is written (e.g.
+    ``FakeUpstream(default=functools.partial(default_reply, style=JSONStyle(spaced=True)))``)."""
     try:
         body = json.loads(req.body) if req.body else {}
     except ValueError:
@@ -461,17 +492,17 @@ def default_reply(req: RecordedRequest) -> Reply:
         return _json_reply("anthropic", {"input_tokens": tokens})
     if post and p.endswith("/v1/messages"):
         kw = {"model": model or ANTHROPIC_MODEL, "input_tokens": tokens}
-        return anthropic_sse(**kw) if stream else anthropic_json(**kw)
+        return anthropic_sse(**kw, style=style) if stream else anthropic_json(**kw)
     if post and p.endswith("/v1/chat/completions"):
         kw = {"model": model or CHAT_MODEL, "prompt_tokens": tokens}
         if not stream:
             return openai_chat_json(**kw)
         options = body.get("stream_options")
         usage = isinstance(options, dict) and options.get("include_usage") is True
-        return openai_chat_sse(include_usage=usage, **kw)
+        return openai_chat_sse(include_usage=usage, style=style, **kw)
     if post and p.endswith("/v1/responses"):
         kw = {"model": model or RESPONSES_MODEL, "input_tokens": tokens}
-        return openai_responses_sse(**kw) if stream else openai_responses_json(**kw)
+        return openai_responses_sse(**kw, style=style) if stream else openai_responses_json(**kw)
     if req.method == "GET" and p.endswith("/v1/models"):
         return models_list("anthropic" if req.header("x-api-key") else "openai")
     return error_reply("openai", 404, "invalid_request_error",

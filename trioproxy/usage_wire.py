@@ -19,7 +19,12 @@ Header mapping (a header is present only when its value is known):
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from typing import Any
+
+from .sse import SSEFramer
 
 USAGE_FIELDS = (
     "x-request-model",
@@ -75,73 +80,153 @@ def as_headers(values: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 def inject_include_usage(payload: dict[str, Any]) -> bool:
-    """Ask a streamed Chat Completions request for usage if it did not. True if changed."""
+    """Make a streamed Chat Completions request report usage unless the client asked for it.
+
+    ``stream_options.include_usage`` absent, null or ``false`` becomes ``true`` (other
+    ``stream_options`` kept); ``true`` from the client, a non-boolean value or a
+    ``stream_options`` that is not an object are left alone. True if changed: the response
+    then goes through :class:`UsageChunkStripper`, so the client sees what it asked for and
+    the stream is still accounted exactly.
+    """
     if payload.get("stream") is not True:
         return False
     options = payload.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is not None:
-        return False  # the client decided; leave it alone
-    if options is not None and not isinstance(options, dict):
+    if options is None:
+        options = {}
+    elif not isinstance(options, dict):
         return False
-    payload["stream_options"] = {**(options or {}), "include_usage": True}
+    asked = options.get("include_usage")
+    if asked is not None and asked is not False:
+        return False  # the client asked for usage (or said something only the upstream judges)
+    payload["stream_options"] = {**options, "include_usage": True}
     return True
 
 
+MAX_HELD_EVENT = 1024 * 1024  # a usage chunk is ~1 KB; bigger events pass through undecoded
+
+# Superset tests. JSON writes an empty list as "[", JSON whitespace, "]" (no escapes possible
+# there), so event data without this cannot have ``"choices": []`` and is never decoded. In the
+# raw stream such data shows either on one line or as a "[" that ends its line (the rest is on
+# the next ``data:`` line): raw bytes without either hold no candidate, whatever the framing.
+_EMPTY_LIST = re.compile(rb"\[[ \t\n\r]*\]")
+_RAW_EMPTY_LIST = re.compile(rb"\[[ \t]*[\]\r\n]")
+
+
+@dataclass(frozen=True, slots=True)
+class StripperStatistics:
+    bytes_held: int  # bytes of an unfinished event waiting for its end (at most the cap + a chunk)
+    bytes_copied: int  # bytes copied into the hold buffer or into a rebuilt output, all told
+    events_decoded: int  # events JSON-decoded because they passed the superset test
+    events_stripped: int
+    events_oversized: int  # events over the cap, passed through undecoded
+
+
 class UsageChunkStripper:
-    """Removes the usage-only final chunk (``"choices":[]`` + ``"usage":{``) from a Chat SSE
-    stream. Complete events pass at once; only an unfinished trailing event is held until its
-    blank line arrives. Never raises; the bytes of every other event are untouched."""
+    """Removes the usage-only chunk from a Chat Completions SSE stream, by JSON meaning.
 
-    __slots__ = ("_tail", "stripped")
+    An event is that chunk iff its data decodes to an object whose ``choices`` is an empty
+    list and whose ``usage`` is an object (any whitespace, any key order, escaped keys), and
+    that carries no ``error``. Built on :class:`~trioproxy.sse.SSEFramer`: the event's whole
+    block (its comments and fields up to its blank line) is cut out; every other byte passes
+    unchanged. Complete events are returned at once; only an unfinished trailing event is held
+    until its blank line, up to ``max_event_size`` (then it is passed through as it arrives,
+    undecoded). Linear time: each byte is scanned once and copied at most twice.
+    ``feed`` and ``flush`` never raise.
+    """
 
-    def __init__(self) -> None:
-        self._tail = b""
+    __slots__ = ("_framer", "_held", "_max", "_n", "_offset", "_skip_lf", "stripped")
+
+    def __init__(self, *, max_event_size: int = MAX_HELD_EVENT) -> None:
+        self._framer = SSEFramer(max_event_size=max_event_size, on_overflow="skip")
+        self._max = max_event_size
+        self._held = bytearray()  # bytes not passed on yet: the start of an unfinished event
+        self._offset = 0  # stream offset of _held[0] (of the next chunk when nothing is held)
+        self._skip_lf = False  # a cut event ended in CR: a following LF belongs to it
+        self._n = [0, 0, 0, 0]  # copied, decoded, stripped, oversized
         self.stripped = False
 
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._tail + bytes(chunk) if self._tail else bytes(chunk)
-        end = _last_boundary(data)
-        if end < 0:
-            self._tail = data
-            return b""
-        self._tail = data[end:]
-        complete = data[:end]
-        if b'"choices":[]' not in complete:
-            return complete
-        return self._drop_usage_events(complete)
+    def statistics(self) -> StripperStatistics:
+        copied, decoded, stripped, oversized = self._n
+        return StripperStatistics(len(self._held), copied, decoded, stripped, oversized)
 
-    def _drop_usage_events(self, data: bytes) -> bytes:
-        out = []
-        for event in _split_events(data):
-            if b'"choices":[]' in event and b'"usage":{' in event:
-                self.stripped = True
-                continue
-            out.append(event)
-        return b"".join(out)
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes of ``chunk`` (and of earlier held ones) that can go to the client now."""
+        if not chunk:
+            return b""
+        framer, held = self._framer, self._held
+        if not held and not _RAW_EMPTY_LIST.search(chunk) and framer.skip_whole_blocks(chunk):
+            self._offset += len(chunk)
+            return chunk  # the common case: whole events, none of which can be the usage chunk
+        start = self._offset + len(held)  # stream offset of chunk[0]
+        end = start + len(chunk)
+        was_skipping = framer.skipping
+        cuts = []
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[0] == 0x0A:
+                cuts.append((start, start + 1))
+        for event in framer.feed(chunk):
+            if self._is_usage_chunk(event.data):
+                cuts.append((event.start, event.end))
+                self._skip_lf = event.end == end and chunk[-1] == 0x0D
+        if not framer.skipping and end - framer.block_start > self._max:
+            framer.skip_event()  # its comments alone outgrew the cap
+        if framer.skipping:
+            self._n[3] += not was_skipping
+            upto = end  # an oversized event: pass it on as it comes
+        else:
+            upto = framer.block_start
+        if not held and not cuts and upto == end:
+            self._offset = end
+            return chunk  # whole events, nothing to hold or cut
+        return self._release(chunk, start, upto, cuts)
+
+    def _release(self, chunk: bytes, start: int, upto: int, cuts: list[tuple[int, int]]) -> bytes:
+        """Pass on the stream up to offset ``upto`` minus the ``cuts``; hold the rest."""
+        held, n = self._held, self._n
+        if held:
+            held += chunk
+            n[0] += len(chunk)
+            data: bytes | bytearray = held
+            base = self._offset
+        else:
+            data, base = chunk, start
+        with memoryview(data) as view:
+            pieces, pos = [], base
+            for a, b in cuts:
+                pieces.append(view[pos - base : a - base])
+                pos = b
+            pieces.append(view[pos - base : upto - base])
+            out = b"".join(pieces)
+            del pieces  # the slices pin ``held``: drop them before it is resized
+            if data is not held:
+                held += view[upto - base :]
+        n[0] += len(out) + (len(held) if data is not held else 0)
+        if data is held:
+            del held[: upto - base]
+        self._offset = upto
+        return out
 
     def flush(self) -> bytes:
-        tail, self._tail = self._tail, b""
+        """End of stream: the held unfinished event, unless it is the usage chunk itself."""
+        tail, self._held = bytes(self._held), bytearray()
+        self._offset += len(tail)
+        events = self._framer.close(flush=True)
+        if tail and events and self._is_usage_chunk(events[-1].data):
+            return b""
         return tail
 
-
-def _last_boundary(data: bytes) -> int:
-    """Index just past the last blank line (event end) in ``data``, or -1."""
-    best = -1
-    for sep in SSE_EVENT_ENDS:
-        i = data.rfind(sep)
-        if i >= 0 and i + len(sep) > best:
-            best = i + len(sep)
-    return best
-
-
-def _split_events(data: bytes) -> list[bytes]:
-    """Split complete SSE text into events, each keeping its own terminating blank line."""
-    events = []
-    start = 0
-    n = len(data)
-    while start < n:
-        ends = [i + len(s) for s in SSE_EVENT_ENDS if (i := data.find(s, start)) >= 0]
-        end = min(ends) if ends else n
-        events.append(data[start:end])
-        start = end
-    return events
+    def _is_usage_chunk(self, data: bytes) -> bool:
+        if not _EMPTY_LIST.search(data):
+            return False
+        self._n[1] += 1
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError):
+            return False
+        if not (isinstance(obj, dict) and obj.get("choices") == [] and obj.get("error") is None
+                and isinstance(obj.get("usage"), dict)):
+            return False
+        self._n[2] += 1
+        self.stripped = True
+        return True
