@@ -1,6 +1,6 @@
 """A scriptable fake LLM upstream (Anthropic and OpenAI) for tests, the bench and demos.
 
-``FakeUpstream`` is a raw h11-over-trio HTTP/1.1 server, so every byte and every connection is
+``FakeUpstream`` (replies scripted with :mod:`trioproxy.testing_replies`) is a raw h11-over-trio HTTP/1.1 server, so every byte and every connection is
 under the test's control; it uses only trio primitives and ``trio.sleep`` (``autojump_clock``
 safe). Every request is recorded (``requests``), every TCP connection too (``connections``).
 Replies are scripted with ``enqueue(Reply(...))`` (FIFO, optionally per path); when nothing is
@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
-import random
 import socket
 import ssl
 import struct
@@ -33,7 +31,6 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
@@ -41,129 +38,34 @@ from typing import Any
 import h11
 import trio
 
-_rng = random.Random()
-_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-DEFAULT_TEXT = ["Hello", " world"]
-ANTHROPIC_MODEL = "claude-sonnet-4-5-20250929"
-CHAT_MODEL = "gpt-4o-mini-2024-07-18"
-RESPONSES_MODEL = "gpt-5-2025-08-07"
-HOP_BY_HOP = [("connection", "keep-alive"), ("keep-alive", "timeout=30")]
+from .testing_replies import (
+    COMPACT,
+    HOP_BY_HOP,
+    Abort,
+    JSONStyle,
+    Pause,
+    RecordedRequest,
+    Reply,
+    anthropic_json,
+    anthropic_request_id,
+    anthropic_sse,
+    default_reply,
+    error_reply,
+    header_values,
+    models_list,
+    openai_chat_json,
+    openai_chat_sse,
+    openai_request_id,
+    openai_responses_json,
+    openai_responses_sse,
+)
 
-
-def _rand(alphabet: str, n: int) -> str:
-    return "".join(_rng.choices(alphabet, k=n))
-
-
-@dataclass(frozen=True)
-class JSONStyle:
-    """How the fake writes JSON in SSE events. Real upstreams differ: OpenAI writes compact
-    JSON (``"choices":[]``); Python's ``json.dumps`` default and several OpenAI-compatible
-    servers write ``"choices": []``. ``shuffled`` reorders the keys of every object (from
-    ``seed``, else at random); ``ascii`` escapes non-ASCII as ``\\uXXXX``."""
-
-    spaced: bool = False
-    shuffled: bool = False
-    ascii: bool = False
-    seed: int | None = None
-
-    def dumps(self, obj: Any) -> str:
-        if self.shuffled:
-            obj = _shuffle_keys(obj, random.Random(self.seed) if self.seed is not None else _rng)
-        separators = (", ", ": ") if self.spaced else (",", ":")
-        return json.dumps(obj, separators=separators, ensure_ascii=self.ascii)
-
-
-COMPACT = JSONStyle()
-
-
-def _shuffle_keys(obj: Any, rng: random.Random) -> Any:
-    if isinstance(obj, dict):
-        items = [(k, _shuffle_keys(v, rng)) for k, v in obj.items()]
-        rng.shuffle(items)
-        return dict(items)
-    if isinstance(obj, list):
-        return [_shuffle_keys(v, rng) for v in obj]
-    return obj
-
-
-def anthropic_request_id() -> str:
-    return "req_011C" + _rand(_B58, 20)
-
-
-def openai_request_id() -> str:
-    return "req_" + _rand("0123456789abcdef", 32)
-
-
-# -- the script -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pause:
-    """Sleep (trio time) between body chunks."""
-
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Abort:
-    """Close the TCP connection here: no terminating chunk, no EndOfMessage."""
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    headers: list[tuple[str, str]] = field(default_factory=list)  # extra / override headers
-    body: list[bytes | Pause | Abort] = field(default_factory=list)
-    chunked: bool = True  # False: content-length framing (the sum of all bytes parts)
-    before_headers: float = 0  # sleep before the status line
-    close_before_response: bool = False  # read the request, then close without a byte
-    reset_before_response: bool = False  # read the request, then reset (TCP RST) without a byte
-    keep_alive: bool = True  # False: `connection: close`, close after the response
-    uses: int = field(default=0, init=False, compare=False)  # times sent; a re-send gets new ids
-
-    @property
-    def request_id(self) -> str | None:
-        """The upstream request id header (`request-id` / `x-request-id`) this reply carries."""
-        for k, v in self.headers:
-            if k.lower() in ("request-id", "x-request-id"):
-                return v
-        return None
-
-    @property
-    def body_bytes(self) -> bytes:
-        return b"".join(p for p in self.body if isinstance(p, bytes | bytearray))
-
-
-def header_values(headers: list[tuple[bytes, bytes]], name: str) -> list[str]:
-    """Every value of header ``name`` (case-insensitive), decoded as latin-1."""
-    key = name.lower().encode()
-    return [v.decode("latin-1") for k, v in headers if k.lower() == key]
-
-
-@dataclass
-class RecordedRequest:
-    method: str
-    target: bytes  # raw request-target, byte-exact (query included)
-    path: str  # percent-decoded path, without the query
-    query: bytes
-    headers: list[tuple[bytes, bytes]]  # lower-cased names (h11), order kept
-    body: bytes
-    conn_id: int
-    received_at: float = 0.0  # trio.current_time() when the body was complete
-    reply: Reply | None = None
-    reply_request_id: str | None = None  # the `request-id`/`x-request-id` sent back
-
-    def header(self, name: str) -> str | None:
-        values = self.header_all(name)
-        return values[0] if values else None
-
-    def header_all(self, name: str) -> list[str]:
-        return header_values(self.headers, name)
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
+__all__ = [
+    "COMPACT", "Abort", "ConnInfo", "FakeUpstream", "JSONStyle", "Pause", "RecordedRequest",
+    "Reply", "anthropic_json", "anthropic_sse", "default_reply", "error_reply", "header_values",
+    "models_list", "openai_chat_json", "openai_chat_sse", "openai_responses_json",
+    "openai_responses_sse",
+]
 
 @dataclass
 class ConnInfo:
@@ -175,338 +77,6 @@ class ConnInfo:
     close_reason: str | None = None  # "peer", "abort", "close_before_response",
     # "reset_before_response", "idle_timeout", "close", "error"
 
-
-# -- real-style headers and bodies ------------------------------------------------------------
-
-
-def _reset_at(seconds: int) -> str:
-    return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def anthropic_headers(content_type: str = "application/json") -> list[tuple[str, str]]:
-    sse = content_type.startswith("text/event-stream")
-    hs = [("content-type", content_type)]
-    if sse:
-        hs.append(("cache-control", "no-cache"))
-    hs += [("request-id", anthropic_request_id()),
-           ("anthropic-organization-id", "4f6b2c1e-9a7d-4e3b-8c5f-2d1a0b9e8f7c")]
-    for kind, limit in (("requests", 4000), ("tokens", 2_000_000), ("input-tokens", 1_600_000),
-                        ("output-tokens", 400_000)):
-        hs += [(f"anthropic-ratelimit-{kind}-limit", str(limit)),
-               (f"anthropic-ratelimit-{kind}-remaining", str(limit - 1)),
-               (f"anthropic-ratelimit-{kind}-reset", _reset_at(1))]
-    hs += [("strict-transport-security", "max-age=31536000; includeSubDomains; preload"),
-           ("x-envoy-upstream-service-time", str(_rng.randint(200, 900))),
-           ("via", "1.1 google"), ("cf-cache-status", "DYNAMIC"), ("x-robots-tag", "none"),
-           ("server", "cloudflare"), ("cf-ray", _rand("0123456789abcdef", 16) + "-SJC")]
-    return hs
-
-
-def openai_headers(content_type: str = "application/json") -> list[tuple[str, str]]:
-    return [("content-type", content_type),
-            ("x-request-id", openai_request_id()),
-            ("openai-organization", "user-fake0rg1d2e3f4g5h6i7j8k"),
-            ("openai-processing-ms", str(_rng.randint(100, 900))),
-            ("openai-project", "proj_" + _rand(_ALNUM, 24)),
-            ("openai-version", "2020-10-01"),
-            ("x-envoy-upstream-service-time", str(_rng.randint(100, 900))),
-            ("x-ratelimit-limit-requests", "10000"), ("x-ratelimit-limit-tokens", "30000000"),
-            ("x-ratelimit-remaining-requests", "9999"),
-            ("x-ratelimit-remaining-tokens", "29999990"),
-            ("x-ratelimit-reset-requests", "6ms"), ("x-ratelimit-reset-tokens", "0s"),
-            ("strict-transport-security", "max-age=31536000; includeSubDomains; preload"),
-            ("x-content-type-options", "nosniff"), ("cf-cache-status", "DYNAMIC"),
-            ("server", "cloudflare"), ("cf-ray", _rand("0123456789abcdef", 16) + "-SJC"),
-            ("alt-svc", 'h3=":443"; ma=86400')]
-
-
-def _headers(provider: str, content_type: str) -> list[tuple[str, str]]:
-    return (anthropic_headers if provider == "anthropic" else openai_headers)(content_type)
-
-
-def _json_reply(provider: str, obj: Any, status: int = 200, *, pretty: bool = False) -> Reply:
-    text = json.dumps(obj, indent=2) + "\n" if pretty else COMPACT.dumps(obj)
-    return Reply(status, _headers(provider, "application/json"), [text.encode()], chunked=False)
-
-
-def _sse_reply(
-    provider: str, events: list[bytes], deltas: set[int],
-    gaps: float | list[float] | None, abort_after: int | None,
-) -> Reply:
-    """`gaps` list: gaps[i] is a Pause before event i; a float: a Pause before every delta."""
-    body: list[bytes | Pause | Abort] = []
-    for i, event in enumerate(events):
-        if abort_after is not None and i >= abort_after:
-            break
-        if isinstance(gaps, list):
-            gap = gaps[i] if i < len(gaps) else 0
-        else:
-            gap = gaps if gaps and i in deltas else 0
-        if gap:
-            body.append(Pause(gap))
-        body.append(event)
-    if abort_after is not None:
-        body.append(Abort())
-    return Reply(200, _headers(provider, "text/event-stream; charset=utf-8"), body)
-
-
-def _sse(name: str | None, data: Any, style: JSONStyle = COMPACT) -> bytes:
-    payload = data if isinstance(data, str) else style.dumps(data)
-    return (f"event: {name}\n" if name else "").encode() + f"data: {payload}\n\n".encode()
-
-
-def _anthropic_usage(inp: int, out: int, read: int, creation: int) -> dict[str, Any]:
-    return {"input_tokens": inp, "cache_creation_input_tokens": creation,
-            "cache_read_input_tokens": read,
-            "cache_creation": {"ephemeral_5m_input_tokens": creation,
-                               "ephemeral_1h_input_tokens": 0},
-            "output_tokens": out, "service_tier": "standard"}
-
-
-def anthropic_sse(
-    text_chunks: list[str] | None = None, *, model: str = ANTHROPIC_MODEL, input_tokens: int = 25,
-    output_tokens: int | None = None, cache_read: int = 0, cache_creation: int = 0,
-    gaps: float | list[float] | None = None, abort_after: int | None = None,
-    stop_reason: str = "end_turn", msg_id: str | None = None, style: JSONStyle = COMPACT,
-) -> Reply:
-    """Events: message_start, content_block_start, ping, one content_block_delta per chunk,
-    content_block_stop, message_delta, message_stop (3 + n + 3 events, one body chunk each)."""
-    chunks = DEFAULT_TEXT if text_chunks is None else text_chunks
-    out = max(1, len(chunks)) if output_tokens is None else output_tokens
-    message = {"id": msg_id or "msg_01" + _rand(_B58, 22), "type": "message", "role": "assistant",
-               "model": model, "content": [], "stop_reason": None, "stop_sequence": None,
-               "usage": _anthropic_usage(input_tokens, 1, cache_read, cache_creation)}
-    events = [_sse("message_start", {"type": "message_start", "message": message}, style),
-              _sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                           "content_block": {"type": "text", "text": ""}}, style),
-              b'event: ping\ndata: {"type": "ping"}\n\n']
-    events += [_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                            "delta": {"type": "text_delta", "text": c}}, style)
-               for c in chunks]
-    events += [_sse("content_block_stop", {"type": "content_block_stop", "index": 0}, style),
-               _sse("message_delta", {"type": "message_delta",
-                                      "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                                      "usage": {"output_tokens": out}}, style),
-               _sse("message_stop", {"type": "message_stop"}, style)]
-    return _sse_reply("anthropic", events, set(range(3, 3 + len(chunks))), gaps, abort_after)
-
-
-def anthropic_json(
-    text: str = "Hello world", *, model: str = ANTHROPIC_MODEL, input_tokens: int = 25,
-    output_tokens: int = 2, cache_read: int = 0, cache_creation: int = 0,
-    stop_reason: str = "end_turn", msg_id: str | None = None,
-) -> Reply:
-    return _json_reply("anthropic", {
-        "id": msg_id or "msg_01" + _rand(_B58, 22), "type": "message", "role": "assistant",
-        "model": model, "content": [{"type": "text", "text": text}], "stop_reason": stop_reason,
-        "stop_sequence": None,
-        "usage": _anthropic_usage(input_tokens, output_tokens, cache_read, cache_creation)})
-
-
-def _chat_usage(prompt: int, completion: int, cached: int, reasoning: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0,
-                                          "rejected_prediction_tokens": 0}}
-
-
-def openai_chat_sse(
-    text_chunks: list[str] | None = None, *, model: str = CHAT_MODEL, include_usage: bool = False,
-    prompt_tokens: int = 12, completion_tokens: int | None = None, cached_tokens: int = 0,
-    reasoning_tokens: int = 0, gaps: float | list[float] | None = None,
-    abort_after: int | None = None, finish_reason: str = "stop", style: JSONStyle = COMPACT,
-) -> Reply:
-    """Chunks: role, one per text chunk, finish_reason, [usage chunk with choices: []], [DONE].
-    With include_usage every earlier chunk carries "usage": null (as the real API does).
-    ``style`` says how the JSON is written (whitespace, key order)."""
-    chunks = DEFAULT_TEXT if text_chunks is None else text_chunks
-    completion = max(1, len(chunks)) if completion_tokens is None else completion_tokens
-    base = {"id": "chatcmpl-" + _rand(_ALNUM, 29), "object": "chat.completion.chunk",
-            "created": 1760000000, "model": model, "service_tier": "default",
-            "system_fingerprint": "fp_" + _rand("0123456789abcdef", 10)}
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        c = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                  "finish_reason": finish}]}
-        return _sse(None, {**c, "usage": None} if include_usage else c, style)
-
-    events = [chunk({"role": "assistant", "content": "", "refusal": None})]
-    events += [chunk({"content": c}) for c in chunks]
-    events.append(chunk({}, finish_reason))
-    if include_usage:
-        usage = _chat_usage(prompt_tokens, completion, cached_tokens, reasoning_tokens)
-        events.append(_sse(None, {**base, "choices": [], "usage": usage}, style))
-    events.append(b"data: [DONE]\n\n")
-    return _sse_reply("openai", events, set(range(1, 1 + len(chunks))), gaps, abort_after)
-
-
-def openai_chat_json(
-    text: str = "Hello world", *, model: str = CHAT_MODEL, prompt_tokens: int = 12,
-    completion_tokens: int = 2, cached_tokens: int = 0, reasoning_tokens: int = 0,
-    finish_reason: str = "stop",
-) -> Reply:
-    return _json_reply("openai", {
-        "id": "chatcmpl-" + _rand(_ALNUM, 29), "object": "chat.completion", "created": 1760000000,
-        "model": model, "choices": [{"index": 0, "message": {
-            "role": "assistant", "content": text, "refusal": None, "annotations": []},
-            "logprobs": None, "finish_reason": finish_reason}],
-        "usage": _chat_usage(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens),
-        "service_tier": "default", "system_fingerprint": "fp_" + _rand("0123456789abcdef", 10),
-    }, pretty=True)
-
-
-def _response_obj(model: str, status: str, output: list[Any], usage: Any) -> dict[str, Any]:
-    return {"id": "", "object": "response", "created_at": 1760000000, "status": status,
-            "background": False, "error": None, "incomplete_details": None,
-            "instructions": None, "max_output_tokens": None, "model": model, "output": output,
-            "parallel_tool_calls": True, "previous_response_id": None,
-            "reasoning": {"effort": "medium", "summary": None}, "store": True,
-            "temperature": 1.0, "text": {"format": {"type": "text"}, "verbosity": "medium"},
-            "tool_choice": "auto", "tools": [], "top_p": 1.0, "truncation": "disabled",
-            "usage": usage, "user": None, "metadata": {}}
-
-
-def _responses_usage(inp: int, cached: int, out: int, reasoning: int) -> dict[str, Any]:
-    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": inp + out}
-
-
-def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
-    return {"id": item_id, "type": "message", "status": status,
-            "content": [part] if status == "completed" else [], "role": "assistant"}
-
-
-def openai_responses_sse(
-    text_chunks: list[str] | None = None, *, model: str = RESPONSES_MODEL, input_tokens: int = 13,
-    cached_tokens: int = 0, output_tokens: int | None = None, reasoning_tokens: int = 0,
-    gaps: float | list[float] | None = None, abort_after: int | None = None,
-    status: str = "completed", style: JSONStyle = COMPACT,
-) -> Reply:
-    """Events: created, in_progress, output_item.added, content_part.added, one
-    output_text.delta per chunk, output_text.done, content_part.done, output_item.done, then
-    response.completed (or response.failed / response.incomplete per `status`)."""
-    chunks = DEFAULT_TEXT if text_chunks is None else text_chunks
-    out = max(1, len(chunks)) if output_tokens is None else output_tokens
-    rid, item_id, text = "resp_" + _rand("0123456789abcdef", 48), "msg_" + _rand(
-        "0123456789abcdef", 48), "".join(chunks)
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
-    payloads: list[dict[str, Any]] = [
-        {"type": "response.created",
-         "response": _response_obj(model, "in_progress", [], None)},
-        {"type": "response.in_progress",
-         "response": _response_obj(model, "in_progress", [], None)},
-        {"type": "response.output_item.added", "output_index": 0,
-         "item": _message_item(item_id, "", "in_progress")},
-        {"type": "response.content_part.added", **where, "part": {**part, "text": ""}}]
-    payloads += [{"type": "response.output_text.delta", **where, "delta": c, "logprobs": []}
-                 for c in chunks]
-    final = _response_obj(model, status, [_message_item(item_id, text, "completed")],
-                          _responses_usage(input_tokens, cached_tokens, out, reasoning_tokens))
-    if status == "failed":
-        final["error"] = {"code": "server_error", "message": "The model failed to respond."}
-    elif status == "incomplete":
-        final["incomplete_details"] = {"reason": "max_output_tokens"}
-    payloads += [
-        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
-        {"type": "response.content_part.done", **where, "part": part},
-        {"type": "response.output_item.done", "output_index": 0,
-         "item": _message_item(item_id, text, "completed")},
-        {"type": f"response.{status}", "response": final}]
-    events = []
-    for seq, p in enumerate(payloads):
-        if "response" in p:
-            p["response"]["id"] = rid
-        events.append(_sse(p["type"], {"type": p["type"], "sequence_number": seq,
-                                       **{k: v for k, v in p.items() if k != "type"}}, style))
-    return _sse_reply("openai", events, set(range(4, 4 + len(chunks))), gaps, abort_after)
-
-
-def openai_responses_json(
-    text: str = "Hello world", *, model: str = RESPONSES_MODEL, input_tokens: int = 13,
-    cached_tokens: int = 0, output_tokens: int = 2, reasoning_tokens: int = 0,
-    status: str = "completed",
-) -> Reply:
-    obj = _response_obj(model, status, [_message_item("msg_" + _rand("0123456789abcdef", 48),
-                                                      text, "completed")],
-                        _responses_usage(input_tokens, cached_tokens, output_tokens,
-                                         reasoning_tokens))
-    obj["id"] = "resp_" + _rand("0123456789abcdef", 48)
-    return _json_reply("openai", obj, pretty=True)
-
-
-def error_reply(
-    provider: str, status: int, type: str, message: str, retry_after: float | None = None,
-    *, code: str | None = None,
-) -> Reply:
-    """Anthropic: {"type":"error","error":{...},"request_id":...}, `retry-after` (default 1)
-    and `x-should-retry` on 429/529. OpenAI: {"error":{"message","type","param","code"}}."""
-    if provider == "anthropic":
-        headers = anthropic_headers()
-        body = {"type": "error", "error": {"type": type, "message": message},
-                "request_id": dict(headers)["request-id"]}
-        reply = Reply(status, headers, [COMPACT.dumps(body).encode()], chunked=False)
-        if retry_after is None and status in (429, 529):
-            retry_after = 1
-        if status in (429, 529) or status >= 500:
-            reply.headers.append(("x-should-retry", "true"))
-    else:
-        reply = _json_reply("openai", {"error": {"message": message, "type": type,
-                                                 "param": None, "code": code}},
-                            status, pretty=True)
-    if retry_after is not None:
-        reply.headers.append(("retry-after", f"{retry_after:g}"))
-    return reply
-
-
-def models_list(provider: str) -> Reply:
-    if provider == "anthropic":
-        data = [{"type": "model", "id": m, "display_name": n, "created_at": c} for m, n, c in (
-            (ANTHROPIC_MODEL, "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),
-            ("claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z"),
-            ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z"))]
-        return _json_reply("anthropic", {"data": data, "has_more": False,
-                                         "first_id": data[0]["id"], "last_id": data[-1]["id"]})
-    data = [{"id": m, "object": "model", "created": 1754425777, "owned_by": "system"}
-            for m in ("gpt-5", RESPONSES_MODEL, "gpt-4o-mini", CHAT_MODEL)]
-    return _json_reply("openai", {"object": "list", "data": data}, pretty=True)
-
-
-def default_reply(req: RecordedRequest, *, style: JSONStyle = COMPACT) -> Reply:
-    """The reply made when nothing is enqueued: chosen by method, path suffix and JSON body.
-    ``style`` is how streamed events' JSON is written (e.g.
-    ``FakeUpstream(default=functools.partial(default_reply, style=JSONStyle(spaced=True)))``)."""
-    try:
-        body = json.loads(req.body) if req.body else {}
-    except ValueError:
-        body = {}
-    body = body if isinstance(body, dict) else {}
-    stream, model = body.get("stream") is True, body.get("model")
-    tokens = max(1, len(req.body) // 4)
-    p, post = req.path.rstrip("/"), req.method == "POST"
-    if post and p.endswith("/v1/messages/count_tokens"):
-        return _json_reply("anthropic", {"input_tokens": tokens})
-    if post and p.endswith("/v1/messages"):
-        kw = {"model": model or ANTHROPIC_MODEL, "input_tokens": tokens}
-        return anthropic_sse(**kw, style=style) if stream else anthropic_json(**kw)
-    if post and p.endswith("/v1/chat/completions"):
-        kw = {"model": model or CHAT_MODEL, "prompt_tokens": tokens}
-        if not stream:
-            return openai_chat_json(**kw)
-        options = body.get("stream_options")
-        usage = isinstance(options, dict) and options.get("include_usage") is True
-        return openai_chat_sse(include_usage=usage, style=style, **kw)
-    if post and p.endswith("/v1/responses"):
-        kw = {"model": model or RESPONSES_MODEL, "input_tokens": tokens}
-        return openai_responses_sse(**kw, style=style) if stream else openai_responses_json(**kw)
-    if req.method == "GET" and p.endswith("/v1/models"):
-        return models_list("anthropic" if req.header("x-api-key") else "openai")
-    return error_reply("openai", 404, "invalid_request_error",
-                       f"Invalid URL ({req.method} {req.path})")
 
 
 # -- the server -------------------------------------------------------------------------------
