@@ -5,6 +5,7 @@ accounted exactly."""
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,14 @@ import pytest
 import trio
 
 from trioproxy.accounting.store import open_store
-from trioproxy.testing import FakeUpstream, JSONStyle, default_reply, openai_chat_sse
+from trioproxy.testing import (
+    FakeUpstream,
+    JSONStyle,
+    RecordedRequest,
+    Reply,
+    default_reply,
+    openai_chat_sse,
+)
 
 from .conftest import ProxyServer, RawClient, proxy_settings, start_proxy
 
@@ -138,3 +146,36 @@ def test_the_fakes_json_style_changes_bytes_not_meaning() -> None:
             obj_a.pop("id"), obj_b.pop("id"), obj_a.pop("system_fingerprint")
             obj_b.pop("system_fingerprint")
             assert obj_a == obj_b
+
+
+def _gzip_when_allowed(req: RecordedRequest) -> Reply:
+    """An upstream (or a CDN in front of it) that compresses SSE whenever the client allows."""
+    reply = openai_chat_sse(["Hel", "lo"], include_usage=True)
+    if "gzip" not in (req.header("accept-encoding") or ""):
+        return reply
+    body = gzip.compress(b"".join(p for p in reply.body if isinstance(p, bytes)))
+    headers = [*reply.headers, ("content-encoding", "gzip")]
+    return Reply(reply.status, headers, [body])
+
+
+async def test_injected_usage_is_stripped_even_when_the_client_accepts_gzip(
+    nursery: trio.Nursery,
+) -> None:
+    """With usage injected, the proxy asks the upstream for an uncompressed stream, so the
+    usage chunk it added can be removed again (it cannot strip inside a gzip stream)."""
+    fake = FakeUpstream(default=_gzip_when_allowed)
+    await nursery.start(fake.serve)
+    server = await start_proxy(nursery, proxy_settings(fake))
+    client = await RawClient.connect(server.port)
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    with trio.fail_after(20):
+        resp = await client.request("POST", "/v1/chat/completions",
+                                    [*OPENAI, ("accept-encoding", "gzip, br")], body)
+    await client.aclose()
+    data = gzip.decompress(resp.body) if resp.header("content-encoding") == "gzip" else resp.body
+    events = [json.loads(line[5:]) for line in data.decode().splitlines()
+              if line.startswith("data:") and line.strip() != "data: [DONE]"]
+    assert events and all(e["choices"] for e in events)  # no usage-only chunk reached the client
+    assert fake.requests[0].header("accept-encoding") == "identity"
+    await server.stop()

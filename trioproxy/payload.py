@@ -129,8 +129,12 @@ async def prepare(
              len(body), len(new_body))
     ex.payload_changed_by = changed_by
     drop = {b"content-length", b"content-encoding"}
+    if ex.strip_usage_chunk:  # the injected chunk can only be removed from plain text
+        drop.add(b"accept-encoding")
     out_headers = [(k, v) for k, v in out_headers if k not in drop]
     out_headers.append((b"content-length", str(len(new_body)).encode()))
+    if ex.strip_usage_chunk:
+        out_headers.append((b"accept-encoding", b"identity"))
     return Outbound(new_body, out_headers)
 
 
