@@ -1,13 +1,14 @@
 """Usage accounting: records, prices, key fingerprints, stores (SQLite, PostgreSQL), the
 non-blocking writer, and the read side used by ``trioproxy usage``.
 
-Wiring (done once at lifespan start-up)::
+Wiring (``trioproxy.ledger.open_ledger`` does it once at lifespan start-up)::
 
-    url = resolve_database_url(settings.database_url)
-    secret = load_or_create_secret(secret_path_for(url))
+    url = resolve_database_url(settings.database_url, settings.data_home)
+    secret = load_or_create_secret(secret_path_for(url, home), settings.fingerprint_secret)
     async with open_usage_writer(functools.partial(open_store, url),
-                                 spill_path=spill_path_for(url)) as writer:
-        ...  # finalisation: writer.submit(record); GET /v1/usage/{id}: await writer.lookup(id)
+                                 spill_path=spill_path_for(url, home)) as writer:
+        ...  # finalisation: writer.submit(record)
+        ...  # GET /v1/usage/{id}: await writer.lookup(id, key_fingerprint=fp) -> [records]
 """
 
 from .keys import extract_api_key, fingerprint, load_or_create_secret
