@@ -30,8 +30,10 @@ environment over the file. `trioproxy config --markdown` prints them all as a ta
 `trioproxy serve` is `hypercorn trioproxy:app --worker-class trio` plus settings for long
 agent streams:
 
-  hypercorn trioproxy:app --worker-class trio --bind 127.0.0.1:8080 \\
-      --graceful-timeout 600 --keep-alive 75 --websocket-max-message-size 67108864
+  hypercorn -c hypercorn.toml trioproxy:app --worker-class trio
+  with hypercorn.toml: bind = ["127.0.0.1:8080"], graceful_timeout = 600,
+  keep_alive_timeout = 75, websocket_max_message_size = 67108864,
+  h11_max_incomplete_size = 81920 (these last two have no Hypercorn flag).
   (Hypercorn's read_timeout stays unset: set, it cuts streams that are silent for long.)
 
 TCP_USER_TIMEOUT (--tcp-user-timeout) is set on the listening socket, so a client that stops
