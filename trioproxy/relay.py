@@ -108,7 +108,8 @@ class HttpRelay:
                 log.warning("%s before response: %s", exc.kind, exc.message)
                 last = error_messages(ex, exc)
             else:
-                tracker.request_sent(resp.sent_at if resp.sent_at is not None else ex.started)
+                if resp.sent_at is not None:
+                    tracker.request_sent(resp.sent_at)
                 last = await self._respond(nursery, resp, ex, send)
             nursery.cancel_scope.cancel()  # stop the watcher before the last message
         if ex.life.failure is End.CLIENT_DISCONNECT or not last:
