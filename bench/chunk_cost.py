@@ -7,6 +7,10 @@ Measures, per SSE event (one event per chunk, as upstreams send them):
 - the tracker alone (one content event and one relayed chunk per event);
 - the include_usage ``UsageChunkStripper`` on a Chat stream;
 - ``Exchange.observe_chunk`` (timing and byte counters);
+- the relay writer's hand-over of one chunk, as before the latency work (the bare chunk) and
+  with it (a ``(chunk, read_at)`` item, ``relay.handed_over``: a clock read and ``on_relay``),
+  inside ``trio.run`` since it reads trio's clock;
+- the WebSocket ledger's attribution of one delta frame, with its latency (``feed_message``);
 and, for scale, one ``b"".join`` of two chunks (the writer's coalescing).
 
 Run: ``python bench/chunk_cost.py [--events 20000] [--repeat 7]``. Prints a table (median and
@@ -24,11 +28,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import trio
+
 from trioproxy.exchange import Exchange
 from trioproxy.latency import LatencyTracker
 from trioproxy.providers import make_parser
+from trioproxy.relay import handed_over
 from trioproxy.testing import anthropic_sse, openai_chat_sse, openai_responses_sse
 from trioproxy.usage_wire import UsageChunkStripper
+from trioproxy.ws_protocol import ResponseLedger
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -111,6 +119,62 @@ def _observe_run(events: list[bytes]) -> None:
         ex.observe_chunk(len(e), now)
 
 
+def _in_trio(fn: Callable[[list[bytes]], None]) -> Callable[[list[bytes]], None]:
+    def run(events: list[bytes]) -> None:
+        async def body() -> None:
+            fn(events)
+
+        trio.run(body)
+
+    return run
+
+
+def _handover_plain_run(events: list[bytes]) -> None:
+    """The writer before: a bare chunk per channel item, one send per batch of one."""
+    for e in events:
+        parts = [e]
+        parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _handover_timed_run(events: list[bytes]) -> None:
+    """The writer now: ``(chunk, read_at)`` items handed over with their relay delay."""
+    ex = Exchange(request_id="x", method="POST", path="/", provider="openai", started=0.0)
+    ex.track_latency()
+    now = 0.0
+    for e in events:
+        now += 0.001
+        handed_over([(e, now)], ex)
+
+
+def _ws_frames(n: int) -> list[str]:
+    return [json.dumps({"type": "response.output_text.delta", "sequence_number": i,
+                        "item_id": "msg_1", "output_index": 0, "content_index": 0,
+                        "delta": f" word{i}"}, separators=(",", ":")) for i in range(n)]
+
+
+def _ws_ledger_run(timed: bool) -> Callable[[list], None]:
+    def run(frames: list) -> None:
+        _ws_ledger(frames, timed)
+
+    return _in_trio(run)
+
+
+def _ws_ledger(frames: list, timed: bool) -> None:
+    """Delta frames attributed by the ledger; untimed: no tracker, no parser feed (before)."""
+    ledger = ResponseLedger("ws_x", "s", "/v1/responses", [], False)
+    rec = ledger.start(10)
+    if not timed:
+        rec.ex.tracker = rec.ex.parser = None
+    ledger.forwarded(rec)
+    ledger.on_upstream_frame('{"type":"response.created","response":{"id":"r"}}', 0.0,
+                             "response.created", {"type": "response.created",
+                                                  "response": {"id": "r"}}, 0.0)
+    now = 0.0
+    for f in frames:
+        now += 0.001
+        ledger.on_upstream_frame(f, now, "response.output_text.delta", None, now)
+
+
 def _join_run(events: list[bytes]) -> None:
     for i in range(0, len(events) - 1, 2):
         b"".join((events[i], events[i + 1]))
@@ -134,6 +198,13 @@ def main() -> None:
         ("include_usage stripper (chat)", _stripper_run, streams["openai.chat"]),
         ("Exchange.observe_chunk", _observe_run, streams["openai.chat"]),
         ("writer coalesce join (per pair)", _join_run, streams["openai.chat"]),
+        ("writer hand-over, bare chunk (before)", _in_trio(_handover_plain_run),
+         streams["openai.chat"]),
+        ("writer hand-over + relay delay (now)", _in_trio(_handover_timed_run),
+         streams["openai.chat"]),
+        ("ws ledger delta frame (before)", _ws_ledger_run(False), _ws_frames(args.events)),
+        ("ws ledger delta frame + latency (now)", _ws_ledger_run(True),
+         _ws_frames(args.events)),
     ]
     rows = []
     for name, fn, events in cases:

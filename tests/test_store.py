@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from trioproxy.accounting.keys import fingerprint
-from trioproxy.accounting.record import COLUMNS, UsageRecord
+from trioproxy.accounting.record import COLUMNS, LATENCY_FIELDS, UsageRecord
 from trioproxy.accounting.store import (
     MIGRATIONS,
     default_database_url,
@@ -101,7 +101,7 @@ def test_migrate_is_idempotent_and_versioned(store: Any) -> None:
     store.migrate()
     with store._cursor() as cur:
         cur.execute("SELECT version FROM schema_migrations")
-        assert sorted(row[0] for row in cur.fetchall()) == [1, 2]
+        assert sorted(row[0] for row in cur.fetchall()) == [1, 2, 3]
 
 
 def test_a_version_1_database_is_migrated_and_its_old_rows_still_found(store_url: str) -> None:
@@ -114,11 +114,12 @@ def test_a_version_1_database_is_migrated_and_its_old_rows_still_found(store_url
             for statement in v1:
                 cur.execute(statement)
             cur.execute("INSERT INTO schema_migrations VALUES (1, 0)")
-            old_cols = [c for c in COLUMNS if c != "correlation_id"]
+            later = {"correlation_id", *LATENCY_FIELDS}  # columns added by migrations 2, 3
+            old_cols = [c for c in COLUMNS if c not in later]
             cur.execute(s._sql(f"INSERT INTO usage_records ({', '.join(old_cols)}) "
                                f"VALUES ({', '.join('?' * len(old_cols))})"),
                         tuple(v for c, v in zip(COLUMNS, make_record(1, response_id="msg_1")
-                                                .to_row(), strict=True) if c != "correlation_id"))
+                                                .to_row(), strict=True) if c not in later))
         s.migrate()
         s.insert_many([make_record(2, correlation_id="gw-1")])
         assert [(r.request_id, r.correlation_id) for r in s.find("msg_1")] == [("req_1", None)]

@@ -1,4 +1,5 @@
-"""``trioproxy`` command line: ``serve`` (Hypercorn tuned for long streams) and ``usage``."""
+"""``trioproxy`` command line: ``serve`` (Hypercorn tuned for long streams), ``usage`` and
+``latency``."""
 
 from __future__ import annotations
 
@@ -201,11 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_serve(sub)
     _add_config(sub)
     try:
+        from .latency_report import add_latency_parser, run_latency
         from .usage_cli import add_usage_parser, run_usage
     except ImportError:  # accounting not installed in this build
-        add_usage_parser = run_usage = None  # type: ignore[assignment]
-    if add_usage_parser is not None:
+        add_usage_parser = add_latency_parser = None  # type: ignore[assignment]
+        run_usage = run_latency = None  # type: ignore[assignment]
+    if add_usage_parser is not None and add_latency_parser is not None:
         add_usage_parser(sub)
+        add_latency_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
@@ -213,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_config(args)
     if args.command == "usage" and run_usage is not None:
         return run_usage(args)
+    if args.command == "latency" and run_latency is not None:
+        return run_latency(args)
     parser.print_help()
     return 2
 

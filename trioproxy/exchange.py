@@ -15,9 +15,16 @@ from typing import Any
 
 import trio
 
+from .latency import Latency, LatencyTracker
 from .lifecycle import End, Lifecycle
 from .routing import Route
 
+# access log key -> Latency attribute
+ACCESS_LATENCY = (
+    ("ttft_ms", "ttft_ms"), ("itl_p50_ms", "itl_p50_ms"), ("itl_p99_ms", "itl_p99_ms"),
+    ("tpot_ms", "tpot_ms"), ("tokens_per_s", "tokens_per_s"), ("e2e_ms", "duration_ms"),
+    ("upstream_head_ms", "upstream_head_ms"), ("proxy_ms", "proxy_overhead_ms"),
+)
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -77,9 +84,11 @@ class Exchange:
     previous_response_id: str | None = None
     generate: bool | None = None
     parser: Any = None  # a providers.UsageParser when the route is accounted
+    tracker: LatencyTracker | None = None  # set by the relay once it handles the request
     finalised: trio.Event = field(default_factory=trio.Event)  # set once its record exists
     _usage: Any = field(default=None, repr=False)
     _priced: tuple[float | None] | None = field(default=None, repr=False)
+    _latency: Latency | None = field(default=None, repr=False)
 
     # -- what happened (read from the lifecycle) ---------------------------------------------
 
@@ -111,6 +120,23 @@ class Exchange:
             self._usage = self.parser.finish()
         return self._usage
 
+    def track_latency(self) -> LatencyTracker:
+        """Start measuring this exchange's latency (from :attr:`started`, when the request was
+        received); the tracker is also handed to the usage parser for content events."""
+        if self.tracker is None:
+            self.tracker = LatencyTracker(self.started)
+        return self.tracker
+
+    def latency(self) -> Latency | None:
+        """The latency figures (None without a tracker), computed once: after the body ended,
+        or at finalisation for a response cut short (its end is then the finalisation time)."""
+        if self._latency is None and self.tracker is not None:
+            end = self.finished_at if self.finished_at is not None else trio.current_time()
+            usage = self.usage()
+            self._latency = self.tracker.finish(
+                self.tracker.end(end), getattr(usage, "output_tokens", None))
+        return self._latency
+
     def cost_usd(self) -> float | None:
         """Cost of the parsed usage (None when unknown), priced once."""
         if self._priced is None:
@@ -125,6 +151,12 @@ class Exchange:
 
     def api(self) -> str:
         return self.route.api if self.route else "unrouted"
+
+    def body_ended(self, now: float) -> None:
+        """The upstream body (on a WebSocket: the response's terminal event) ended at ``now``."""
+        self.life.body_ended()
+        if self.tracker is not None:
+            self.tracker.body_ended(now)
 
     def observe_chunk(self, size: int, now: float) -> None:
         """Timing and byte counters for one upstream body chunk (hot path: keep it tiny)."""
@@ -151,6 +183,11 @@ class Exchange:
             "max_gap_ms": round(self.max_gap * 1000, 3),
         }
 
+    def latency_fields(self) -> dict[str, float | None]:
+        """The access log's latency keys (always present; None when not measured)."""
+        lat = self.latency()
+        return {name: getattr(lat, attr, None) for name, attr in ACCESS_LATENCY}
+
     def access_fields(self) -> dict[str, object]:
         return {
             "id": self.request_id,
@@ -161,6 +198,7 @@ class Exchange:
             "status": self.status,
             "streamed": self.streamed,
             **self.timings_ms(),
+            **self.latency_fields(),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "upstream_request_id": self.upstream_request_id,

@@ -16,7 +16,9 @@ Figures (ours, then the GenAI-Perf / AIPerf and vLLM ``bench serve`` names):
   than 2 output tokens or fewer than 2 content events.
 - ``tokens_per_s``: (output tokens − 1) / (e2e − TTFT) in seconds: the decode rate a user sees
   (AIPerf's ``output_token_throughput_per_user``); None when TTFT is unknown (not streamed).
-- ``duration_ms``: end − request received (``request_latency`` / ``e2el``).
+- ``duration_ms``: end − request received (``request_latency`` / ``e2el``); the end is the
+  arrival of the response's last byte (its terminal event on a WebSocket), or, for a response
+  cut short, the moment the exchange was finalised. Stored in the record as ``e2e_ms``.
 - ``upstream_head_ms``: response head received − request written upstream.
 - ``proxy_request_ms``: request written upstream − request received (routing, extensions, and
   the upstream connection set-up when no pooled connection was free).
@@ -105,6 +107,7 @@ class LatencyTracker:
         "_relay_count",
         "_relay_max",
         "_relay_sum",
+        "body_end",
         "content_events",
         "first_content",
         "head",
@@ -117,6 +120,7 @@ class LatencyTracker:
         self.received = received
         self.upstream_sent: float | None = None
         self.head: float | None = None
+        self.body_end: float | None = None
         self.first_content: float | None = None
         self.last_content: float | None = None
         self.content_events = 0
@@ -134,6 +138,16 @@ class LatencyTracker:
     def response_head(self, now: float) -> None:
         """The upstream response head arrived."""
         self.head = now
+
+    def body_ended(self, now: float) -> None:
+        """The last byte of the response (or its terminal WebSocket event) arrived: the end
+        of ``duration_ms`` (see :meth:`end`)."""
+        self.body_end = now
+
+    def end(self, fallback: float) -> float:
+        """When the response ended: its last byte's arrival, else ``fallback`` (a response cut
+        short ends when the exchange is finalised)."""
+        return self.body_end if self.body_end is not None else fallback
 
     def on_content(self, now: float) -> None:
         """A content event arrived at ``now`` (the time of the chunk that completed it)."""

@@ -373,6 +373,6 @@ def _store_rows(url: str | None, since: float | None, until: float | None) -> li
         return None
     try:
         store.migrate()
-        return list(store.latency_rows(since, until))  # type: ignore[attr-defined]
+        return list(store.latency_rows(since, until))
     finally:
         store.close()

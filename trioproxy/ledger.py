@@ -16,7 +16,7 @@ import trio
 
 from . import headers as hdr
 from .accounting.keys import extract_api_key, fingerprint, load_or_create_secret
-from .accounting.record import TOKEN_FIELDS, UsageRecord
+from .accounting.record import TOKEN_FIELDS, UsageRecord, latency_columns
 from .accounting.store import (
     StoreUnavailable,
     open_store,
@@ -87,6 +87,7 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
         user_agent=_text(hdr.get(headers, b"user-agent")),
         session_id=session,
         extra=_record_extra(ex),
+        **latency_columns(ex.latency()),
     )
 
 

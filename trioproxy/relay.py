@@ -42,6 +42,7 @@ from .usage_wire import (
     TRAILER_ANNOUNCE,
     UsageChunkStripper,
     as_headers,
+    timing_values,
     usage_values,
 )
 
@@ -49,6 +50,7 @@ log = logging.getLogger("trioproxy.relay")
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Finish = Callable[[Exchange], Awaitable[None]]
+Item = tuple[bytes, float | None]  # a chunk for the writer, and when it was read from upstream
 
 KEEPALIVE_COMMENT = b": keepalive\n\n"
 BUFFER_LIMIT = 16 * 1024 * 1024  # non-streaming bodies above this stream without usage headers
@@ -96,6 +98,7 @@ class HttpRelay:
     ) -> None:
         """Send the prepared request upstream and relay the response to the client."""
         last: list[Message] = []
+        tracker = ex.track_latency()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, receive, ex, nursery.cancel_scope)
             ex.life.sent_upstream()
@@ -105,6 +108,8 @@ class HttpRelay:
                 log.warning("%s before response: %s", exc.kind, exc.message)
                 last = error_messages(ex, exc)
             else:
+                if resp.sent_at is not None:
+                    tracker.request_sent(resp.sent_at)
                 last = await self._respond(nursery, resp, ex, send)
             nursery.cancel_scope.cancel()  # stop the watcher before the last message
         if ex.life.failure is End.CLIENT_DISCONNECT or not last:
@@ -121,7 +126,7 @@ class HttpRelay:
         except BaseException:
             await resp.aclose()  # nothing else owns it yet
             raise
-        send_ch, recv_ch = trio.open_memory_channel[bytes](self._settings.channel_size)
+        send_ch, recv_ch = trio.open_memory_channel[Item](self._settings.channel_size)
         nursery.start_soon(self._read_upstream, resp, send_ch, ex, plan, nursery.cancel_scope)
         if plan.buffer:
             await self._write_buffered(resp, recv_ch, send, ex, plan)
@@ -144,6 +149,8 @@ class HttpRelay:
         """Everything decided once the response head is in, before any body byte moves."""
         ex.status = resp.status
         ex.headers_at = trio.current_time()
+        if ex.tracker is not None:
+            ex.tracker.response_head(ex.headers_at)
         ex.upstream_request_id = hdr.upstream_request_id(resp.headers)
         ex.streamed = is_event_stream(hdr.get(resp.headers, b"content-type"))
         encoding = hdr.get(resp.headers, b"content-encoding")
@@ -152,6 +159,7 @@ class HttpRelay:
             ex.parser = make_parser(
                 ex.api(), streaming=ex.streamed,
                 content_encoding=encoding.decode("latin-1") if encoding else None,
+                latency=ex.tracker,
             )
         plan = ResponsePlan()
         if ex.bypass or not accounted or not 200 <= resp.status < 300:
@@ -189,7 +197,7 @@ class HttpRelay:
             return None
 
     async def _read_upstream(
-        self, resp: UpstreamResponse, send_ch: trio.MemorySendChannel[bytes], ex: Exchange,
+        self, resp: UpstreamResponse, send_ch: trio.MemorySendChannel[Item], ex: Exchange,
         plan: ResponsePlan, relay_scope: trio.CancelScope,
     ) -> None:
         """Reads the upstream body into the channel; owns (and releases) the response."""
@@ -212,7 +220,7 @@ class HttpRelay:
             await self._finish(ex)
 
     async def _pump(
-        self, resp: UpstreamResponse, send_ch: trio.MemorySendChannel[bytes], ex: Exchange,
+        self, resp: UpstreamResponse, send_ch: trio.MemorySendChannel[Item], ex: Exchange,
         plan: ResponsePlan, timeout: trio.CancelScope,
     ) -> bool:
         """Moves chunks until the body ends (True) or the client stops reading (False)."""
@@ -227,42 +235,44 @@ class HttpRelay:
                 with trio.move_on_after(keepalive) as idle:
                     chunk = await resp.receive_chunk(math.inf)
                 if idle.cancelled_caught:
-                    if tail.endswith(SSE_EVENT_ENDS) and not await put(KEEPALIVE_COMMENT):
+                    if tail.endswith(SSE_EVENT_ENDS) and not await put(KEEPALIVE_COMMENT, None):
                         return False
                     continue
-            if chunk is None:
-                if stripper is not None and (rest := stripper.flush()) and not await put(rest):
-                    return False
-                ex.life.body_ended()
-                return True
             now = trio.current_time()
+            if chunk is None:
+                if stripper is not None and (rest := stripper.flush()) and not await put(rest, now):
+                    return False
+                ex.body_ended(now)
+                return True
             timeout.deadline = now + read_timeout
             ex.observe_chunk(len(chunk), now)
             if parser is not None:
-                parser.feed(chunk)
+                parser.feed(chunk, now)
             if stripper is not None:
                 chunk = stripper.feed(chunk)
                 if not chunk:
                     continue
             if keepalive is not None:
                 tail = (tail + chunk[-4:])[-4:]
-            if not await put(chunk):
+            if not await put(chunk, now):
                 return False
 
-    def _putter(self, send_ch: trio.MemorySendChannel[bytes], ex: Exchange,
-                timeout: trio.CancelScope) -> Callable[[bytes], Awaitable[bool]]:
-        """``put(data)``: queue data for the writer; False once the client stalled."""
+    def _putter(self, send_ch: trio.MemorySendChannel[Item], ex: Exchange,
+                timeout: trio.CancelScope) -> Callable[[bytes, float | None], Awaitable[bool]]:
+        """``put(data, read_at)``: queue data (read from upstream at ``read_at``; None for the
+        proxy's own bytes) for the writer; False once the client stalled."""
         read_timeout = self._settings.read_timeout
         stall_timeout = self._settings.write_stall_timeout
 
-        async def put(data: bytes) -> bool:
+        async def put(data: bytes, read_at: float | None) -> bool:
+            item = (data, read_at)
             try:
-                send_ch.send_nowait(data)
+                send_ch.send_nowait(item)
                 return True
             except trio.WouldBlock:  # backpressure: a slow client is not an upstream timeout
                 timeout.deadline = math.inf
                 with trio.move_on_after(stall_timeout):
-                    await send_ch.send(data)
+                    await send_ch.send(item)
                     timeout.deadline = trio.current_time() + read_timeout
                     return True
                 ex.fail(End.CLIENT_STALLED, f"client read nothing for {stall_timeout:g}s")
@@ -284,21 +294,21 @@ class HttpRelay:
         return usage_values(ex.api(), ex.usage(), ex.cost_usd(), ex.model_requested)
 
     async def _write_buffered(
-        self, resp: UpstreamResponse, recv_ch: trio.MemoryReceiveChannel[bytes], send: Send,
+        self, resp: UpstreamResponse, recv_ch: trio.MemoryReceiveChannel[Item], send: Send,
         ex: Exchange, plan: ResponsePlan,
     ) -> None:
         """Non-streaming accounted response: read it whole, then plan the answer with usage
-        headers. A body that grows past ``BUFFER_LIMIT`` (chunked, so its size was unknown) is
-        streamed on without usage headers instead of being held whole."""
-        parts: list[bytes] = []
+        headers (and ``Server-Timing``). A body that grows past ``BUFFER_LIMIT`` (chunked, so
+        its size was unknown) is streamed on without usage headers instead of being held whole."""
+        items: list[Item] = []
         size = 0
-        async for chunk in recv_ch:
-            parts.append(chunk)
-            size += len(chunk)
+        async for item in recv_ch:
+            items.append(item)
+            size += len(item[0])
             if size > BUFFER_LIMIT:
                 log.info("response body over %d bytes: streamed without usage headers", size)
                 ex.life.overflow()
-                await self._write_streaming(resp, recv_ch, send, ex, plan, b"".join(parts))
+                await self._write_streaming(resp, recv_ch, send, ex, plan, items)
                 return
         if not ex.upstream_complete:
             # Nothing sent yet, so the failure can still be a clean provider-shaped 502/504.
@@ -311,17 +321,18 @@ class HttpRelay:
             return
         start = await self._start_or_reject(resp, ex, plan)
         if start is not None:
+            body = handed_over(items, ex)
             start["headers"].extend(as_headers(self._usage(ex)))
+            start["headers"].extend(as_headers(timing_values(ex.latency())))
             ex.life.answered(resp.status)
-            plan.last = [start, {"type": "http.response.body", "body": b"".join(parts),
-                                 "more_body": False}]
+            plan.last = [start, {"type": "http.response.body", "body": body, "more_body": False}]
 
     async def _write_streaming(
-        self, resp: UpstreamResponse, recv_ch: trio.MemoryReceiveChannel[bytes], send: Send,
-        ex: Exchange, plan: ResponsePlan, prefix: bytes = b"",
+        self, resp: UpstreamResponse, recv_ch: trio.MemoryReceiveChannel[Item], send: Send,
+        ex: Exchange, plan: ResponsePlan, prefix: list[Item] | None = None,
     ) -> None:
         """Sends each chunk as it arrives, coalescing what is already queued into one send;
-        the last message is planned, not sent. ``prefix``: body bytes already taken from the
+        the last message is planned, not sent. ``prefix``: body chunks already taken from the
         channel (a buffered body that overflowed)."""
         start = await self._start_or_reject(resp, ex, plan)
         if start is None:
@@ -335,20 +346,21 @@ class HttpRelay:
         ex.life.answered(resp.status)
         await send(start)
         if prefix:
-            await send({"type": "http.response.body", "body": prefix, "more_body": True})
+            await send({"type": "http.response.body", "body": handed_over(prefix, ex),
+                        "more_body": True})
         tail = b""
         async with recv_ch:
-            async for chunk in recv_ch:
-                parts, ended = [chunk], False
+            async for item in recv_ch:
+                items, ended = [item], False
                 while True:
                     try:
-                        parts.append(recv_ch.receive_nowait())
+                        items.append(recv_ch.receive_nowait())
                     except trio.WouldBlock:
                         break
                     except trio.EndOfChannel:
                         ended = True
                         break
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                data = handed_over(items, ex)
                 if ended and ex.upstream_complete:
                     tail = data  # goes out with the last message: one send() fewer
                     break
@@ -364,6 +376,19 @@ class HttpRelay:
             values = self._usage(ex)
             complete = ex.upstream_complete and getattr(ex.usage(), "complete", True)
             values["x-usage-complete"] = "true" if complete else "false"
+            values.update(timing_values(ex.latency()))
             last.append({"type": "http.response.trailers", "headers": as_headers(values),
                          "more_trailers": False})
         return last
+
+
+def handed_over(items: list[Item], ex: Exchange) -> bytes:
+    """The bytes of chunks being handed to the client's ``send()`` now, their relay delays
+    told to the exchange's latency tracker (a few arithmetic steps per chunk)."""
+    tracker = ex.tracker
+    if tracker is not None:
+        now = trio.current_time()
+        for _, read_at in items:
+            if read_at is not None:  # None: the proxy's own bytes (a keep-alive comment)
+                tracker.on_relay(read_at, now)
+    return items[0][0] if len(items) == 1 else b"".join(data for data, _ in items)

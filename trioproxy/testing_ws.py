@@ -12,7 +12,8 @@ the whole server (``reject``):
 - a huge delta frame of N bytes before the completion;
 - end with ``response.failed`` / ``response.incomplete``;
 - an ``error`` event then a close with a chosen code (the 60-minute connection cap);
-- stop mid-response and stay silent, close mid-response, or drop the TCP connection.
+- stop mid-response and stay silent, close mid-response, or drop the TCP connection;
+- pause before ``response.created``, before each delta and before the end (latency tests).
 
     fake = FakeResponsesWS(turns=[Turn(big_delta_bytes=2 * MiB)])
     await nursery.start(fake.serve)
@@ -90,6 +91,15 @@ class Turn:
     close_reason: str = ""
     error: dict[str, Any] = field(default_factory=lambda: dict(CONNECTION_LIMIT_ERROR))
     usage: dict[str, Any] | None = None  # None: derived from the response number
+    before_created: float = 0  # seconds (trio time) before response.created
+    gaps: float | Sequence[float] = 0  # before each delta: one value, or one per delta
+    before_end: float = 0  # seconds before the terminal event
+
+    def gap(self, i: int) -> float:
+        """The pause before delta ``i``."""
+        if isinstance(self.gaps, int | float):
+            return float(self.gaps)
+        return float(self.gaps[i]) if i < len(self.gaps) else 0.0
 
 
 @dataclass(eq=False)
@@ -232,6 +242,9 @@ class FakeResponsesWS:
         base = {"id": rid, "object": "response", "created_at": 1_700_000_000 + n,
                 "model": frame.get("model"), "previous_response_id": frame.get("previous_response_id")}
         seq = _Seq()
+        turn = self.turns[0] if self.turns and frame.get("generate") is not False else Turn()
+        if turn.before_created:
+            await trio.sleep(turn.before_created)
         await ws.send_message(seq.event("response.created", response={**base, "status": "in_progress",
                                                                        "output": [], "usage": None}))
         if frame.get("generate") is False:
@@ -241,6 +254,8 @@ class FakeResponsesWS:
         turn = self.turns.popleft() if self.turns else Turn()
         deltas = list(turn.deltas) + (["x" * turn.big_delta_bytes] if turn.big_delta_bytes else [])
         for i, delta in enumerate(deltas):
+            if turn.gap(i):
+                await trio.sleep(turn.gap(i))
             await ws.send_message(seq.event("response.output_text.delta", item_id=f"msg_{n}",
                                             output_index=0, content_index=0, delta=delta))
             if turn.end in ("stop", "close", "drop") and i == 0:
@@ -248,6 +263,8 @@ class FakeResponsesWS:
         if turn.end == "error_close":
             await ws.send_message(json.dumps(turn.error))
             return await self._cut(ws, turn, seen)
+        if turn.before_end:
+            await trio.sleep(turn.before_end)
         usage = turn.usage if turn.usage is not None else default_usage(n, len(deltas))
         text = "".join(turn.deltas)
         output = [{"type": "message", "id": f"msg_{n}", "status": "completed", "role": "assistant",

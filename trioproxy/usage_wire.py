@@ -15,6 +15,11 @@ Header mapping (a header is present only when its value is known):
 | ``x-usage-cache_creation_input_tokens`` | ``cache_creation_input_tokens`` | – | – |
 | ``x-usage-cost_usd`` | priced with genai-prices | same | same |
 | ``x-usage-complete`` | trailers only: ``true`` / ``false`` | same | same |
+
+With the usage headers (buffered responses) and among the trailers, ``server-timing`` (W3C
+Server-Timing) carries the latency figures known for the response: ``upstream`` (head
+latency), ``ttft``, ``itl`` (p50), ``tpot``, ``proxy`` (added by the proxy) and ``total``
+(see :func:`trioproxy.latency.server_timing`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .latency import server_timing
 from .sse import SSEFramer
 
 USAGE_FIELDS = (
@@ -38,7 +44,7 @@ USAGE_FIELDS = (
     "x-usage-cache_creation_input_tokens",
     "x-usage-cost_usd",
 )
-TRAILER_FIELDS = (*USAGE_FIELDS, "x-usage-complete")
+TRAILER_FIELDS = (*USAGE_FIELDS, "x-usage-complete", "server-timing")
 TRAILER_ANNOUNCE = ", ".join(TRAILER_FIELDS).encode()
 SSE_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")  # a blank line ends an SSE event
 
@@ -70,6 +76,13 @@ def usage_values(
         if cost_usd is not None:
             out["x-usage-cost_usd"] = f"{cost_usd:.10f}".rstrip("0").rstrip(".") or "0"
     return {k: str(v) for k, v in out.items() if v is not None}
+
+
+def timing_values(latency: Any) -> dict[str, str]:
+    """``{"server-timing": ...}`` for a :class:`~trioproxy.latency.Latency` (empty when it is
+    None or knows nothing)."""
+    value = server_timing(latency) if latency is not None else b""
+    return {"server-timing": value.decode("ascii")} if value else {}
 
 
 def as_headers(values: dict[str, str]) -> list[tuple[bytes, bytes]]:

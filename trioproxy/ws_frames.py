@@ -126,6 +126,7 @@ class FramePumps:
         self.ledger.forwarded(rec)  # from here on the response may come
         try:
             await upstream.send_message(data)
+            self.ledger.written(rec, trio.current_time())
         finally:  # decoded after forwarding: the frame is not delayed by it
             self.ledger.note_create(rec, ctx.payload if ctx.payload is not None else decode(data))
         if rec.ended:  # the terminal event came first: the upstream pump left it to us
@@ -143,12 +144,14 @@ class FramePumps:
                 return
             now = trio.current_time()
             kind, obj = classify(message) if isinstance(message, str) else (None, None)
+            handed = None
             if self.client_open:
                 key = "text" if isinstance(message, str) else "bytes"
+                handed = trio.current_time()
                 await self.send({"type": "websocket.send", key: message})
             if kind in DECODED and obj is None and isinstance(message, str):
                 obj = decode(message)  # after forwarding: the frame is not delayed by it
-            ended = self.ledger.on_upstream_frame(size_of(message), now, kind, obj)
+            ended = self.ledger.on_upstream_frame(message, now, kind, obj, handed)
             if ended is not None and ended.noted:
                 await self.finish(ended)
 

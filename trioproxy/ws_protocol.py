@@ -12,6 +12,10 @@
   ``response.create`` opens one (an ``Exchange`` with its own proxy id, the socket's id and
   its index on the socket), matched to its response in order and then by response id, and
   closed by ``response.completed`` / ``failed`` / ``incomplete`` or an ``error`` event, or cut.
+  Each record measures its latency like an HTTP exchange: received = the create frame's
+  arrival, request sent = the frame forwarded, head = ``response.created``, content events =
+  the ``response.*.delta`` frames (timed by their arrival, never decoded for it), end = the
+  terminal event, relay delay = arrival to hand-over to the client's ``send``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 from . import headers as hdr
 from .exchange import Exchange
+from .latency import LatencyTracker
 from .lifecycle import End
 from .providers import make_parser
 from .providers.base import loads_object
@@ -185,7 +190,7 @@ class ResponseLedger:
         self.count += 1
         ex = self.exchange(f"{self.socket_id}.{self.count}")
         ex.streamed, ex.bytes_in, ex.response_index = True, size, self.count
-        ex.parser = _new_parser()
+        ex.parser = _new_parser(ex.track_latency())
         rec = Record(ex)
         self.unfinished.append(rec)
         return rec
@@ -194,6 +199,11 @@ class ResponseLedger:
         """The create frame went upstream: its response may come."""
         rec.ex.life.sent_upstream()
         self.waiting.append(rec)
+
+    def written(self, rec: Record, now: float) -> None:
+        """The create frame was written to the upstream at ``now``."""
+        if rec.ex.tracker is not None:
+            rec.ex.tracker.request_sent(now)
 
     def note_create(self, rec: Record, payload: dict[str, Any] | None) -> None:
         rec.noted = True
@@ -219,12 +229,14 @@ class ResponseLedger:
         if target is not None:
             target.ex.bytes_in += size
 
-    def on_upstream_frame(self, size: int, now: float, kind: str | None,
-                          obj: dict[str, Any] | None) -> Record | None:
-        """Attributes one forwarded upstream frame (``obj`` decoded for ``DECODED`` kinds);
+    def on_upstream_frame(self, message: Message, now: float, kind: str | None,
+                          obj: dict[str, Any] | None, handed: float | None = None
+                          ) -> Record | None:
+        """Attributes one upstream frame that arrived at ``now`` (``obj`` decoded for
+        ``DECODED`` kinds) and was handed to the client at ``handed`` (None: not relayed);
         returns the record it ended, if it ended one."""
         if kind == "response.created":
-            rec = self._created(obj)
+            rec = self._created(obj, now)
         elif kind in TERMINAL:
             rec = self._by_response_id(obj)
         elif kind == "error":
@@ -235,16 +247,23 @@ class ResponseLedger:
             rec = self.latest
         if rec is None or rec.ended:
             return None
-        rec.ex.observe_chunk(size, now)
+        ex = rec.ex
+        ex.observe_chunk(size_of(message), now)
+        if handed is not None and ex.tracker is not None:
+            ex.tracker.on_relay(now, handed)
         if obj is not None:
-            self._feed(rec, kind, obj)
+            self._feed(rec, kind, obj, now)
+        elif kind is not None and isinstance(message, str) and ex.parser is not None:
+            ex.parser.feed_message(message, now, kind)  # times a delta without decoding it
         return rec if rec.ended else None
 
-    def _created(self, obj: dict[str, Any] | None) -> Record | None:
+    def _created(self, obj: dict[str, Any] | None, now: float) -> Record | None:
         if not self.waiting:
             return None
         rec = self.waiting.popleft()
         rec.ex.status = RECORD_STATUS
+        if rec.ex.tracker is not None:
+            rec.ex.tracker.response_head(now)
         rec.ex.life.head()
         rec.ex.life.answered(RECORD_STATUS)
         rid = _response_id(obj)
@@ -264,17 +283,17 @@ class ResponseLedger:
                 self.by_id.pop(rec.ex.response_id, None)
         return rec
 
-    def _feed(self, rec: Record, kind: str | None, obj: dict[str, Any]) -> None:
-        """Reads a decoded event into its record."""
+    def _feed(self, rec: Record, kind: str | None, obj: dict[str, Any], now: float) -> None:
+        """Reads a decoded event that arrived at ``now`` into its record."""
         ex = rec.ex
         if ex.parser is not None:
-            ex.parser.feed_event(obj)
+            ex.parser.feed_event(obj, now)
         if kind in TERMINAL:
             if ex.life.answered_status is None:  # a terminal event without response.created
                 ex.status = RECORD_STATUS
                 ex.life.head()
                 ex.life.answered(RECORD_STATUS)
-            ex.life.body_ended()  # response.failed too: the upstream's answer, relayed whole
+            ex.body_ended(now)  # response.failed too: the upstream's answer, relayed whole
             ex.life.delivered()
             self._end(rec)
         elif kind == "error":
@@ -321,6 +340,6 @@ def _error_text(obj: dict[str, Any]) -> str:
     return str(err or obj.get("message") or "error")
 
 
-def _new_parser() -> Any:
-    """The streaming usage parser of one Responses record."""
-    return make_parser("openai.responses", streaming=True)
+def _new_parser(latency: LatencyTracker) -> Any:
+    """The streaming usage parser of one Responses record, timing its content events."""
+    return make_parser("openai.responses", streaming=True, latency=latency)

@@ -14,13 +14,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["COLUMNS", "TOKEN_FIELDS", "UsageRecord"]
+__all__ = ["COLUMNS", "LATENCY_FIELDS", "TOKEN_FIELDS", "UsageRecord", "latency_columns"]
 
 TOKEN_FIELDS = (
     "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
     "reasoning_tokens", "audio_input_tokens", "audio_output_tokens",
     "accepted_prediction_tokens", "rejected_prediction_tokens",
 )
+# record field -> trioproxy.latency.Latency attribute (``duration_ms`` is the exchange's own
+# duration, to finalisation; the latency's end-to-end time is ``e2e_ms``)
+LATENCY_FIELDS: dict[str, str] = {
+    "ttft_ms": "ttft_ms", "itl_p50_ms": "itl_p50_ms", "itl_p90_ms": "itl_p90_ms",
+    "itl_p99_ms": "itl_p99_ms", "itl_max_ms": "itl_max_ms", "itl_count": "itl_count",
+    "tpot_ms": "tpot_ms", "tokens_per_s": "tokens_per_s", "e2e_ms": "duration_ms",
+    "upstream_head_ms": "upstream_head_ms", "proxy_request_ms": "proxy_request_ms",
+    "proxy_relay_ms": "proxy_relay_ms", "proxy_relay_max_ms": "proxy_relay_max_ms",
+    "proxy_overhead_ms": "proxy_overhead_ms", "content_events": "content_events",
+}
 _JSON_FIELDS = frozenset({"raw_usage", "extra"})
 
 
@@ -66,6 +76,22 @@ class UsageRecord:
     user_agent: str | None = None
     session_id: str | None = None
     extra: dict[str, Any] | None = None
+    # latency (see trioproxy.latency; all None when the request was never relayed upstream)
+    ttft_ms: float | None = None  # first content event (text / tool-call / reasoning delta)
+    itl_p50_ms: float | None = None  # gaps between content events
+    itl_p90_ms: float | None = None
+    itl_p99_ms: float | None = None
+    itl_max_ms: float | None = None
+    itl_count: int | None = None  # number of gaps
+    tpot_ms: float | None = None  # (last - first content event) / (output tokens - 1)
+    tokens_per_s: float | None = None  # (output tokens - 1) / (e2e - TTFT)
+    e2e_ms: float | None = None  # request received -> last byte of the response
+    upstream_head_ms: float | None = None  # request written upstream -> response head
+    proxy_request_ms: float | None = None  # request received -> written upstream
+    proxy_relay_ms: float | None = None  # mean delay of a chunk through the proxy
+    proxy_relay_max_ms: float | None = None
+    proxy_overhead_ms: float | None = None  # proxy_request_ms + proxy_relay_ms
+    content_events: int | None = None
 
     def to_row(self) -> tuple[Any, ...]:
         """Values in :data:`COLUMNS` order, ready for a parameterised INSERT."""
@@ -128,6 +154,7 @@ class UsageRecord:
                 "duration_ms": self.duration_ms,
                 "max_gap_ms": self.max_gap_ms,
             },
+            "latency": {name: getattr(self, name) for name in LATENCY_FIELDS},
             "bytes": {"in": self.bytes_in, "out": self.bytes_out},
             "cost_usd": self.cost_usd,
             "usage": self.raw_usage,
@@ -137,6 +164,11 @@ class UsageRecord:
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageRecord))
+
+
+def latency_columns(latency: Any) -> dict[str, Any]:
+    """The record's latency fields from a :class:`trioproxy.latency.Latency` (or None)."""
+    return {name: getattr(latency, attr, None) for name, attr in LATENCY_FIELDS.items()}
 _FIELD_SET = frozenset(COLUMNS)
 
 

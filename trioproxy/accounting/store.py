@@ -86,6 +86,17 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         "ALTER TABLE usage_records ADD COLUMN correlation_id TEXT",
         "CREATE INDEX usage_records_correlation_id ON usage_records (correlation_id)",
     )),
+    # latency figures (trioproxy.latency): TTFT, ITL summary, TPOT, tokens/s, e2e, proxy time
+    (3, tuple(f"ALTER TABLE usage_records ADD COLUMN {name} {kind}" for name, kind in (
+        ("ttft_ms", "DOUBLE PRECISION"), ("itl_p50_ms", "DOUBLE PRECISION"),
+        ("itl_p90_ms", "DOUBLE PRECISION"), ("itl_p99_ms", "DOUBLE PRECISION"),
+        ("itl_max_ms", "DOUBLE PRECISION"), ("itl_count", "BIGINT"),
+        ("tpot_ms", "DOUBLE PRECISION"), ("tokens_per_s", "DOUBLE PRECISION"),
+        ("e2e_ms", "DOUBLE PRECISION"), ("upstream_head_ms", "DOUBLE PRECISION"),
+        ("proxy_request_ms", "DOUBLE PRECISION"), ("proxy_relay_ms", "DOUBLE PRECISION"),
+        ("proxy_relay_max_ms", "DOUBLE PRECISION"), ("proxy_overhead_ms", "DOUBLE PRECISION"),
+        ("content_events", "BIGINT"),
+    ))),
 )
 
 _COLS = ", ".join(COLUMNS)
@@ -145,6 +156,14 @@ class Store(abc.ABC):
     ) -> list[dict[str, Any]]:
         """Totals per group (one of :data:`GROUP_BY`; days and hours in UTC) over
         ``since <= started_at < until``."""
+
+    def latency_rows(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        """The latency figures of completed 2xx responses of the generation APIs over
+        ``since <= started_at < until``, oldest first: dicts with the keys of
+        ``trioproxy.latency_report.ROW_KEYS`` (``duration_ms`` is the record's ``e2e_ms``)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -289,6 +308,35 @@ class SQLStore(Store):
         for row in rows:
             _group_dict(groups, group_by, row)
         return _sort_groups(list(groups.values()), group_by)
+
+    def latency_rows(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        where, params = _time_filter(since, until)
+        where = f"{where} AND {_LATENCY_ROWS}" if where else f" WHERE {_LATENCY_ROWS}"
+        sql = (f"SELECT {', '.join(expr for _, expr in _LATENCY_SELECT)} FROM usage_records"
+               f"{where} ORDER BY started_at, request_id")
+        with self._cursor() as cur:
+            cur.execute(self._sql(sql), params)
+            rows = cur.fetchall()
+        keys = [key for key, _ in _LATENCY_SELECT]
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+# ``trioproxy latency`` rows: (key, SQL) in latency_report.ROW_KEYS order, over the responses a
+# benchmark counts (complete, 2xx, from a generation API, relayed so measured).
+_LATENCY_SELECT = (
+    ("started_at", "started_at"), ("model", "COALESCE(model, model_requested)"),
+    ("provider", "provider"), ("api", "api"), ("key_fingerprint", "key_fingerprint"),
+    ("session_id", "session_id"), ("ttft_ms", "ttft_ms"), ("itl_p50_ms", "itl_p50_ms"),
+    ("itl_p90_ms", "itl_p90_ms"), ("itl_p99_ms", "itl_p99_ms"), ("itl_max_ms", "itl_max_ms"),
+    ("itl_count", "itl_count"), ("tpot_ms", "tpot_ms"), ("tokens_per_s", "tokens_per_s"),
+    ("duration_ms", "e2e_ms"), ("output_tokens", "output_tokens"),
+)
+_LATENCY_ROWS = (
+    "e2e_ms IS NOT NULL AND end_reason = 'complete' AND status >= 200 AND status < 300 "
+    "AND api IN ('anthropic.messages', 'openai.chat', 'openai.responses')"
+)
 
 
 # What a request came to (``ok``, ``upstream_4xx``/``upstream_5xx`` for an upstream's error

@@ -83,6 +83,7 @@ class UpstreamResponse:
         self.headers: Headers = list(event.headers)
         self.trailers: Headers = []
         self.complete = False
+        self.sent_at: float | None = None  # trio time the request was written (head and body)
         self._read_timeout = read_timeout
         self._release: Callable[[Connection], Awaitable[None]] | None = None
 
@@ -353,7 +354,10 @@ class UpstreamPool:
             if reused:
                 raise StaleConnection(f"write failed: {exc!r}") from exc
             raise UpstreamProtocolError(f"upstream closed while sending request: {exc!r}") from exc
-        return await self._read_head(conn)
+        sent_at = trio.current_time()
+        response = await self._read_head(conn)
+        response.sent_at = sent_at
+        return response
 
     async def _read_head(self, conn: Connection) -> UpstreamResponse:
         """Read up to the response head. Once the request is written nothing is retried: a
