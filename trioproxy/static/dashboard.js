@@ -1,13 +1,15 @@
 // The usage page: fetch api/usage, fill the tables, refresh every REFRESH_MS.
 "use strict";
 
-const REFRESH_MS = 10000;
+// ?refresh=SECONDS (at least 2) changes how often
+const REFRESH_MS = Math.max(2, Number(new URLSearchParams(location.search).get("refresh")) || 10) * 1000;
 const $ = (id) => document.getElementById(id);
 
 const fmtInt = (n) => (n == null ? "–" : Number(n).toLocaleString("en-US"));
-const fmtUsd = (x) => (x == null ? "unpriced" : "$" + Number(x).toFixed(x !== 0 && x < 0.01 ? 6 : 2));
+const fmtUsd = (x) => (x == null ? "unpriced" : "$" + Number(x).toFixed(x === 0 || x >= 1 ? 2 : 4));
 const fmtMs = (x) => (x == null ? "–" : Number(x).toFixed(1));
 const fmtTime = (t) => new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19);
+const fmtClock = (t) => fmtTime(t).slice(5, 16);  // MM-DD HH:MM, short enough for a phone
 
 function cell(text, cls) {
   const td = document.createElement("td");
@@ -53,17 +55,18 @@ function render(data) {
     fill("latency", data.latency, (g) => {
       const m = g.metrics;
       return [cell(g.group), cell(fmtInt(g.requests), "n"),
-              cell(fmtMs(m.ttft_ms.p50), "n"), cell(fmtMs(m.ttft_ms.p90), "n"), cell(fmtMs(m.ttft_ms.p99), "n"),
-              cell(fmtMs(m.itl_ms.p50), "n"), cell(fmtMs(m.itl_ms.p90), "n"),
-              cell(fmtMs(m.e2e_ms.p50), "n"), cell(fmtMs(m.e2e_ms.p90), "n")];
+              cell(fmtMs(m.ttft_ms.p50), "n"), cell(fmtMs(m.ttft_ms.p90), "n wide"),
+              cell(fmtMs(m.ttft_ms.p99), "n wide"), cell(fmtMs(m.itl_ms.p50), "n"),
+              cell(fmtMs(m.itl_ms.p90), "n wide"), cell(fmtMs(m.e2e_ms.p50), "n"),
+              cell(fmtMs(m.e2e_ms.p90), "n wide")];
     });
   }
   fill("recent", data.recent, (r) => [
-    cell(fmtTime(r.started_at)), cell(r.model ?? "–"), cell(r.api ?? "–"),
+    cell(fmtClock(r.started_at)), cell(r.model ?? "–"), cell(r.api ?? "–", "wide"),
     cell(r.status ?? "–", "n" + (r.status >= 400 ? " bad" : "")),
     cell(r.end_reason ?? "–", r.end_reason === "complete" ? "ok" : "bad"),
-    cell(fmtInt(r.input_tokens), "n"), cell(fmtInt(r.output_tokens), "n"),
-    cell(fmtUsd(r.cost_usd), "n"), cell(fmtMs(r.duration_ms), "n"),
+    cell(fmtInt(r.input_tokens), "n wide"), cell(fmtInt(r.output_tokens), "n wide"),
+    cell(fmtUsd(r.cost_usd), "n"), cell(fmtMs(r.duration_ms), "n wide"),
   ]);
 }
 
