@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def test_models_beyond_the_cap_are_counted_as_other() -> None:
 
 def test_token_buckets_are_the_opentelemetry_boundaries() -> None:
     assert TOKEN_BUCKETS[0] == 1 and TOKEN_BUCKETS[-1] == 67108864
-    assert all(b == a * 4 for a, b in zip(TOKEN_BUCKETS, TOKEN_BUCKETS[1:]))
+    assert all(b == a * 4 for a, b in itertools.pairwise(TOKEN_BUCKETS))
 
 
 @pytest.mark.trio

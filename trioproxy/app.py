@@ -153,7 +153,7 @@ class TrioProxy:
         if settings.metrics:
             from .metrics import Metrics
 
-            runtime.metrics = Metrics()
+            runtime.metrics = Metrics(accounting=settings.accounting)
             runtime.finishers.append(runtime.observe)
             if runtime.metrics.multiprocess:  # the other workers' scrapes read our files
                 nursery.start_soon(runtime.metrics.run_publisher, runtime.scrape_figures)

@@ -64,7 +64,9 @@ def status_class(status: int | None) -> str:
 class Metrics:
     """The app's instruments and its registry. ``multiprocess`` defaults to the library's mode."""
 
-    def __init__(self, *, multiprocess: bool | None = None, max_models: int = MAX_MODELS) -> None:
+    def __init__(self, *, multiprocess: bool | None = None, max_models: int = MAX_MODELS,
+                 accounting: bool = True) -> None:
+        """``accounting``: there is a usage writer (its queue and store figures are shown)."""
         self.multiprocess = multiprocess_mode() if multiprocess is None else multiprocess
         self.registry = CollectorRegistry(auto_describe=True)
         if self.multiprocess:
@@ -81,6 +83,8 @@ class Metrics:
         self._max_models = max_models
         self._published: dict[tuple[str, ...], float] = {}
         self._define(reg)
+        if accounting:
+            self._define_writer(reg)
 
     def _define(self, reg: CollectorRegistry | None) -> None:
         live = {"multiprocess_mode": "livesum"}
@@ -118,6 +122,9 @@ class Metrics:
         self.pool_waits = Counter("trioproxy_upstream_pool_waits",
                                   "Requests that had to wait for a free upstream connection",
                                   ("origin",), registry=reg)
+
+    def _define_writer(self, reg: CollectorRegistry | None) -> None:
+        live = {"multiprocess_mode": "livesum"}
         self.queue = Gauge("trioproxy_usage_queue_depth",
                            "Usage records in memory waiting for the store", registry=reg, **live)
         self.store_up = Gauge("trioproxy_usage_store_up",
@@ -178,7 +185,7 @@ class Metrics:
             self.conns.labels(origin, "idle").set(stats["idle"])
             self.pool_waiting.labels(origin).set(stats["waiting"])
             self._advance(self.pool_waits.labels(origin), ("waits", origin), stats["waits"])
-        if writer is not None:
+        if writer is not None and hasattr(self, "queue"):
             self.queue.set(writer.pending)
             self.store_up.set(1 if writer.store_available else 0)
             self._advance(self.spilled, ("spilled",), writer.spilled)
