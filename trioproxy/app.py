@@ -21,6 +21,7 @@ from .config import ConfigError, Settings
 from .errors import ClientRequestError, ProxyError
 from .exchange import Exchange, correlation_id
 from .extensions import Extension, ExtensionFailed, ExtensionManager, load_extensions
+from .health import answer_operational, is_operational, refuse_draining
 from .ledger import answer_usage_lookup, usage_request_id
 from .lifecycle import End
 from .log import request_id_var, setup_logging
@@ -130,8 +131,10 @@ class TrioProxy:
                 assert message["type"] == "lifespan.shutdown"
                 nursery.cancel_scope.cancel()
         finally:
-            self.runtime = None
+            reader, self.runtime = self.runtime and self.runtime.reader, None
             with trio.CancelScope(shield=True):
+                if reader is not None:
+                    await reader.aclose()
                 await pool.aclose()
         await send({"type": "lifespan.shutdown.complete"})
 
@@ -147,6 +150,17 @@ class TrioProxy:
             runtime.secret = secrets.token_bytes(32)  # records still go to complete hooks
         if settings.accounting or runtime.extensions.has_complete_hooks:
             runtime.finishers.append(runtime.record)
+        if settings.metrics:
+            from .metrics import Metrics
+
+            runtime.metrics = Metrics(accounting=settings.accounting)
+            runtime.finishers.append(runtime.observe)
+            if runtime.metrics.multiprocess:  # the other workers' scrapes read our files
+                nursery.start_soon(runtime.metrics.run_publisher, runtime.scrape_figures)
+        if settings.accounting and settings.dashboard:
+            from .dashboard import UsageReader
+
+            runtime.reader = UsageReader(settings)
 
     # -- http ------------------------------------------------------------------------------
 
@@ -166,10 +180,16 @@ class TrioProxy:
             close_connection=has_body(headers) or conflicting_framing(headers),
         )
         token = request_id_var.set(ex.log_label())
-        runtime.inflight[ex.request_id] = ex
-        lookup_id = usage_request_id(raw_path) if ex.method == "GET" else None
+        own = is_operational(raw_path)  # never forwarded, never a usage row, always answered
+        lookup_id = usage_request_id(raw_path) if ex.method == "GET" and not own else None
+        if not own:
+            runtime.inflight[ex.request_id] = ex
         try:
-            if lookup_id is not None:
+            if own:
+                await answer_operational(runtime, ex, scope, receive, send)
+            elif runtime.draining:
+                await refuse_draining(runtime, ex, scope, send)
+            elif lookup_id is not None:
                 await self._usage_lookup(runtime, ex, lookup_id, send)
             else:
                 await self._handle(runtime, relay, ex, scope, raw_path, receive, send)
@@ -180,8 +200,8 @@ class TrioProxy:
                 with trio.CancelScope(shield=True):
                     await send_all(send, ex, error_messages(ex, ProxyError("internal proxy error")))
         finally:
-            await runtime.finish(ex, recorded=lookup_id is None)
-            del runtime.inflight[ex.request_id]
+            await runtime.finish(ex, recorded=lookup_id is None and not own)
+            runtime.inflight.pop(ex.request_id, None)
             request_id_var.reset(token)
 
     async def _handle(
@@ -260,7 +280,25 @@ class TrioProxy:
             raise RuntimeError("trioproxy received a websocket before lifespan start-up")
         from .websocket import relay_websocket
 
-        await relay_websocket(runtime, scope, receive, send)
+        if runtime.draining:  # refused before the handshake, like a new HTTP request
+            await refuse_websocket(scope, send)
+            return
+        runtime.sockets += 1
+        try:
+            await relay_websocket(runtime, scope, receive, send)
+        finally:
+            runtime.sockets -= 1
+
+
+async def refuse_websocket(scope: Scope, send: Send) -> None:
+    """A WebSocket handshake while draining: 503 with retry-after where the server can send an
+    HTTP answer to a handshake, else a plain refusal (Hypercorn answers 403)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": 503,
+                    "headers": [(b"retry-after", b"5"), (b"content-length", b"0")]})
+        await send({"type": "websocket.http.response.body", "body": b"", "more_body": False})
+    else:
+        await send({"type": "websocket.close", "code": 1013})
 
 
 def wants_trailers(scope: Scope) -> bool:

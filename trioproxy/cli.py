@@ -40,7 +40,11 @@ agent streams:
 TCP_USER_TIMEOUT (--tcp-user-timeout) is set on the listening socket, so a client that stops
 reading is dropped by the kernel after that many seconds instead of pinning its request forever.
 Plain `hypercorn` has no flag for this, nor for the request-head limit (--max-header-bytes sets
-Hypercorn's h11_max_incomplete_size); use `trioproxy serve` in production.
+Hypercorn's h11_max_incomplete_size), nor a drain: on SIGTERM `trioproxy serve` fails readiness
+and answers new requests 503 (Connection: close, retry-after) for --drain-notice seconds and
+until in-flight streams end (at most --graceful-timeout), then stops; a second signal stops at
+once. With --workers > 1 every worker is counted once in GET /metrics. Use `trioproxy serve`
+in production.
 """
 
 log = logging.getLogger("trioproxy")
@@ -151,7 +155,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2
-    from hypercorn.run import run
+    from .serve import run_workers
 
     for name in exported:  # a flag replaces its variable and the variable's _FILE twin
         os.environ.pop(name.removesuffix("_FILE") + "_FILE", None)
@@ -163,7 +167,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "trioproxy %s on %s://%s:%s (anthropic -> %s, openai -> %s)", __version__, scheme,
         settings.host, settings.port, settings.anthropic_upstream, settings.openai_upstream,
     )
-    return run(build_config(settings))
+    return run_workers(build_config(settings), settings.workers)
 
 
 def run_config(args: argparse.Namespace) -> int:

@@ -122,6 +122,10 @@ class Settings:
     graceful_timeout: float = setting(
         600.0, "seconds in-flight streams may finish after shutdown starts (trioproxy serve)",
         example="30", check=_non_negative)
+    drain_notice: float = setting(
+        5.0, "seconds a draining server (SIGTERM) keeps answering, with 503 and failing "
+        "readiness, before it stops accepting, even when nothing is in flight (trioproxy "
+        "serve)", example="15", check=_non_negative, metavar="SECONDS")
     keep_alive: float = setting(
         75.0, "seconds an idle client connection stays open between requests (trioproxy serve)",
         example="5", check=_positive)
@@ -208,6 +212,10 @@ class Settings:
     admin_token: str | None = setting(
         None, "token that may read every record via GET /v1/usage/{id}", example="admin-token",
         secret=True, metavar="TOKEN")
+    # -- operating -----------------------------------------------------------------------------
+    metrics: bool = setting(True, "serve Prometheus metrics at GET /metrics", example="false")
+    dashboard: bool = setting(True, "serve the usage page at /_trioproxy/ (admin_token, or "
+                              "loopback clients only when none is set)", example="false")
     # -- extensions ----------------------------------------------------------------------------
     extensions: str = setting(
         "", "extensions module:attr, loaded after the entry points (comma list)",

@@ -1,4 +1,5 @@
-"""What lives from lifespan start-up to shutdown, and the one place an exchange is finalised."""
+"""What lives from lifespan start-up to shutdown, the one place an exchange is finalised, and
+the drain before exit."""
 
 from __future__ import annotations
 
@@ -33,6 +34,49 @@ class Runtime:
     inflight: dict[str, Exchange] = field(default_factory=dict)  # by proxy request id
     writer: Any = None  # accounting.writer.UsageWriter when accounting is on
     secret: bytes = b""  # key-fingerprint secret
+    metrics: Any = None  # metrics.Metrics when /metrics is on
+    reader: Any = None  # dashboard.UsageReader when accounting is on
+    sockets: int = 0  # open WebSocket connections
+    draining: bool = False  # readiness fails and new requests get 503
+    refused: int = 0  # requests refused while draining
+
+    async def observe(self, ex: Exchange) -> None:
+        """Finisher: the exchange's metrics."""
+        self.metrics.observe(ex)
+
+    def busy(self) -> int:
+        """Proxied requests and WebSocket connections in flight."""
+        return len(self.inflight) + self.sockets
+
+    def scrape_figures(self) -> dict[str, Any]:
+        """What ``Metrics.refresh`` reads at scrape time."""
+        return {
+            "in_flight": self.busy(), "draining": self.draining,
+            "pool": self.pool.origin_statistics(),
+            "writer": self.writer.statistics() if self.writer is not None else None,
+        }
+
+    async def drain(
+        self, notice: float, timeout: float, hurry: Callable[[], bool] = lambda: False
+    ) -> float:
+        """Drain: from now on readiness fails and new requests are refused with 503. Waits
+        until ``notice`` seconds have passed and nothing is in flight, or ``timeout`` seconds,
+        or ``hurry()``; logs one line when it starts and one when it ends. Returns the seconds
+        left of ``timeout`` (what in-flight streams still get)."""
+        start, busy = trio.current_time(), self.busy()
+        self.draining = True
+        log.warning("draining: readiness fails, new requests get 503; %d in flight, waiting "
+                    "up to %gs for them", busy, timeout)
+        deadline = start + timeout
+        while trio.current_time() < deadline and not hurry() and (
+                self.busy() or trio.current_time() < start + notice):
+            await trio.sleep(min(0.05, max(0.0, deadline - trio.current_time())))
+        now, left = trio.current_time(), self.busy()
+        remaining = 0.0 if hurry() else max(0.0, deadline - now)
+        log.warning("drain ended after %.1fs: %d of %d in flight finished, %d new requests "
+                    "refused, %d still running%s", now - start, max(0, busy - left), busy,
+                    self.refused, left, " (cut now)" if left and not remaining else "")
+        return remaining
 
     async def record(self, ex: Exchange) -> None:
         """Finisher: build the usage record, queue it for the store, run complete hooks."""

@@ -277,6 +277,15 @@ class SQLStore(Store):
             rows = cur.fetchall()
         return [UsageRecord.from_row(row) for row in rows]
 
+    def recent(self, limit: int = 20, since: float | None = None) -> list[UsageRecord]:
+        """The newest records (started at or after ``since``), newest first, at most ``limit``."""
+        where, params = _time_filter(since, None)
+        sql = f"SELECT {_COLS} FROM usage_records{where} ORDER BY started_at DESC, request_id LIMIT ?"
+        with self._cursor() as cur:
+            cur.execute(self._sql(sql), (*params, int(limit)))
+            rows = cur.fetchall()
+        return [UsageRecord.from_row(row) for row in rows]
+
     def aggregate(
         self, group_by: str, since: float | None = None, until: float | None = None
     ) -> list[dict[str, Any]]:

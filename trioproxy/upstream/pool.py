@@ -170,12 +170,27 @@ class UpstreamPool:
         self.reused = 0
         self.retried = 0
         self.discarded = 0  # idle connections the upstream had closed, found before reuse
+        self._waits: dict[Origin, int] = {}  # requests that found every connection busy
         self._closed = False
 
     def statistics(self) -> dict[str, int]:
         idle = sum(len(v) for v in self._idle.values())
         return {"opened": self.opened, "reused": self.reused, "retried": self.retried,
                 "discarded": self.discarded, "idle": idle}
+
+    def origin_statistics(self) -> dict[str, dict[str, int]]:
+        """Per origin (``scheme://host:port``): connections ``in_use`` and ``idle``, requests
+        ``waiting`` now for a free one and ``waits`` (how many ever had to wait)."""
+        out = {}
+        for origin, sem in self._limits.items():
+            scheme, host, port = origin
+            out[f"{scheme}://{host}:{port}"] = {
+                "in_use": self._settings.max_connections - sem.value,
+                "idle": len(self._idle.get(origin, ())),
+                "waiting": sem.statistics().tasks_waiting,
+                "waits": self._waits.get(origin, 0),
+            }
+        return out
 
     async def aclose(self) -> None:
         """Close idle connections; from now on ``send_request`` raises UpstreamPoolClosed and
@@ -279,6 +294,8 @@ class UpstreamPool:
         origin = (base.scheme, base.host, base.port)
         limit = self._limit(origin)
         self._check_open()
+        if limit.value == 0:
+            self._waits[origin] = self._waits.get(origin, 0) + 1
         try:
             with trio.fail_after(self._settings.pool_timeout):
                 await limit.acquire()

@@ -1,0 +1,216 @@
+"""The usage page at ``/_trioproxy/``: plain HTML, CSS and a little JavaScript from package data,
+fed by ``GET /_trioproxy/api/usage?days=N`` (JSON).
+
+Who may read it: with ``admin_token`` set, a client that sends it (``x-trioproxy-admin-token``,
+as for ``GET /v1/usage/{id}``) or that logged in with it through the page's form (an HttpOnly
+cookie holding an HMAC of the token, never the token); without one, loopback clients only. The
+page itself holds no data and is served to anyone who may reach the proxy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import time
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs
+
+import trio
+
+from .accounting.store import Store, open_store
+from .config import Settings
+from .exchange import Exchange
+from .health import PREFIX, answer, json_answer
+from .ledger import _is_admin
+from .lifecycle import End
+from .responses import Receive, Send, send_all
+from .runtime import Runtime
+
+COOKIE = "trioproxy_admin"
+DAY = 86400.0
+RECENT = 25  # last requests shown
+_STATIC = {
+    b"": ("dashboard.html", b"text/html; charset=utf-8"),
+    b"dashboard.js": ("dashboard.js", b"text/javascript; charset=utf-8"),
+    b"dashboard.css": ("dashboard.css", b"text/css; charset=utf-8"),
+}
+_PAGE_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+class UsageReader:
+    """The page's own store connection: opened on first use in a worker thread, one call at a
+    time, closed by :meth:`aclose` (the app's lifespan)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._store: Store | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def summary(self, days: float) -> dict[str, Any]:
+        """Spend and tokens by model and by day, latency by model, the last requests."""
+        now = time.time()
+        with trio.fail_after(self._settings.store_timeout * 2):
+            return await trio.to_thread.run_sync(
+                self._summary, now - days * DAY, now, limiter=self._limiter,
+                abandon_on_cancel=True)
+
+    def _summary(self, since: float, now: float) -> dict[str, Any]:
+        try:
+            store = self._store = self._store or open_store(
+                self._settings.database_url, data_home=self._settings.data_home,
+                timeout=self._settings.store_timeout)
+            return usage_summary(store, since, now)
+        except Exception:
+            self._close()
+            raise
+
+    def _close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001, S110 - closing a broken connection
+                pass
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+
+def usage_summary(store: Store, since: float, now: float) -> dict[str, Any]:
+    """The page's data from ``store`` over ``[since, now)``."""
+    from .latency_report import summarize_latency
+
+    latency = summarize_latency(store.latency_rows(since, None), "model")["groups"]
+    return {
+        "object": "trioproxy.usage_page", "since": since, "generated_at": now,
+        "by_model": [_totals(g) for g in store.aggregate("model", since)],
+        "by_day": [_totals(g) for g in store.aggregate("day", since)],
+        "latency": latency,
+        "recent": [{
+            "started_at": r.started_at, "model": r.model or r.model_requested, "api": r.api,
+            "status": r.status, "end_reason": r.end_reason, "streamed": r.streamed,
+            "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+            "cost_usd": r.cost_usd, "duration_ms": r.duration_ms,
+        } for r in store.recent(RECENT, since)],
+    }
+
+
+def _totals(group: dict[str, Any]) -> dict[str, Any]:
+    keys = ("group", "requests", "input_tokens", "output_tokens", "cache_read_tokens",
+            "cost_usd", "outcomes")
+    return {k: group[k] for k in keys}
+
+
+# -- access ----------------------------------------------------------------------------------
+
+
+def cookie_value(secret: bytes, token: str) -> str:
+    return hmac.new(secret, b"usage-page:" + token.encode(), hashlib.sha256).hexdigest()
+
+
+def may_read(runtime: Runtime, ex: Exchange, scope: dict[str, Any]) -> bool:
+    token = runtime.settings.admin_token
+    if not token:
+        return _loopback(scope)
+    if _is_admin(ex.request_headers, token):
+        return True
+    want = cookie_value(runtime.secret, token)
+    return any(hmac.compare_digest(v, want) for v in _cookies(ex.request_headers, COOKIE))
+
+
+def _loopback(scope: dict[str, Any]) -> bool:
+    client = scope.get("client")
+    try:
+        return client is not None and ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _cookies(headers: list[tuple[bytes, bytes]], name: str) -> list[str]:
+    found = []
+    for key, value in headers:
+        if key == b"cookie":
+            for part in value.decode("latin-1").split(";"):
+                k, _, v = part.strip().partition("=")
+                if k == name:
+                    found.append(v)
+    return found
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+
+async def answer_dashboard(
+    runtime: Runtime, ex: Exchange, path: bytes, scope: dict[str, Any], receive: Receive,
+    send: Send,
+) -> bool:
+    """Answer a page request; False when ``path`` is not one of the page's."""
+    rest = path[len(PREFIX):] if path.startswith(PREFIX) else b""
+    if rest == b"login" and ex.method == "POST":
+        await send_all(send, ex, await _login(runtime, ex, scope, receive))
+        return True
+    if ex.method not in ("GET", "HEAD"):
+        return False
+    if path == PREFIX.rstrip(b"/"):
+        await send_all(send, ex, answer(ex, 308, b"", b"text/plain", [(b"location", PREFIX)]))
+        return True
+    if rest in _STATIC:
+        name, content_type = _STATIC[rest]
+        body = resources.files("trioproxy.static").joinpath(name).read_bytes()
+        await send_all(send, ex, answer(ex, 200, body, content_type, _PAGE_HEADERS))
+        return True
+    if rest == b"api/usage":
+        await send_all(send, ex, await _usage_json(runtime, ex, scope))
+        return True
+    return False
+
+
+async def _usage_json(runtime: Runtime, ex: Exchange, scope: dict[str, Any]) -> list:
+    if not may_read(runtime, ex, scope):
+        why = "admin token required" if runtime.settings.admin_token else "loopback only"
+        ex.fail(End.REJECTED, f"usage page: {why}")
+        return json_answer(ex, 401 if runtime.settings.admin_token else 403, {"error": why})
+    if runtime.reader is None:
+        ex.fail(End.REJECTED, "usage page: accounting is off")
+        return json_answer(ex, 404, {"error": "accounting is off: nothing is recorded"})
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    try:
+        days = min(max(float(query.get("days", ["7"])[0]), 1 / 24), 366.0)
+    except ValueError:
+        days = 7.0
+    try:
+        data = await runtime.reader.summary(days)
+    except Exception as exc:  # noqa: BLE001 - the store is down, or slow: say so, stay up
+        ex.fail(End.REJECTED, f"usage store unavailable: {type(exc).__name__}")
+        return json_answer(ex, 503, {"error": f"usage store unavailable: {type(exc).__name__}"})
+    data["days"] = days
+    return json_answer(ex, 200, data)
+
+
+async def _login(runtime: Runtime, ex: Exchange, scope: dict[str, Any], receive: Receive) -> list:
+    """The page's form posts the admin token here; a good one gets the cookie."""
+    body = b""
+    with trio.move_on_after(10):
+        while len(body) <= 4096:
+            message = await receive()
+            body += message.get("body", b"")
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                break
+    ex.close_connection = len(body) > 4096
+    given = parse_qs(body.decode("latin-1")[:4096]).get("token", [""])[0]
+    token = runtime.settings.admin_token
+    if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        ex.fail(End.REJECTED, "usage page: wrong admin token")
+        return answer(ex, 303, b"", b"text/plain", [(b"location", PREFIX + b"?login=failed")])
+    secure = "; Secure" if scope.get("scheme") == "https" else ""
+    cookie = (f"{COOKIE}={cookie_value(runtime.secret, token)}; Path=/_trioproxy/; HttpOnly; "
+              f"SameSite=Strict; Max-Age=2592000{secure}")
+    return answer(ex, 303, b"", b"text/plain",
+                  [(b"location", PREFIX), (b"set-cookie", cookie.encode())])

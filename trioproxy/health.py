@@ -1,0 +1,111 @@
+"""The proxy's own endpoints: ``/metrics``, health and readiness under ``/_trioproxy/``, the
+usage page, and the 503 a draining process gives new requests.
+
+None of these is forwarded upstream or recorded as usage: the app finalises them with
+``Runtime.finish(ex, recorded=False)`` (an access line only).
+
+- ``GET /_trioproxy/healthz``: liveness, 200 while the process serves at all;
+- ``GET /_trioproxy/readyz``: readiness, 503 while the usage store is unreachable or the process
+  is draining (its body says which);
+- ``GET /metrics``: Prometheus text format (see :mod:`trioproxy.metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import ClientRequestError, ProxyError
+from .exchange import Exchange
+from .lifecycle import End
+from .responses import Message, Receive, Send, error_messages, proxy_headers, send_all
+from .runtime import Runtime
+
+PREFIX = b"/_trioproxy/"
+METRICS_PATH = b"/metrics"
+RETRY_AFTER = b"5"  # seconds a refused client waits before trying again (another instance)
+
+
+def is_operational(path: bytes) -> bool:
+    """The path is the proxy's own (never an upstream's)."""
+    return path == METRICS_PATH or path.startswith(PREFIX) or path == PREFIX.rstrip(b"/")
+
+
+def answer(ex: Exchange, status: int, body: bytes, content_type: bytes,
+           extra: list[tuple[bytes, bytes]] | None = None) -> list[Message]:
+    """A complete response the proxy makes itself (not JSON-error shaped)."""
+    ex.status = status
+    ex.life.answered(status)
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store"), *(extra or []), *proxy_headers(ex)]
+    return [{"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": body, "more_body": False}]
+
+
+def json_answer(ex: Exchange, status: int, obj: Any) -> list[Message]:
+    return answer(ex, status, json.dumps(obj).encode(), b"application/json")
+
+
+def readiness(runtime: Runtime) -> tuple[int, dict[str, Any]]:
+    """503 while draining or while the usage store is unreachable, else 200."""
+    store_ok = runtime.writer is None or runtime.writer.statistics().store_available
+    if runtime.draining:
+        return 503, {"status": "draining", "store_available": store_ok}
+    if not store_ok:
+        return 503, {"status": "store_unavailable", "store_available": False}
+    return 200, {"status": "ready", "store_available": store_ok}
+
+
+async def answer_operational(
+    runtime: Runtime, ex: Exchange, scope: dict[str, Any], receive: Receive, send: Send
+) -> None:
+    """Answer a request for one of the proxy's own paths."""
+    path = ex.path.split("?", 1)[0].encode("latin-1")
+    ex.provider = "trioproxy"
+    if path == METRICS_PATH and runtime.metrics is not None:
+        if ex.method not in ("GET", "HEAD"):
+            await send_all(send, ex, _not_allowed(ex))
+            return
+        runtime.metrics.refresh(**runtime.scrape_figures())
+        body, content_type = runtime.metrics.render()
+        await send_all(send, ex, answer(ex, 200, body, content_type.encode()))
+        return
+    if path in (PREFIX + b"healthz", PREFIX + b"readyz") and ex.method in ("GET", "HEAD"):
+        status, obj = (200, {"status": "alive"}) if path.endswith(b"healthz") \
+            else readiness(runtime)
+        if status != 200:
+            ex.fail(End.REJECTED, f"not ready: {obj['status']}")
+        await send_all(send, ex, json_answer(ex, status, obj))
+        return
+    if runtime.settings.dashboard and path.startswith(PREFIX.rstrip(b"/")):
+        from .dashboard import answer_dashboard
+
+        if await answer_dashboard(runtime, ex, path, scope, receive, send):
+            return
+    exc = ClientRequestError(f"trioproxy has no page at {ex.path}", 404, "unknown_path")
+    await send_all(send, ex, error_messages(ex, exc))
+
+
+def _not_allowed(ex: Exchange) -> list[Message]:
+    ex.fail(End.REJECTED, f"{ex.method} not allowed here")
+    return answer(ex, 405, b"method not allowed\n", b"text/plain", [(b"allow", b"GET, HEAD")])
+
+
+class Draining(ProxyError):
+    status = 503
+    kind = "rejected"
+    code = "proxy_draining"
+
+
+async def refuse_draining(runtime: Runtime, ex: Exchange, scope: dict[str, Any],
+                          send: Send) -> None:
+    """The 503 a draining process answers new requests with: in the provider's error shape,
+    with ``retry-after``, and ``Connection: close`` on HTTP/1 (so the client's next request
+    opens a connection, which a load balancer sends elsewhere). The body is not read."""
+    runtime.refused += 1
+    if scope.get("http_version", "1.1").startswith("1"):
+        ex.close_connection = True
+    messages = error_messages(ex, Draining(
+        "trioproxy is shutting down and takes no new requests; retry (another instance)"))
+    messages[0]["headers"].append((b"retry-after", RETRY_AFTER))
+    await send_all(send, ex, messages)

@@ -1,0 +1,212 @@
+"""Prometheus metrics: the OpenTelemetry GenAI histograms and the proxy's own figures.
+
+One :class:`Metrics` per app (its own registry; nothing at module level). Exchanges are observed
+once, at finalisation (:meth:`Metrics.observe`, a finisher): nothing runs per chunk. Figures
+that live elsewhere (streams in flight, upstream connections per origin, the usage writer's
+queue) are read when ``/metrics`` is scraped (:meth:`Metrics.refresh`).
+
+Labels carry bounded values only: provider, api, the model as answered (at most
+:data:`MAX_MODELS` distinct names per process, the rest counted as ``other``), status class
+and end reason; never a request id, key, session or path.
+
+Under ``trioproxy serve --workers N`` prometheus_client runs in its multiprocess mode (serve
+points ``PROMETHEUS_MULTIPROC_DIR`` at a private directory before the workers start): every
+worker writes its values to files there, and a scrape answered by any worker sums them, each
+worker counted once. Then each worker also publishes its read-at-scrape figures every
+:data:`PUBLISH_INTERVAL` seconds (:meth:`Metrics.run_publisher`), so the others' are at most
+that old.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import trio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    values,
+)
+
+from .exchange import Exchange
+
+__all__ = ["DURATION_BUCKETS", "MAX_MODELS", "TOKEN_BUCKETS", "Metrics", "multiprocess_mode"]
+
+# OpenTelemetry GenAI semantic conventions: the advised explicit bucket boundaries.
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92)
+TTFC_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0)
+TPOC_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+TOKEN_BUCKETS = tuple(float(4 ** i) for i in range(14))  # 1, 4, 16, ... 67108864
+MAX_MODELS = 50  # distinct model label values per process; later ones become "other"
+PUBLISH_INTERVAL = 1.0  # seconds, multiprocess mode only
+
+_EXCHANGE = ("provider", "api", "model", "status_class", "end_reason")
+_STREAM = ("provider", "api", "model")
+
+
+def multiprocess_mode() -> bool:
+    """prometheus_client chose its multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` was set
+    when it was imported)."""
+    return values.ValueClass is not values.MutexValue
+
+
+def status_class(status: int | None) -> str:
+    return f"{status // 100}xx" if status else "none"
+
+
+class Metrics:
+    """The app's instruments and its registry. ``multiprocess`` defaults to the library's mode."""
+
+    def __init__(self, *, multiprocess: bool | None = None, max_models: int = MAX_MODELS,
+                 accounting: bool = True) -> None:
+        """``accounting``: there is a usage writer (its queue and store figures are shown)."""
+        self.multiprocess = multiprocess_mode() if multiprocess is None else multiprocess
+        self.registry = CollectorRegistry(auto_describe=True)
+        if self.multiprocess:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            MultiProcessCollector(self.registry)
+            reg = None  # the instruments write files; the collector reads every worker's
+        else:
+            from prometheus_client.process_collector import ProcessCollector
+
+            ProcessCollector(registry=self.registry)
+            reg = self.registry
+        self._models: set[str] = set()
+        self._max_models = max_models
+        self._published: dict[tuple[str, ...], float] = {}
+        self._define(reg)
+        if accounting:
+            self._define_writer(reg)
+
+    def _define(self, reg: CollectorRegistry | None) -> None:
+        live = {"multiprocess_mode": "livesum"}
+        self.duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "GenAI operation duration: request received to response ended",
+            _EXCHANGE, buckets=DURATION_BUCKETS, registry=reg)
+        self.ttfc = Histogram(
+            "gen_ai_client_operation_time_to_first_chunk_seconds",
+            "Time to the first content chunk of a streamed response", _STREAM,
+            buckets=TTFC_BUCKETS, registry=reg)
+        self.tpoc = Histogram(
+            "gen_ai_client_operation_time_per_output_chunk_seconds",
+            "Time per output chunk after the first: one observation per streamed response, "
+            "its median chunk gap", _STREAM, buckets=TPOC_BUCKETS, registry=reg)
+        self.tokens = Histogram(
+            "gen_ai_client_token_usage", "Tokens used per response (input includes cache)",
+            (*_STREAM, "gen_ai_token_type"), buckets=TOKEN_BUCKETS, registry=reg)
+        self.requests = Counter(
+            "trioproxy_requests", "Proxied requests (WebSocket responses) by outcome",
+            _EXCHANGE, registry=reg)
+        self.cost = Counter("trioproxy_cost_usd", "Cost of the usage in US dollars",
+                            ("provider", "model"), registry=reg)
+        self.in_flight = Gauge("trioproxy_streams_in_flight",
+                               "Requests and WebSocket connections being relayed", registry=reg,
+                               **live)
+        self.draining = Gauge("trioproxy_draining", "1 while the process drains before exit",
+                              registry=reg, multiprocess_mode="livemax")
+        self.conns = Gauge("trioproxy_upstream_connections",
+                           "Upstream connections per origin: in use or idle (kept alive)",
+                           ("origin", "state"), registry=reg, **live)
+        self.pool_waiting = Gauge("trioproxy_upstream_pool_waiting",
+                                  "Requests waiting now for a free upstream connection",
+                                  ("origin",), registry=reg, **live)
+        self.pool_waits = Counter("trioproxy_upstream_pool_waits",
+                                  "Requests that had to wait for a free upstream connection",
+                                  ("origin",), registry=reg)
+
+    def _define_writer(self, reg: CollectorRegistry | None) -> None:
+        live = {"multiprocess_mode": "livesum"}
+        self.queue = Gauge("trioproxy_usage_queue_depth",
+                           "Usage records in memory waiting for the store", registry=reg, **live)
+        self.store_up = Gauge("trioproxy_usage_store_up",
+                              "1 when the last usage-store attempt succeeded", registry=reg,
+                              multiprocess_mode="livemin")
+        self.spilled = Counter("trioproxy_usage_records_spilled",
+                               "Usage records written to the spill file", registry=reg)
+
+    # -- per exchange (a finisher) ---------------------------------------------------------------
+
+    def model_label(self, model: str | None) -> str:
+        """``model`` itself while fewer than ``max_models`` were seen, else ``other``."""
+        if not model:
+            return "none"
+        if model in self._models:
+            return model
+        if len(self._models) < self._max_models:
+            self._models.add(model)
+            return model
+        return "other"
+
+    def observe(self, ex: Exchange) -> None:
+        """Record one finished exchange: outcome, duration, tokens, cost, TTFT and chunk gaps."""
+        usage = ex.usage()
+        model = self.model_label(getattr(usage, "model", None) or ex.model_requested)
+        provider, api = ex.provider or "unknown", ex.api()
+        end = ex.end_reason or "unknown"
+        labels = (provider, api, model, status_class(ex.status), end)
+        self.requests.labels(*labels).inc()
+        if ex.finished_at is not None:
+            self.duration.labels(*labels).observe(max(0.0, ex.finished_at - ex.started))
+        if usage is not None and usage.known:
+            for kind, count in (("input", usage.input_tokens), ("output", usage.output_tokens)):
+                if count is not None:
+                    self.tokens.labels(provider, api, model, kind).observe(count)
+            cost = ex.cost_usd()
+            if cost:
+                self.cost.labels(provider, model).inc(cost)
+        latency = ex.latency()
+        if latency is not None and ex.streamed:
+            if latency.ttft_ms is not None:
+                self.ttfc.labels(provider, api, model).observe(latency.ttft_ms / 1000)
+            if latency.itl_p50_ms is not None:
+                self.tpoc.labels(provider, api, model).observe(latency.itl_p50_ms / 1000)
+
+    # -- read at scrape time -----------------------------------------------------------------
+
+    def refresh(
+        self, *, in_flight: int, draining: bool, pool: Mapping[str, Mapping[str, int]],
+        writer: Any = None,
+    ) -> None:
+        """Set the figures that live elsewhere: ``pool`` is ``UpstreamPool.origin_statistics()``,
+        ``writer`` a ``WriterStatistics`` (None without accounting)."""
+        self.in_flight.set(in_flight)
+        self.draining.set(1 if draining else 0)
+        for origin, stats in pool.items():
+            self.conns.labels(origin, "in_use").set(stats["in_use"])
+            self.conns.labels(origin, "idle").set(stats["idle"])
+            self.pool_waiting.labels(origin).set(stats["waiting"])
+            self._advance(self.pool_waits.labels(origin), ("waits", origin), stats["waits"])
+        if writer is not None and hasattr(self, "queue"):
+            self.queue.set(writer.pending)
+            self.store_up.set(1 if writer.store_available else 0)
+            self._advance(self.spilled, ("spilled",), writer.spilled)
+
+    def _advance(self, counter: Any, key: tuple[str, ...], total: float) -> None:
+        """Bring a counter up to a running total kept elsewhere."""
+        delta = total - self._published.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+            self._published[key] = total
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    async def run_publisher(
+        self, read: Callable[[], dict[str, Any]], interval: float = PUBLISH_INTERVAL
+    ) -> None:
+        """Multiprocess mode: publish ``refresh(**read())`` every ``interval`` until cancelled."""
+        while True:
+            self.refresh(**read())
+            await trio.sleep(interval)
+
+
