@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from trioproxy import Settings
-from trioproxy.accounting.store import open_store
+from trioproxy.accounting.locations import open_store
 from trioproxy.testing import Abort, FakeUpstream, Reply, anthropic_sse, openai_chat_sse
 
 from .conftest import ProxyServer, RawClient, proxy_settings, start_proxy

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from trioproxy.accounting.store import open_store
+from trioproxy.accounting.locations import open_store
 from trioproxy.testing import FakeUpstream, anthropic_json, openai_chat_sse
 
 from .conftest import ON_CI, proxy_settings, start_proxy

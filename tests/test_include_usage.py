@@ -14,7 +14,7 @@ import openai
 import pytest
 import trio
 
-from trioproxy.accounting.store import open_store
+from trioproxy.accounting.locations import open_store
 from trioproxy.testing import (
     FakeUpstream,
     JSONStyle,

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import trio
 
+from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.record import LATENCY_FIELDS
-from trioproxy.accounting.store import open_store
 from trioproxy.cli import main
 from trioproxy.exchange import Exchange
 from trioproxy.extensions import Extension

@@ -11,7 +11,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from trioproxy.accounting.store import open_store
+from trioproxy.accounting.locations import open_store
 from trioproxy.metrics import TOKEN_BUCKETS, Metrics
 from trioproxy.testing import FakeUpstream, anthropic_sse, openai_chat_sse
 

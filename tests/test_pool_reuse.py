@@ -20,7 +20,7 @@ import trio.testing
 import trustme
 
 from trioproxy import Settings
-from trioproxy.accounting.store import open_store
+from trioproxy.accounting.locations import open_store
 from trioproxy.config import UpstreamURL
 from trioproxy.errors import UpstreamPoolClosed
 from trioproxy.testing import FakeUpstream, Reply

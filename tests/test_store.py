@@ -17,9 +17,7 @@ import psycopg
 import pytest
 
 from trioproxy.accounting.keys import fingerprint
-from trioproxy.accounting.record import COLUMNS, LATENCY_FIELDS, UsageRecord
-from trioproxy.accounting.store import (
-    MIGRATIONS,
+from trioproxy.accounting.locations import (
     default_database_url,
     open_store,
     resolve_database_url,
@@ -27,6 +25,8 @@ from trioproxy.accounting.store import (
     spill_path_for,
     sqlite_path,
 )
+from trioproxy.accounting.migrations import MIGRATIONS
+from trioproxy.accounting.record import COLUMNS, LATENCY_FIELDS, UsageRecord
 
 PG_URL = os.environ.get("TRIOPROXY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 DAY = 86400.0

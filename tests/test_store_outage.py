@@ -19,7 +19,8 @@ import pytest
 import trio
 from psycopg.conninfo import conninfo_to_dict
 
-from trioproxy.accounting.store import StoreUnavailable, open_store
+from trioproxy.accounting.locations import open_store
+from trioproxy.accounting.store import StoreUnavailable
 from trioproxy.accounting.writer import open_usage_writer
 from trioproxy.testing import FakeUpstream, anthropic_sse
 

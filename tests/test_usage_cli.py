@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.query import parse_when
-from trioproxy.accounting.store import open_store
 from trioproxy.usage_cli import add_usage_parser, run_usage
 
 from .test_store import DAY, T0, database_url, make_record

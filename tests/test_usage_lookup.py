@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from trioproxy.accounting.keys import fingerprint
-from trioproxy.accounting.store import open_store
+from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.writer import UsageWriter, open_usage_writer
 from trioproxy.ledger import answer_usage_lookup
 

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import trio
 
+from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.record import UsageRecord
 from trioproxy.accounting.spill import take_spill
-from trioproxy.accounting.store import Store, open_store
+from trioproxy.accounting.store import Store
 from trioproxy.accounting.writer import append_spill, open_usage_writer
 
 from .test_store import count_rows, database_url, make_record

@@ -19,7 +19,8 @@ from urllib.parse import parse_qs
 
 import trio
 
-from .accounting.store import Store, open_store
+from .accounting.locations import open_store
+from .accounting.store import Store
 from .config import Settings
 from .exchange import Exchange
 from .health import PREFIX, answer, json_answer

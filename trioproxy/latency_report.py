@@ -359,7 +359,7 @@ def _within(rows: list[dict[str, Any]], since: float | None, until: float | None
 
 
 def _store_rows(url: str | None, since: float | None, until: float | None) -> list | None:
-    from .accounting.store import is_postgres_url, open_store, resolve_database_url, sqlite_path
+    from .accounting.locations import is_postgres_url, open_store, resolve_database_url, sqlite_path
 
     resolved = resolve_database_url(url)
     if not is_postgres_url(resolved) and not sqlite_path(resolved).exists():

@@ -16,14 +16,9 @@ import trio
 
 from . import headers as hdr
 from .accounting.keys import extract_api_key, fingerprint, load_or_create_secret
+from .accounting.locations import open_store, resolve_database_url, secret_path_for, spill_path_for
 from .accounting.record import TOKEN_FIELDS, UsageRecord, latency_columns
-from .accounting.store import (
-    StoreUnavailable,
-    open_store,
-    resolve_database_url,
-    secret_path_for,
-    spill_path_for,
-)
+from .accounting.store import StoreUnavailable
 from .accounting.writer import UsageWriter, open_usage_writer
 from .config import Settings
 from .errors import ClientRequestError, error_body

@@ -12,16 +12,16 @@ Wiring (``trioproxy.ledger.open_ledger`` does it once at lifespan start-up)::
 """
 
 from .keys import extract_api_key, fingerprint, load_or_create_secret
-from .prices import compute_cost, price_usage
-from .record import UsageRecord
-from .store import (
-    Store,
+from .locations import (
     default_database_url,
     open_store,
     resolve_database_url,
     secret_path_for,
     spill_path_for,
 )
+from .prices import compute_cost, price_usage
+from .record import UsageRecord
+from .store import Store
 from .writer import UsageWriter, WriterStatistics, open_usage_writer
 
 __all__ = [

@@ -1,51 +1,28 @@
-"""Usage stores: the common synchronous interface, the schema migrations and ``open_store(url)``.
+"""Usage stores: the common synchronous interface and the SQL both back ends share.
 
 Stores are synchronous and used from threads, one thread at a time per store object (the
 writer thread has its own; look-ups use another). Both back ends share one schema and one set
 of SQL statements in :class:`SQLStore`; a back end (:mod:`.sqlite`, :mod:`.postgres`) supplies
 the connection, transactions, the few dialect differences, a bound on every call and the
-transient/permanent classification of its errors. Back ends import nothing from here, and
-:func:`open_store` imports them when called, so there is no import cycle. Inserts are
+transient/permanent classification of its errors. Back ends import nothing from here;
+:func:`.locations.open_store` picks and imports them, so there is no import cycle. Inserts are
 ``ON CONFLICT (request_id) DO NOTHING``, so a batch that is retried (or a spill file read twice)
 never duplicates a row.
-
-Database URLs: a plain path, ``sqlite:///abs/path``, ``sqlite:relative/path``, or
-``postgresql://…`` / ``postgres://…``. The default is SQLite at ``<data home>/trioproxy/usage.db``,
-where the data home is ``$XDG_DATA_HOME`` as read by the settings (``~/.local/share`` when unset).
-Nothing here reads the environment.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-import os
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any, Protocol
 
+from .migrations import MIGRATIONS
 from .record import COLUMNS, UsageRecord
 
-__all__ = [
-    "GROUP_BY",
-    "LOOKUP_LIMIT",
-    "MIGRATIONS",
-    "SQLBackend",
-    "SQLStore",
-    "Store",
-    "StoreUnavailable",
-    "data_dir",
-    "default_database_url",
-    "is_postgres_url",
-    "open_store",
-    "resolve_database_url",
-    "secret_path_for",
-    "spill_path_for",
-    "sqlite_path",
-    "sqlite_url",
-]
+__all__ = ["GROUP_BY", "LOOKUP_LIMIT", "SQLBackend", "SQLStore", "Store", "StoreUnavailable"]
 
 log = logging.getLogger("trioproxy.accounting")
 
@@ -53,51 +30,6 @@ GROUP_BY: tuple[str, ...] = (
     "model", "key", "session", "day", "hour", "provider", "api", "status", "outcome",
 )
 LOOKUP_LIMIT = 100  # candidates returned by one look-up
-
-# Versioned migrations, applied in order at start-up inside one locked transaction. Never edit
-# a released entry: append a new version. The SQL must run on both SQLite and PostgreSQL.
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
-    (1, (
-        """CREATE TABLE usage_records (
-            request_id TEXT PRIMARY KEY NOT NULL,
-            started_at DOUBLE PRECISION NOT NULL,
-            provider TEXT, api TEXT, transport TEXT, method TEXT, path TEXT,
-            status INTEGER, streamed BOOLEAN,
-            model_requested TEXT, model TEXT, response_id TEXT, upstream_request_id TEXT,
-            input_tokens BIGINT, output_tokens BIGINT,
-            cache_read_tokens BIGINT, cache_write_tokens BIGINT, reasoning_tokens BIGINT,
-            audio_input_tokens BIGINT, audio_output_tokens BIGINT,
-            accepted_prediction_tokens BIGINT, rejected_prediction_tokens BIGINT,
-            raw_usage TEXT, stop_reason TEXT, end_reason TEXT, error TEXT,
-            cost_usd DOUBLE PRECISION,
-            ttfb_ms DOUBLE PRECISION, duration_ms DOUBLE PRECISION, max_gap_ms DOUBLE PRECISION,
-            bytes_in BIGINT, bytes_out BIGINT,
-            key_fingerprint TEXT, key_last4 TEXT, user_agent TEXT, session_id TEXT,
-            extra TEXT
-        )""",
-        "CREATE INDEX usage_records_upstream_request_id ON usage_records (upstream_request_id)",
-        "CREATE INDEX usage_records_response_id ON usage_records (response_id)",
-        "CREATE INDEX usage_records_started_at ON usage_records (started_at)",
-        "CREATE INDEX usage_records_key_fingerprint ON usage_records (key_fingerprint, started_at)",
-        "CREATE INDEX usage_records_session_id ON usage_records (session_id, started_at)",
-    )),
-    # the adopted inbound id (a gateway's log id...), kept beside the proxy's own request id
-    (2, (
-        "ALTER TABLE usage_records ADD COLUMN correlation_id TEXT",
-        "CREATE INDEX usage_records_correlation_id ON usage_records (correlation_id)",
-    )),
-    # latency figures (trioproxy.latency): TTFT, ITL summary, TPOT, tokens/s, e2e, proxy time
-    (3, tuple(f"ALTER TABLE usage_records ADD COLUMN {name} {kind}" for name, kind in (
-        ("ttft_ms", "DOUBLE PRECISION"), ("itl_p50_ms", "DOUBLE PRECISION"),
-        ("itl_p90_ms", "DOUBLE PRECISION"), ("itl_p99_ms", "DOUBLE PRECISION"),
-        ("itl_max_ms", "DOUBLE PRECISION"), ("itl_count", "BIGINT"),
-        ("tpot_ms", "DOUBLE PRECISION"), ("tokens_per_s", "DOUBLE PRECISION"),
-        ("e2e_ms", "DOUBLE PRECISION"), ("upstream_head_ms", "DOUBLE PRECISION"),
-        ("proxy_request_ms", "DOUBLE PRECISION"), ("proxy_relay_ms", "DOUBLE PRECISION"),
-        ("proxy_relay_max_ms", "DOUBLE PRECISION"), ("proxy_overhead_ms", "DOUBLE PRECISION"),
-        ("content_events", "BIGINT"),
-    ))),
-)
 
 _COLS = ", ".join(COLUMNS)
 _INSERT = (
@@ -419,91 +351,3 @@ def _sort_groups(groups: list[dict[str, Any]], group_by: str) -> list[dict[str, 
     if group_by in ("day", "hour", "status"):
         return sorted(groups, key=lambda g: (g["group"] is None, g["group"] or 0))
     return sorted(groups, key=lambda g: (-(g["cost_usd"] or 0.0), -g["requests"], str(g["group"])))
-
-
-# -- locations and URLs -----------------------------------------------------------------------
-
-
-def data_dir(data_home: str | os.PathLike[str] | None = None) -> Path:
-    """``<data_home>/trioproxy``. ``data_home`` is ``$XDG_DATA_HOME`` as the settings read it;
-    None or empty means ``~/.local/share``."""
-    base = os.fspath(data_home) if data_home else os.path.join(
-        os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "trioproxy"
-
-
-def default_database_url(data_home: str | os.PathLike[str] | None = None) -> str:
-    """SQLite at ``data_dir(data_home)/usage.db``."""
-    return sqlite_url(data_dir(data_home) / "usage.db")
-
-
-def sqlite_url(path: str | os.PathLike[str]) -> str:
-    """``sqlite:///abs/path`` (or ``sqlite:relative/path``) for a file path."""
-    text = os.fspath(path)
-    return f"sqlite://{text}" if text.startswith("/") else f"sqlite:{text}"
-
-
-def resolve_database_url(
-    url: str | None, data_home: str | os.PathLike[str] | None = None
-) -> str:
-    """``url`` itself, or :func:`default_database_url` when it is None or empty."""
-    return url or default_database_url(data_home)
-
-
-def is_postgres_url(url: str) -> bool:
-    return url.startswith(("postgresql://", "postgres://"))
-
-
-def sqlite_path(url: str) -> Path:
-    """The file path of a SQLite database URL (or plain path)."""
-    if is_postgres_url(url):
-        raise ValueError("not a SQLite URL")
-    if url.startswith("sqlite:"):
-        url = url[len("sqlite:"):]
-        if url.startswith("/"):  # sqlite:///abs/path (also sqlite:////abs/path) -> /abs/path
-            url = "/" + url.lstrip("/")
-    if not url or url == ":memory:":
-        raise ValueError("a SQLite usage database needs a file path (several processes share it)")
-    return Path(url).expanduser()
-
-
-def _side_file(
-    url: str, suffix: str, default_name: str, data_home: str | os.PathLike[str] | None
-) -> Path:
-    if is_postgres_url(url):
-        return data_dir(data_home) / default_name
-    db = sqlite_path(url)
-    return db.with_name(db.name + suffix)
-
-
-def spill_path_for(url: str, data_home: str | os.PathLike[str] | None = None) -> Path:
-    """Where records wait when the store cannot take them: next to the SQLite file, or in the
-    data dir (the quarantine file goes beside it, see :func:`.spill.quarantine_path_for`)."""
-    return _side_file(url, ".spill.jsonl", "usage-spill.jsonl", data_home)
-
-
-def secret_path_for(url: str, data_home: str | os.PathLike[str] | None = None) -> Path:
-    """Where the fingerprint secret lives: next to the SQLite file, or in the data dir."""
-    return _side_file(url, ".fingerprint-secret", "fingerprint-secret", data_home)
-
-
-def open_store(
-    url: str | None = None, *, data_home: str | os.PathLike[str] | None = None,
-    timeout: float = 10.0,
-) -> Store:
-    """A connected (not yet migrated) store for ``url`` (default: :func:`default_database_url`).
-
-    ``timeout`` bounds every store call (SQLite busy timeout; PostgreSQL connect and statement
-    timeouts plus a client-side deadline, so a server that hangs cannot pin the caller).
-    Raises the back end's connection error when the database cannot be reached.
-    """
-    url = resolve_database_url(url, data_home)
-    if is_postgres_url(url):
-        from .postgres import PostgresBackend
-
-        return SQLStore(PostgresBackend(url, timeout=timeout))
-    if "://" in url and not url.startswith("sqlite:"):
-        raise ValueError(f"unsupported database URL scheme: {url.split('://', 1)[0]}")
-    from .sqlite import SQLiteBackend
-
-    return SQLStore(SQLiteBackend(sqlite_path(url), busy_timeout=timeout))
