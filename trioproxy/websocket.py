@@ -31,7 +31,7 @@ from .log import request_id_var
 from .payload import is_bypass
 from .responses import Receive, Send
 from .routing import Route, resolve
-from .upstream.pool import build_request
+from .upstream import build_request
 from .ws_frames import FramePumps
 from .ws_protocol import (
     ROUTE,

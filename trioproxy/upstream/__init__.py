@@ -1,5 +1,6 @@
 """The upstream HTTP client: an h11-over-trio keep-alive pool."""
 
-from .pool import UpstreamPool, UpstreamResponse, default_ssl_context
+from .connection import UpstreamResponse, build_request, default_ssl_context
+from .pool import UpstreamPool
 
-__all__ = ["UpstreamPool", "UpstreamResponse", "default_ssl_context"]
+__all__ = ["UpstreamPool", "UpstreamResponse", "build_request", "default_ssl_context"]
