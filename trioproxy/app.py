@@ -52,6 +52,10 @@ WRONG_WORKER = (
 )
 
 
+class StartupFailed(Exception):
+    """Lifespan start-up cannot complete; the message is what the server reports."""
+
+
 class TrioProxy:
     """The ASGI callable. ``settings=None`` reads ``TRIOPROXY_*`` at lifespan start-up."""
 
@@ -85,29 +89,10 @@ class TrioProxy:
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
         assert message["type"] == "lifespan.startup"
-        if sniffio.current_async_library() != "trio":
-            await send({"type": "lifespan.startup.failed", "message": WRONG_WORKER})
-            return
         try:
-            settings = self._settings or Settings.from_env()
-        except ConfigError as exc:
-            await send({"type": "lifespan.startup.failed", "message": f"configuration: {exc}"})
-            return
-        if self._configure_logging:
-            setup_logging(settings.log_level, settings.log_format)
-        try:
-            extensions = ExtensionManager(
-                self._extensions if self._extensions is not None
-                else load_extensions(settings.extension_specs, settings=settings),
-                fail_closed=settings.extensions_fail_closed,
-            )
-        except Exception as exc:  # noqa: BLE001 - a broken extension must stop start-up, loudly
-            await send({"type": "lifespan.startup.failed", "message": f"extensions: {exc!r}"})
-            return
-        try:
-            pool = UpstreamPool(settings, self._ssl_context)  # reads HTTPS_PROXY / NO_PROXY
-        except ConfigError as exc:
-            await send({"type": "lifespan.startup.failed", "message": f"configuration: {exc}"})
+            settings, extensions, pool = self._resources()
+        except StartupFailed as exc:
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
         try:
             async with trio.open_nursery() as nursery:
@@ -137,6 +122,30 @@ class TrioProxy:
                     await reader.aclose()
                 await pool.aclose()
         await send({"type": "lifespan.shutdown.complete"})
+
+    def _resources(self) -> tuple[Settings, ExtensionManager, UpstreamPool]:
+        """Settings, extensions and the upstream pool; StartupFailed says what is wrong."""
+        if sniffio.current_async_library() != "trio":
+            raise StartupFailed(WRONG_WORKER)
+        try:
+            settings = self._settings or Settings.from_env()
+        except ConfigError as exc:
+            raise StartupFailed(f"configuration: {exc}") from None
+        if self._configure_logging:
+            setup_logging(settings.log_level, settings.log_format)
+        try:
+            extensions = ExtensionManager(
+                self._extensions if self._extensions is not None
+                else load_extensions(settings.extension_specs, settings=settings),
+                fail_closed=settings.extensions_fail_closed,
+            )
+        except Exception as exc:  # noqa: BLE001 - a broken extension must stop start-up, loudly
+            raise StartupFailed(f"extensions: {exc!r}") from None
+        try:
+            pool = UpstreamPool(settings, self._ssl_context)  # reads HTTPS_PROXY / NO_PROXY
+        except ConfigError as exc:
+            raise StartupFailed(f"configuration: {exc}") from None
+        return settings, extensions, pool
 
     async def _startup_extras(self, nursery: trio.Nursery, settings: Settings) -> None:
         """Accounting (record -> store writer) and complete hooks, as finishers in order."""
@@ -195,6 +204,8 @@ class TrioProxy:
                 await self._handle(runtime, relay, ex, scope, raw_path, receive, send)
         except Exception as exc:  # a proxy-side fault: 500 if we still can, never silent
             log.exception("proxy fault")
+            if ex.life.done:  # finalised early (a stalled client): nothing left to tell
+                return
             ex.fail(End.PROXY_ERROR, f"{type(exc).__name__}: {exc}")
             if not ex.response_started:
                 with trio.CancelScope(shield=True):

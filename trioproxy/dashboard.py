@@ -23,10 +23,9 @@ from .accounting.locations import open_store
 from .accounting.store import Store
 from .config import Settings
 from .exchange import Exchange
-from .health import PREFIX, answer, json_answer
 from .ledger import _is_admin
 from .lifecycle import End
-from .responses import Receive, Send, send_all
+from .responses import PREFIX, Receive, Send, answer, json_answer, send_all
 from .runtime import Runtime
 
 COOKIE = "trioproxy_admin"

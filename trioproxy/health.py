@@ -12,16 +12,24 @@ None of these is forwarded upstream or recorded as usage: the app finalises them
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from .dashboard import answer_dashboard
 from .errors import ClientRequestError, ProxyError
 from .exchange import Exchange
 from .lifecycle import End
-from .responses import Message, Receive, Send, error_messages, proxy_headers, send_all
+from .responses import (
+    PREFIX,
+    Message,
+    Receive,
+    Send,
+    answer,
+    error_messages,
+    json_answer,
+    send_all,
+)
 from .runtime import Runtime
 
-PREFIX = b"/_trioproxy/"
 METRICS_PATH = b"/metrics"
 RETRY_AFTER = b"5"  # seconds a refused client waits before trying again (another instance)
 
@@ -29,21 +37,6 @@ RETRY_AFTER = b"5"  # seconds a refused client waits before trying again (anothe
 def is_operational(path: bytes) -> bool:
     """The path is the proxy's own (never an upstream's)."""
     return path == METRICS_PATH or path.startswith(PREFIX) or path == PREFIX.rstrip(b"/")
-
-
-def answer(ex: Exchange, status: int, body: bytes, content_type: bytes,
-           extra: list[tuple[bytes, bytes]] | None = None) -> list[Message]:
-    """A complete response the proxy makes itself (not JSON-error shaped)."""
-    ex.status = status
-    ex.life.answered(status)
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store"), *(extra or []), *proxy_headers(ex)]
-    return [{"type": "http.response.start", "status": status, "headers": headers},
-            {"type": "http.response.body", "body": body, "more_body": False}]
-
-
-def json_answer(ex: Exchange, status: int, obj: Any) -> list[Message]:
-    return answer(ex, status, json.dumps(obj).encode(), b"application/json")
 
 
 def readiness(runtime: Runtime) -> tuple[int, dict[str, Any]]:
@@ -77,11 +70,9 @@ async def answer_operational(
             ex.fail(End.REJECTED, f"not ready: {obj['status']}")
         await send_all(send, ex, json_answer(ex, status, obj))
         return
-    if runtime.settings.dashboard and path.startswith(PREFIX.rstrip(b"/")):
-        from .dashboard import answer_dashboard
-
-        if await answer_dashboard(runtime, ex, path, scope, receive, send):
-            return
+    if runtime.settings.dashboard and path.startswith(PREFIX.rstrip(b"/")) and \
+            await answer_dashboard(runtime, ex, path, scope, receive, send):
+        return
     exc = ClientRequestError(f"trioproxy has no page at {ex.path}", 404, "unknown_path")
     await send_all(send, ex, error_messages(ex, exc))
 

@@ -7,6 +7,7 @@ and the status the client was given.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,6 +31,24 @@ def proxy_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
     if ex.close_connection:
         out.append((b"connection", b"close"))
     return out
+
+
+PREFIX = b"/_trioproxy/"  # the proxy's own pages: never an upstream path
+
+
+def answer(ex: Exchange, status: int, body: bytes, content_type: bytes,
+           extra: list[tuple[bytes, bytes]] | None = None) -> list[Message]:
+    """A complete response the proxy makes itself (not JSON-error shaped)."""
+    ex.status = status
+    ex.life.answered(status)
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store"), *(extra or []), *proxy_headers(ex)]
+    return [{"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": body, "more_body": False}]
+
+
+def json_answer(ex: Exchange, status: int, obj: Any) -> list[Message]:
+    return answer(ex, status, json.dumps(obj).encode(), b"application/json")
 
 
 def json_messages(ex: Exchange, status: int, body: bytes) -> list[Message]:
