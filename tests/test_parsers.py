@@ -537,3 +537,22 @@ def test_recorded_streams_give_the_same_usage_with_a_latency_tracker(name: str) 
     parser = make_parser(api, streaming=True, latency=LatencyTracker(0.0))
     parser.feed(load(name), 1.0)
     assert parser.finish() == run(name, [load(name)])
+
+
+def _escape_keys(text: str, *keys: str) -> str:
+    """JSON where the given keys are spelled with \\u escapes (valid, and the same meaning)."""
+    for key in keys:
+        text = text.replace(f'"{key}"', '"' + "".join(f"\\u{ord(c):04x}" for c in key) + '"')
+    return text
+
+
+def test_chat_usage_with_escaped_key_names_is_still_counted() -> None:
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o",
+             "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7}}
+    first = {**chunk, "choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": None}
+    events = [json.dumps(first), _escape_keys(json.dumps(chunk), "usage", "prompt_tokens"),
+              "[DONE]"]
+    parser = OpenAIChatParser(streaming=True)
+    parser.feed("".join(f"data: {e}\n\n" for e in events).encode())
+    usage = parser.finish()
+    assert usage.known and (usage.input_tokens, usage.output_tokens) == (11, 7)

@@ -243,3 +243,16 @@ async def test_oversized_chunked_json_is_streamed_on_without_usage_headers(
     assert resp.status == 200 and resp.complete
     assert resp.body == reply.body_bytes
     assert resp.header("x-usage-prompt_tokens") is None
+
+
+async def test_include_usage_is_injected_when_the_stream_key_is_escaped(
+    upstream: FakeUpstream, proxy: ProxyServer, raw_client: RawClient,
+) -> None:
+    """``"\\u0073tream": true`` is ``"stream": true``: usage is injected (and stripped) too."""
+    body = _chat(True).replace(b'"stream"', b'"\\u0073tream"')
+    assert json.loads(body)["stream"] is True
+    with trio.fail_after(20):
+        resp = await raw_client.request("POST", "/v1/chat/completions", OPENAI, body)
+    assert json.loads(upstream.requests[-1].body)["stream_options"] == {"include_usage": True}
+    events = [e for e in resp.body.split(b"\n\n") if e and e != b"data: [DONE]"]
+    assert events and all(json.loads(e.removeprefix(b"data: "))["choices"] for e in events)

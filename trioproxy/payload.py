@@ -105,7 +105,8 @@ async def prepare(
     encoding = hdr.get(headers, b"content-encoding")
     if encoding and not hooks:
         return Outbound(body, headers)  # compressed: decode only when a hook needs it
-    if not hooks and not (inject and b'"stream"' in body):
+    # b'"stream"' narrows which bodies are decoded; a \u escape could spell the key itself.
+    if not hooks and not (inject and (b'"stream"' in body or b"\\u" in body)):
         # Nothing to change: no decode of the whole body on the time-to-first-byte path.
         ex.model_requested = requested_model(body)
         return Outbound(body, headers)

@@ -55,6 +55,10 @@ class AnthropicMessagesParser(UsageParser):
                 start = data.find(b'"delta"')
                 if start >= 0 and _CONTENT.search(data, start) is not None:
                     latency.on_content(self.now)
+                elif b"\\u" in data:  # an escape could spell any key: judge by meaning
+                    obj = loads_object(data)
+                    if obj is not None and is_content_delta(obj):
+                        latency.on_content(self.now)
             return
         if kind == "message_stop":
             self.usage.complete = True

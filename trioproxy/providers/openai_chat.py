@@ -69,7 +69,10 @@ class OpenAIChatParser(UsageParser):
             self.usage.complete = True
             return
         u = self.usage
-        if u.model is None or u.response_id is None or _INTERESTING.search(data) is not None:
+        # The byte checks only narrow which events are decoded: an event with a \u escape
+        # (which could spell any key) is always decoded, so nothing is missed.
+        if u.model is None or u.response_id is None or _INTERESTING.search(data) is not None \
+                or b"\\u" in data:
             obj = loads_object(data)
             if obj is not None:
                 self._chunk(obj)
