@@ -31,12 +31,12 @@ from pathlib import Path
 import trio
 
 from trioproxy.exchange import Exchange
-from trioproxy.latency import LatencyTracker
+from trioproxy.protocol.latency import LatencyTracker
 from trioproxy.providers import make_parser
-from trioproxy.relay import handed_over
+from trioproxy.relay.http import handed_over
 from trioproxy.testing import anthropic_sse, openai_chat_sse, openai_responses_sse
-from trioproxy.usage_wire import UsageChunkStripper
-from trioproxy.ws_protocol import ResponseLedger
+from trioproxy.protocol.usage_wire import UsageChunkStripper
+from trioproxy.protocol.websocket import ResponseLedger
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import brotli
 import pytest
 
-from trioproxy.decoding import DecodeError, Decoder, decompress
+from trioproxy.protocol.decoding import DecodeError, Decoder, decompress
 
 _Decompressor = brotli.Decompressor
 

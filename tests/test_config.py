@@ -27,8 +27,8 @@ from trioproxy.config import SPECS, ConfigError, Settings
 from trioproxy.configspec import Spec, markdown_table, read_config_file
 from trioproxy.contrib.model_alias import ModelAlias
 from trioproxy.extensions import load_spec
-from trioproxy.headers import hypercorn_head_limit
 from trioproxy.log import LOGGERS, log_access, request_id_var, setup_logging
+from trioproxy.protocol.headers import hypercorn_head_limit
 from trioproxy.testing import FakeUpstream
 from trioproxy.testing_ws import FakeResponsesWS
 

@@ -185,6 +185,9 @@ async def test_sigterm_drains_trioproxy_serve(nursery, upstream: FakeUpstream, w
             server.proc.send_signal(signal.SIGTERM)
             while (await get_json(server.url + "/_trioproxy/readyz"))[0] != 503:
                 await trio.sleep(0.02)
+            # every worker says it is draining (one readyz 503 shows only the one that answered)
+            while len(re.findall(rb"draining: ", server.stderr)) < workers:
+                await trio.sleep(0.02)
             assert_refused(await refused_request(server.port, "/v1/messages", MESSAGES),
                            "anthropic")
             assert_refused(await refused_request(server.port, "/v1/chat/completions", CHAT),

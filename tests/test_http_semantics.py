@@ -21,7 +21,7 @@ from hypercorn.config import Config
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from trioproxy.headers import MAX_HEAD_BYTES, hypercorn_head_limit
+from trioproxy.protocol.headers import MAX_HEAD_BYTES, hypercorn_head_limit
 from trioproxy.testing import FakeUpstream
 from trioproxy.testing_ws import FakeResponsesWS
 

@@ -15,12 +15,17 @@ from typing import Any
 
 import pytest
 
-from trioproxy.latency import EXACT_GAPS, Latency, LatencyTracker, server_timing
 from trioproxy.latency_report import (
     add_latency_parser,
     mixture_quantiles,
     run_latency,
     summarize_latency,
+)
+from trioproxy.protocol.latency import (
+    EXACT_GAPS,
+    Latency,
+    LatencyTracker,
+    server_timing,
 )
 from trioproxy.providers import make_parser
 from trioproxy.providers.openai_chat import has_content

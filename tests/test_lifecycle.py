@@ -17,7 +17,12 @@ from hypothesis import strategies as st
 from trioproxy import Settings
 from trioproxy.exchange import Exchange
 from trioproxy.extensions import ExtensionManager
-from trioproxy.lifecycle import End, Lifecycle, LifecycleError, State
+from trioproxy.protocol.lifecycle import (
+    End,
+    Lifecycle,
+    LifecycleError,
+    State,
+)
 from trioproxy.runtime import Runtime
 from trioproxy.upstream import UpstreamPool
 

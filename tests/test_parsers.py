@@ -16,7 +16,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioproxy.decoding import DecodeError, Decoder, decompress
+from trioproxy.protocol.decoding import DecodeError, Decoder, decompress
 from trioproxy.providers import (
     AnthropicMessagesParser,
     DecodingParser,
@@ -486,10 +486,10 @@ def test_decoder_reports_errors_as_decode_error() -> None:
 
 def _content_by_meaning(name: str) -> int:
     """Content events of a recorded stream, every event decoded and judged by meaning."""
+    from trioproxy.protocol.sse import SSEFramer
     from trioproxy.providers.anthropic import is_content_delta
     from trioproxy.providers.openai_chat import has_content
     from trioproxy.providers.openai_responses import is_content_event
-    from trioproxy.sse import SSEFramer
 
     api, _ = EXPECTED[name]
     count = 0
@@ -507,7 +507,7 @@ def _content_by_meaning(name: str) -> int:
 
 
 def _content_events(name: str, chunks: list[bytes]) -> tuple[int, float | None]:
-    from trioproxy.latency import LatencyTracker
+    from trioproxy.protocol.latency import LatencyTracker
 
     api, _ = EXPECTED[name]
     tracker = LatencyTracker(0.0)
@@ -531,7 +531,7 @@ def test_recorded_streams_count_content_events_as_decoding_would(name: str) -> N
 
 @pytest.mark.parametrize("name", STREAMS)
 def test_recorded_streams_give_the_same_usage_with_a_latency_tracker(name: str) -> None:
-    from trioproxy.latency import LatencyTracker
+    from trioproxy.protocol.latency import LatencyTracker
 
     api, _ = EXPECTED[name]
     parser = make_parser(api, streaming=True, latency=LatencyTracker(0.0))

@@ -9,7 +9,7 @@ import pytest
 
 from trioproxy.config import ConfigError, Settings, UpstreamURL
 from trioproxy.errors import ClientRequestError, error_body
-from trioproxy.headers import (
+from trioproxy.protocol.headers import (
     MAX_HEAD_BYTES,
     check_head_size,
     client_response_headers,
@@ -17,7 +17,7 @@ from trioproxy.headers import (
     request_head_size,
     upstream_request_headers,
 )
-from trioproxy.routing import provider_hint, remove_dot_segments, resolve
+from trioproxy.protocol.routing import provider_hint, remove_dot_segments, resolve
 
 ANTHROPIC_AUTH = [(b"x-api-key", b"sk-ant-test"), (b"anthropic-version", b"2023-06-01")]
 OPENAI_AUTH = [(b"authorization", b"Bearer sk-test")]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioproxy.sse import SSEEvent, SSEFramer, SSEOverflow
+from trioproxy.protocol.sse import SSEEvent, SSEFramer, SSEOverflow
 
 DATA = Path(__file__).parent / "data"
 SETTINGS = settings(max_examples=150, deadline=None)

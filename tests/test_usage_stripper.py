@@ -10,8 +10,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trioproxy.protocol.usage_wire import UsageChunkStripper
 from trioproxy.testing import JSONStyle
-from trioproxy.usage_wire import UsageChunkStripper
 
 SETTINGS = settings(max_examples=200, deadline=None)
 USAGE = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11,

@@ -7,6 +7,7 @@ import json
 import pytest
 import trio
 
+from trioproxy.protocol.usage_wire import UsageChunkStripper, inject_include_usage
 from trioproxy.testing import (
     FakeUpstream,
     Reply,
@@ -17,7 +18,6 @@ from trioproxy.testing import (
     openai_responses_json,
     openai_responses_sse,
 )
-from trioproxy.usage_wire import UsageChunkStripper, inject_include_usage
 
 from .conftest import ProxyServer, RawClient, proxy_settings, start_proxy
 from .h2client import h2_request
@@ -231,9 +231,9 @@ def test_inject_leaves_alone_what_the_client_decided_or_the_upstream_must_judge(
 async def test_oversized_chunked_json_is_streamed_on_without_usage_headers(
     upstream: FakeUpstream, raw_client: RawClient, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import trioproxy.relay
+    import trioproxy.relay.http
 
-    monkeypatch.setattr(trioproxy.relay, "BUFFER_LIMIT", 1000)
+    monkeypatch.setattr(trioproxy.relay.http, "BUFFER_LIMIT", 1000)
     reply = anthropic_json(text="x" * 5000)
     reply.chunked = True
     reply.body = [reply.body_bytes[i:i + 700] for i in range(0, len(reply.body_bytes), 700)]

@@ -16,18 +16,19 @@ from typing import Any
 import sniffio
 import trio
 
-from . import headers as hdr
 from .config import ConfigError, Settings
 from .errors import ClientRequestError, ProxyError
 from .exchange import Exchange, correlation_id
 from .extensions import Extension, ExtensionFailed, ExtensionManager, load_extensions
 from .health import answer_operational, is_operational, refuse_draining
 from .ledger import answer_usage_lookup, usage_request_id
-from .lifecycle import End
 from .log import request_id_var, setup_logging
 from .payload import is_bypass, prepare
-from .relay import HttpRelay
-from .responses import (
+from .protocol import headers as hdr
+from .protocol.lifecycle import End
+from .protocol.routing import provider_hint, resolve
+from .relay.http import HttpRelay
+from .relay.responses import (
     Receive,
     Send,
     conflicting_framing,
@@ -38,7 +39,6 @@ from .responses import (
     read_body,
     send_all,
 )
-from .routing import provider_hint, resolve
 from .runtime import Runtime
 from .upstream import UpstreamPool
 
@@ -289,7 +289,7 @@ class TrioProxy:
         runtime = self.runtime
         if runtime is None:
             raise RuntimeError("trioproxy received a websocket before lifespan start-up")
-        from .websocket import relay_websocket
+        from .relay.websocket import relay_websocket
 
         if runtime.draining:  # refused before the handshake, like a new HTTP request
             await refuse_websocket(scope, send)

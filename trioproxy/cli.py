@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from . import __version__
 from .config import CONFIG_ENV, SPECS, ConfigError, Settings
 from .configspec import add_flags, flag_text, flags_as_environment, from_flags, markdown_table
-from .headers import hypercorn_head_limit
 from .log import setup_logging
+from .protocol.headers import hypercorn_head_limit
 
 DESCRIPTION = """\
 trioproxy: a streaming reverse proxy for the Anthropic and OpenAI APIs.

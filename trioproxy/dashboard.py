@@ -24,8 +24,15 @@ from .accounting.store import Store
 from .config import Settings
 from .exchange import Exchange
 from .ledger import _is_admin
-from .lifecycle import End
-from .responses import PREFIX, Receive, Send, answer, json_answer, send_all
+from .protocol.lifecycle import End
+from .relay.responses import (
+    PREFIX,
+    Receive,
+    Send,
+    answer,
+    json_answer,
+    send_all,
+)
 from .runtime import Runtime
 
 COOKIE = "trioproxy_admin"

@@ -15,9 +15,9 @@ from typing import Any
 
 import trio
 
-from .latency import Latency, LatencyTracker
-from .lifecycle import End, Lifecycle
-from .routing import Route
+from .protocol.latency import Latency, LatencyTracker
+from .protocol.lifecycle import End, Lifecycle
+from .protocol.routing import Route
 
 # access log key -> Latency attribute
 ACCESS_LATENCY = (

@@ -17,8 +17,8 @@ from typing import Any
 from .dashboard import answer_dashboard
 from .errors import ClientRequestError, ProxyError
 from .exchange import Exchange
-from .lifecycle import End
-from .responses import (
+from .protocol.lifecycle import End
+from .relay.responses import (
     PREFIX,
     Message,
     Receive,

@@ -1,7 +1,7 @@
 """``trioproxy latency``: TTFT, ITL, TPOT, e2e and tokens/s percentiles per group.
 
 Works on rows, one per request: an iterable of dicts with the keys of :data:`ROW_KEYS` (the
-figures of :class:`trioproxy.latency.Latency` plus the record's identity):
+figures of :class:`trioproxy.protocol.latency.Latency` plus the record's identity):
 
 - ``started_at`` (unix seconds), ``model``, ``provider``, ``api``, ``key_fingerprint``,
   ``session_id``: what rows are grouped by (``--by hour`` uses the UTC hour of ``started_at``);
@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .accounting.query import parse_when
-from .latency import percentile
+from .protocol.latency import percentile
 
 __all__ = [
     "GROUP_BY",

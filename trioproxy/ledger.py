@@ -14,7 +14,6 @@ from typing import Any
 
 import trio
 
-from . import headers as hdr
 from .accounting.keys import extract_api_key, fingerprint, load_or_create_secret
 from .accounting.locations import open_store, resolve_database_url, secret_path_for, spill_path_for
 from .accounting.record import TOKEN_FIELDS, UsageRecord, latency_columns
@@ -23,6 +22,7 @@ from .accounting.writer import UsageWriter, open_usage_writer
 from .config import Settings
 from .errors import ClientRequestError, error_body
 from .exchange import Exchange
+from .protocol import headers as hdr
 
 log = logging.getLogger("trioproxy.accounting")
 

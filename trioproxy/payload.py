@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from json.decoder import scanstring
 from typing import Any
 
-from . import headers as hdr
 from .exchange import Exchange
 from .extensions import ExtensionManager, HookContext, MutableHeaders
+from .protocol import headers as hdr
+from .protocol.routing import ACCOUNTED_APIS
+from .protocol.usage_wire import inject_include_usage
 from .providers.base import loads_object
-from .routing import ACCOUNTED_APIS
-from .usage_wire import inject_include_usage
 
 log = logging.getLogger("trioproxy.payload")
 
@@ -40,7 +40,7 @@ def decode_payload(body: bytes, content_encoding: bytes | None) -> dict[str, Any
     if not body:
         return None
     if content_encoding and content_encoding.strip().lower() not in (b"identity", b""):
-        from .decoding import decompress
+        from .protocol.decoding import decompress
 
         body = decompress(body, content_encoding.decode("latin-1"))
         if body is None:

@@ -36,7 +36,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         "ALTER TABLE usage_records ADD COLUMN correlation_id TEXT",
         "CREATE INDEX usage_records_correlation_id ON usage_records (correlation_id)",
     )),
-    # latency figures (trioproxy.latency): TTFT, ITL summary, TPOT, tokens/s, e2e, proxy time
+    # latency figures (trioproxy.protocol.latency): TTFT, ITL summary, TPOT, tokens/s, e2e, proxy time
     (3, tuple(f"ALTER TABLE usage_records ADD COLUMN {name} {kind}" for name, kind in (
         ("ttft_ms", "DOUBLE PRECISION"), ("itl_p50_ms", "DOUBLE PRECISION"),
         ("itl_p90_ms", "DOUBLE PRECISION"), ("itl_p99_ms", "DOUBLE PRECISION"),

@@ -21,7 +21,7 @@ TOKEN_FIELDS = (
     "reasoning_tokens", "audio_input_tokens", "audio_output_tokens",
     "accepted_prediction_tokens", "rejected_prediction_tokens",
 )
-# record field -> trioproxy.latency.Latency attribute (``duration_ms`` is the exchange's own
+# record field -> trioproxy.protocol.latency.Latency attribute (``duration_ms`` is the exchange's own
 # duration, to finalisation; the latency's end-to-end time is ``e2e_ms``)
 LATENCY_FIELDS: dict[str, str] = {
     "ttft_ms": "ttft_ms", "itl_p50_ms": "itl_p50_ms", "itl_p90_ms": "itl_p90_ms",
@@ -76,7 +76,7 @@ class UsageRecord:
     user_agent: str | None = None
     session_id: str | None = None
     extra: dict[str, Any] | None = None
-    # latency (see trioproxy.latency; all None when the request was never relayed upstream)
+    # latency (see trioproxy.protocol.latency; all None when the request was never relayed upstream)
     ttft_ms: float | None = None  # first content event (text / tool-call / reasoning delta)
     itl_p50_ms: float | None = None  # gaps between content events
     itl_p90_ms: float | None = None
@@ -167,7 +167,7 @@ COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageRecord)
 
 
 def latency_columns(latency: Any) -> dict[str, Any]:
-    """The record's latency fields from a :class:`trioproxy.latency.Latency` (or None)."""
+    """The record's latency fields from a :class:`trioproxy.protocol.latency.Latency` (or None)."""
     return {name: getattr(latency, attr, None) for name, attr in LATENCY_FIELDS.items()}
 _FIELD_SET = frozenset(COLUMNS)
 

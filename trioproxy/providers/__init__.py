@@ -8,8 +8,13 @@ reported to ``parser.latency``. Compressed bodies are decompressed on the side (
 
 from __future__ import annotations
 
-from ..decoding import MAX_DECODED_BYTES, DecodeError, Decoder, is_supported
-from ..latency import LatencyTracker
+from ..protocol.decoding import (
+    MAX_DECODED_BYTES,
+    DecodeError,
+    Decoder,
+    is_supported,
+)
+from ..protocol.latency import LatencyTracker
 from .anthropic import AnthropicCountTokensParser, AnthropicMessagesParser
 from .base import NullParser, Usage, UsageParser
 from .openai_chat import OpenAIChatParser

@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..latency import LatencyTracker
-from ..sse import SSEEvent
+from ..protocol.latency import LatencyTracker
+from ..protocol.sse import SSEEvent
 from .base import UsageParser, as_count, error_text, loads_object, merge_usage, sniff_type
 
 __all__ = ["AnthropicCountTokensParser", "AnthropicMessagesParser", "is_content_delta"]

@@ -6,7 +6,7 @@ JSON-decode only the events that can carry usage, ids or stop reasons; non-strea
 buffer the body (up to a cap) and decode it once in ``finish()``.
 
 Streaming parsers also spot *content events* (a text, tool-call or reasoning delta; per API in
-each module) and tell ``parser.latency`` (a :class:`~trioproxy.latency.LatencyTracker`, if set)
+each module) and tell ``parser.latency`` (a :class:`~trioproxy.protocol.latency.LatencyTracker`, if set)
 their arrival time: ``feed(chunk, now)`` times every event the chunk completes.
 """
 
@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..latency import LatencyTracker
-from ..sse import SSEEvent, SSEFramer
+from ..protocol.latency import LatencyTracker
+from ..protocol.sse import SSEEvent, SSEFramer
 
 __all__ = [
     "MAX_BODY_BYTES",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..sse import SSEEvent
+from ..protocol.sse import SSEEvent
 from .base import UsageParser, as_count, error_text, loads_object, merge_usage
 
 __all__ = ["OpenAIChatParser", "has_content"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..sse import SSEEvent
+from ..protocol.sse import SSEEvent
 from .base import UsageParser, as_count, error_text, loads_object, merge_usage, sniff_type
 
 __all__ = ["OpenAIResponsesParser", "is_content_event"]

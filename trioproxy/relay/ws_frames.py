@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio_websocket as tws
 
-from .extensions import ExtensionFailed, MutableHeaders
-from .lifecycle import End
-from .log import request_id_var
-from .payload import encode_payload, hook_context
-from .responses import Receive, Send
-from .ws_protocol import (
+from ..extensions import ExtensionFailed, MutableHeaders
+from ..log import request_id_var
+from ..payload import encode_payload, hook_context
+from ..protocol.lifecycle import End
+from ..protocol.websocket import (
     DECODED,
     CreateContext,
     Message,
@@ -33,9 +32,10 @@ from .ws_protocol import (
     extension_error_event,
     size_of,
 )
+from .responses import Receive, Send
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 log = logging.getLogger("trioproxy.websocket")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .errors import ClientRequestError
+from ..errors import ClientRequestError
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import ClientRequestError
+from ..errors import ClientRequestError
 
 Provider = Literal["anthropic", "openai"]
 

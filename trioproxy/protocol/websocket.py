@@ -27,13 +27,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..exchange import Exchange
+from ..providers import make_parser
+from ..providers.base import loads_object
+from ..providers.openai_responses import TERMINAL
 from . import headers as hdr
-from .exchange import Exchange
 from .latency import LatencyTracker
 from .lifecycle import End
-from .providers import make_parser
-from .providers.base import loads_object
-from .providers.openai_responses import TERMINAL
 from .routing import Route
 
 log = logging.getLogger("trioproxy.websocket")  # one logger for the relay and its bookkeeping

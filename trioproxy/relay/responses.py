@@ -13,10 +13,10 @@ from typing import Any
 
 import trio
 
-from . import headers as hdr
-from .errors import ClientRequestError, ProxyError, error_body
-from .exchange import Exchange
-from .lifecycle import End
+from ..errors import ClientRequestError, ProxyError, error_body
+from ..exchange import Exchange
+from ..protocol import headers as hdr
+from ..protocol.lifecycle import End
 
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]

@@ -19,7 +19,7 @@ Header mapping (a header is present only when its value is known):
 With the usage headers (buffered responses) and among the trailers, ``server-timing`` (W3C
 Server-Timing) carries the latency figures known for the response: ``upstream`` (head
 latency), ``ttft``, ``itl`` (p50), ``tpot``, ``proxy`` (added by the proxy) and ``total``
-(see :func:`trioproxy.latency.server_timing`).
+(see :func:`trioproxy.protocol.latency.server_timing`).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def usage_values(
 
 
 def timing_values(latency: Any) -> dict[str, str]:
-    """``{"server-timing": ...}`` for a :class:`~trioproxy.latency.Latency` (empty when it is
+    """``{"server-timing": ...}`` for a :class:`~trioproxy.protocol.latency.Latency` (empty when it is
     None or knows nothing)."""
     value = server_timing(latency) if latency is not None else b""
     return {"server-timing": value.decode("ascii")} if value else {}
@@ -139,7 +139,7 @@ class UsageChunkStripper:
 
     An event is that chunk iff its data decodes to an object whose ``choices`` is an empty
     list and whose ``usage`` is an object (any whitespace, any key order, escaped keys), and
-    that carries no ``error``. Built on :class:`~trioproxy.sse.SSEFramer`: the event's whole
+    that carries no ``error``. Built on :class:`~trioproxy.protocol.sse.SSEFramer`: the event's whole
     block (its comments and fields up to its blank line) is cut out; every other byte passes
     unchanged. Complete events are returned at once; only an unfinished trailing event is held
     until its blank line, up to ``max_event_size`` (then it is passed through as it arrives,

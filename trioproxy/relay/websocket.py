@@ -22,18 +22,20 @@ import trio
 import trio_websocket as tws
 from wsproto.utilities import ProtocolError
 
-from . import headers as hdr
-from .config import UpstreamURL
-from .errors import ClientRequestError, UpstreamConnectError, UpstreamTimeout, error_body
-from .exchange import Exchange, correlation_id, new_request_id
-from .lifecycle import End
-from .log import request_id_var
-from .payload import is_bypass
-from .responses import Receive, Send
-from .routing import Route, resolve
-from .upstream import build_request
-from .ws_frames import FramePumps
-from .ws_protocol import (
+from ..config import UpstreamURL
+from ..errors import (
+    ClientRequestError,
+    UpstreamConnectError,
+    UpstreamTimeout,
+    error_body,
+)
+from ..exchange import Exchange, correlation_id, new_request_id
+from ..log import request_id_var
+from ..payload import is_bypass
+from ..protocol import headers as hdr
+from ..protocol.lifecycle import End
+from ..protocol.routing import Route, resolve
+from ..protocol.websocket import (
     ROUTE,
     Headers,
     Record,
@@ -42,9 +44,12 @@ from .ws_protocol import (
     is_responses_route,
     upstream_handshake_headers,
 )
+from ..upstream import build_request
+from .responses import Receive, Send
+from .ws_frames import FramePumps
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 Scope = dict[str, Any]
 

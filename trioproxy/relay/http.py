@@ -27,23 +27,33 @@ from typing import Any
 
 import trio
 
-from . import headers as hdr
-from .config import Settings, UpstreamURL
-from .errors import ProxyError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from .exchange import Exchange
-from .extensions import ExtensionFailed, ExtensionManager, MutableHeaders
-from .lifecycle import End
-from .payload import hook_context
-from .providers import make_parser
-from .responses import Message, Send, error_messages, proxy_headers
-from .upstream import UpstreamPool, UpstreamResponse
-from .usage_wire import (
+from ..config import Settings, UpstreamURL
+from ..errors import (
+    ProxyError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from ..exchange import Exchange
+from ..extensions import ExtensionFailed, ExtensionManager, MutableHeaders
+from ..payload import hook_context
+from ..protocol import headers as hdr
+from ..protocol.lifecycle import End
+from ..protocol.usage_wire import (
     SSE_EVENT_ENDS,
     TRAILER_ANNOUNCE,
     UsageChunkStripper,
     as_headers,
     timing_values,
     usage_values,
+)
+from ..providers import make_parser
+from ..upstream import UpstreamPool, UpstreamResponse
+from .responses import (
+    Message,
+    Send,
+    error_messages,
+    proxy_headers,
 )
 
 log = logging.getLogger("trioproxy.relay")
