@@ -112,3 +112,66 @@ def test_model_lookups_are_cached() -> None:
 def test_never_raises(fields: dict[str, Any]) -> None:
     cost = compute_cost(fields)
     assert cost is None or cost >= 0
+
+
+def _all_model_prices() -> list[tuple[str, Any, Any]]:
+    """(label, provider, model price) for every model price in the bundled data."""
+    out = []
+    for provider in get_snapshot().providers:
+        for model in provider.models:
+            prices = model.prices if isinstance(model.prices, list) else [model.prices]
+            for i, entry in enumerate(prices):
+                out.append((f"{provider.id}/{model.id}#{i}", model, getattr(entry, "prices", entry)))
+    return out
+
+
+ALL_PRICES = _all_model_prices()
+@st.composite
+def consistent_counts(draw: st.DrawFn) -> dict[str, int]:
+    """Counts as trioproxy passes them: parts never exceed their whole (cache reads and writes
+    and audio are inside the input, 1-hour writes inside the writes, audio inside the output);
+    zero counts are left out, as ``_usage_kwargs`` does."""
+    n = st.integers(0, 300_000)
+    cache_read, cache_write, audio_in = draw(n), draw(n), draw(st.integers(0, 20_000))
+    counts = {
+        "input_tokens": cache_read + cache_write + audio_in + draw(n),
+        "output_tokens": draw(st.integers(0, 200_000)),
+        "cache_read_tokens": cache_read, "cache_write_tokens": cache_write,
+        "cache_write_1h_tokens": draw(st.integers(0, cache_write)),
+        "input_audio_tokens": audio_in,
+    }
+    counts["output_audio_tokens"] = draw(st.integers(0, counts["output_tokens"]))
+    return {k: v for k, v in counts.items() if v or k in ("input_tokens", "output_tokens")}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(ALL_PRICES), consistent_counts())
+def test_the_fast_price_plan_agrees_with_genai_prices_for_every_model(
+    entry: tuple[str, Any, Any], counts: dict[str, int],
+) -> None:
+    """Every model price in the data: the plan gives genai-prices' exact Decimal, or both
+    refuse the counts; a price structure the plan does not handle has no plan at all."""
+    from genai_prices import Usage as GUsage
+
+    from trioproxy.accounting.prices import PricePlan
+
+    label, _, model_price = entry
+    plan = PricePlan.of(model_price)
+    if plan is None:
+        return
+    try:
+        slow: Decimal | None = model_price.calc_price(GUsage(**counts))["total_price"]
+    except ValueError:
+        slow = None
+    try:
+        fast: Decimal | None = plan.price(counts)
+    except ValueError:
+        fast = None
+    assert fast == slow, label
+
+
+def test_most_models_have_a_fast_plan() -> None:
+    from trioproxy.accounting.prices import PricePlan
+
+    planned = sum(PricePlan.of(price) is not None for _, _, price in ALL_PRICES)
+    assert planned >= 0.8 * len(ALL_PRICES), (planned, len(ALL_PRICES))
