@@ -94,7 +94,7 @@ VERIFY_FIRST = 3  # results of a new plan checked against genai-prices before it
 class PricePlan:
     """One model price's units in the order genai-prices decomposes them, for fast pricing."""
 
-    __slots__ = ("units", "tiered", "verified", "broken", "_unambiguous")
+    __slots__ = ("_unambiguous", "broken", "tiered", "units", "verified")
 
     def __init__(self, units: list[tuple[str, Any, int, tuple[str, ...]]]) -> None:
         self.units = units  # (usage key, Decimal | TieredPrices, per, more specific keys)
