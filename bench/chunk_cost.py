@@ -9,9 +9,12 @@ Measures, per SSE event (one event per chunk, as upstreams send them):
 - ``Exchange.observe_chunk`` (timing and byte counters);
 and, for scale, one ``b"".join`` of two chunks (the writer's coalescing).
 
-Run: ``python bench/chunk_cost.py [--events 20000] [--repeat 7]``. Prints a table (median and
-p99 of the per-event time over the repeats) and writes ``bench/results/chunk_cost.json``.
-Pure CPU, single process, no network: takes ~10 s.
+Run: ``python bench/chunk_cost.py [--events 20000] [--repeat 7] [--out FILE]``. Prints a table
+(median and worst of the per-event time over the repeats) and writes
+``bench/results/chunk_cost.json`` (or FILE). Pure CPU, single process, no network: takes ~10 s.
+It runs against older revisions too (``compare_revs.py`` puts a snapshot first on PYTHONPATH):
+a case whose API does not exist at that revision (e.g. the LatencyTracker before it was added)
+is reported as not available instead of failing the run.
 """
 
 from __future__ import annotations
@@ -24,11 +27,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import trioproxy
 from trioproxy.exchange import Exchange
-from trioproxy.latency import LatencyTracker
 from trioproxy.providers import make_parser
 from trioproxy.testing import anthropic_sse, openai_chat_sse, openai_responses_sse
 from trioproxy.usage_wire import UsageChunkStripper
+
+try:
+    from trioproxy.latency import LatencyTracker
+except ImportError:  # revisions before the latency tracker
+    LatencyTracker = None
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -120,17 +128,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=20000)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--out", default=str(RESULTS / "chunk_cost.json"))
     args = ap.parse_args()
     streams = _streams(args.events)
     cases: list[tuple[str, Callable[[list[bytes]], None], list[bytes]]] = [
         (f"parser {api}", _parser_run(api), events) for api, events in streams.items()
     ]
+    if LatencyTracker is not None:
+        cases += [
+            (f"parser {api} + latency, {how}", _timed_parser_run(api, how), events)
+            for api, events in streams.items() for how in ("arg", "attr")
+        ]
+        cases.append(("LatencyTracker on_content+on_relay", _tracker_run, streams["openai.chat"]))
     cases += [
-        (f"parser {api} + latency, {how}", _timed_parser_run(api, how), events)
-        for api, events in streams.items() for how in ("arg", "attr")
-    ]
-    cases += [
-        ("LatencyTracker on_content+on_relay", _tracker_run, streams["openai.chat"]),
         ("include_usage stripper (chat)", _stripper_run, streams["openai.chat"]),
         ("Exchange.observe_chunk", _observe_run, streams["openai.chat"]),
         ("writer coalesce join (per pair)", _join_run, streams["openai.chat"]),
@@ -145,10 +155,12 @@ def main() -> None:
     for r in rows:
         print(f"{r['case']:44} {r['median_ns'] / 1000:8.2f}µs {r['p99_ns'] / 1000:12.2f}µs "
               f"{r['mean_event_bytes']:9.0f} B")
-    RESULTS.mkdir(exist_ok=True)
-    out = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
-           "events": args.events, "repeat": args.repeat, "rows": rows}
-    (RESULTS / "chunk_cost.json").write_text(json.dumps(out, indent=2))
+    out = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
+                       "loadavg": __import__("os").getloadavg()},
+           "trioproxy": str(Path(trioproxy.__file__).parent), "events": args.events,
+           "repeat": args.repeat, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
