@@ -29,7 +29,7 @@ from typing import Any
 
 import common
 import overhead
-from common import BENCH, PY, RESULTS, ROOT, Progress, fmt, md_table
+from common import BENCH, PY, ROOT, Progress, fmt, md_table
 
 SITECUSTOMIZE = '''\
 """Written by bench/compare_revs.py: import trioproxy only from this snapshot."""
@@ -67,7 +67,7 @@ def check_import(src: Path) -> str:
     """The path trioproxy imports from with ``src`` first on PYTHONPATH (must be inside it)."""
     env = dict(os.environ, PYTHONPATH=str(src))
     res = subprocess.run([PY, "-c", "import trioproxy, trioproxy.relay; print(trioproxy.__file__)"],
-                         cwd=src, env=env, capture_output=True, text=True, timeout=60)
+                         cwd=src, env=env, capture_output=True, text=True, timeout=60, check=False)
     if res.returncode != 0 or not res.stdout.strip().startswith(str(src)):
         raise SystemExit(f"snapshot {src} does not import on its own:\n{res.stdout}{res.stderr[-2000:]}")
     return res.stdout.strip()
@@ -109,13 +109,13 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"- before: `{old}` {data['old']['subject']}",
         f"- after: `{new}` {data['new']['subject']}",
-        f"- {data['plan']['rounds']} rounds{' (quick)' if data['quick'] else ''}, paths in rotating "
+        (f"- {data['plan']['rounds']} rounds{' (quick)' if data['quick'] else ''}, paths in rotating "
         f"order; both with accounting on (SQLite ledger in a temp dir); proxies pinned to core 1, "
-        f"upstream + load generator on core 0. Values: median over rounds (min..max over rounds).",
-        f"- load average (1 min) before each round and at the end: "
-        f"{', '.join(f'{x[0]:.2f}' for x in la)}; ledger records written: {data['ledger_records']}.",
-        f"- `python bench/compare_revs.py --old {data['old']['rev']} --new {data['new']['rev']}"
-        f"{' --quick' if data['quick'] else ''}` ({data['run_seconds']:.0f} s).",
+        f"upstream + load generator on core 0. Values: median over rounds (min..max over rounds)."),
+        (f"- load average (1 min) before each round and at the end: "
+        f"{', '.join(f'{x[0]:.2f}' for x in la)}; ledger records written: {data['ledger_records']}."),
+        (f"- `python bench/compare_revs.py --old {data['old']['rev']} --new {data['new']['rev']}"
+        f"{' --quick' if data['quick'] else ''}` ({data['run_seconds']:.0f} s)."),
         "",
         "## Cost per request and per stream, latency",
         "",
@@ -127,9 +127,10 @@ def markdown(data: dict[str, Any]) -> str:
                      cell(rat[f"{po}/floor"][m], 2, "×"), cell(rat[f"{pn}/floor"][m], 2, "×")])
     lines.append(md_table(["metric (ms)", "floor", "before", "after", "after ÷ before",
                            "before ÷ floor", "after ÷ floor"], rows))
-    lines += ["", "Metric names: `cpu_ms_per_request` (32 users of small non-streaming requests); "
-              "`staggerN`/`burstN`: N concurrent 64-event streams, staggered starts or released "
-              "together; `ttfb` = first response byte, `delay` = per-event receive − emit stamp.", ""]
+    lines += ["", ("Metric names: `cpu_ms_per_request` (32 users of small non-streaming requests); "
+                   "`staggerN`/`burstN`: N concurrent 64-event streams, staggered starts or released "
+                   "together; `ttfb` = first response byte, `delay` = per-event receive − emit "
+                   "stamp."), ""]
     if data.get("chunk_cost"):
         lines += ["## Per-event hot-path cost (`chunk_cost.py`, pure CPU, median of repeats)", ""]
         lines.append(md_table(["case", "before µs", "after µs", "after ÷ before"], [

@@ -37,7 +37,7 @@ from typing import Any
 
 import common
 import loadgen
-from common import BENCH, HOST, PY, Procs, Progress, fmt, ms, summarize, table
+from common import BENCH, HOST, PY, Procs, Progress, fmt, md_table, ms, summarize, table
 
 EVENTS = 64
 INTERVAL = 0.02
@@ -285,6 +285,51 @@ def summary_table(med: dict[str, Any], rat: dict[str, Any], num: str, dens: list
                      if s and s["median"] is not None else "-")
         rows.append(r)
     return table(["metric (ms)", *med, *[f"{num} ÷ {d}" for d in dens]], rows)
+
+
+def _cell(s: dict[str, Any] | None, unit: str = "", digits: int = 2) -> str:
+    if not s or s.get("median") is None:
+        return "-"
+    return f"{fmt(s['median'], unit, digits)} ({fmt(s['min'], '', digits)}..{fmt(s['max'], '', digits)})"
+
+
+def markdown_section(data: dict[str, Any]) -> str:
+    """The report's section for ``results/overhead*.json`` (report.py calls this)."""
+    med, rat, cfg = data["medians"], data["ratios"], data["config"]
+    names = list(cfg["paths"])
+    tp = "trioproxy" if "trioproxy" in names else None
+    out = ["## trioproxy against the floor of its stack (overhead.py)", "",
+           ("The **floor** (`bench/floor/relay.py`) is a *lower bound, not a product*: raw ASGI on "
+            "Hypercorn-trio, an h11 upstream connection, one disconnect watcher, no parsing, no "
+            "accounting. **trioproxy runs with accounting on** (its SQLite ledger in a temp dir), "
+            "as users run it by default. Ratios are taken per round (all paths in the same minute, "
+            "rotating order) and the median over rounds is shown with the min..max over rounds "
+            "(the noise). Latency ratios are of absolute times (direct included)."), "",
+           f"{cfg['rounds']} rounds; load average (1 min) before each round and at the end: "
+           + ", ".join(f"{la[0]:.2f}" for la in data["loadavg"])
+           + f"; ledger records written: {data.get('ledger_records')}.", ""]
+    if tp is None:
+        return "\n".join(out) + "\n"
+    dens = [d for d in ("floor", "streaming", "direct") if f"{tp}/{d}" in rat]
+    extra = [f"{tp}/trioproxy_noacct"] if f"{tp}/trioproxy_noacct" in rat else []
+    rows = []
+    for m in med[tp]:
+        rows.append([m, _cell(med.get("floor", {}).get(m)), _cell(med[tp][m])]
+                    + [_cell(rat[f"{tp}/{d}"][m], "×") for d in dens]
+                    + [_cell(rat[e][m], "×") for e in extra])
+    out.append(md_table(["metric (ms)", "floor", "trioproxy", *[f"÷ {d}" for d in dens],
+                         *["÷ accounting off" for _ in extra]], rows))
+    out += ["", ("`cpu_ms_per_request`: proxy CPU per small non-streaming request (32 closed-loop "
+                 "users). `staggerN` / `burstN`: N concurrent 64-event streams (20 ms apart), starts "
+                 "spread (closed loop) or all N released at the same instant on kept-alive "
+                 "connections; `ttfb` first response byte, `delay` per-event receive − emit stamp, "
+                 "`cpu_ms_per_stream` proxy CPU per completed stream."), ""]
+    add = data.get("added_over_direct_ms", {})
+    if tp in add and "floor" in add:
+        rows = [[m, _cell(add["floor"][m]), _cell(add[tp][m])] for m in add[tp]]
+        out += ["Added over direct (ms), same rounds:", "",
+                md_table(["metric", "floor", "trioproxy"], rows), ""]
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ IDLE_KEEP = 256  # idle upstream connections kept for reuse
 class UpstreamConn:
     """One kept-alive h11 client connection."""
 
-    __slots__ = ("stream", "h11")
+    __slots__ = ("h11", "stream")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
