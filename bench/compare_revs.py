@@ -107,15 +107,21 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [
         f"# trioproxy {old} (before) vs {new} (after), same run",
         "",
-        f"- before: `{old}` {data['old']['subject']}",
-        f"- after: `{new}` {data['new']['subject']}",
-        (f"- {data['plan']['rounds']} rounds{' (quick)' if data['quick'] else ''}, paths in rotating "
-        f"order; both with accounting on (SQLite ledger in a temp dir); proxies pinned to core 1, "
-        f"upstream + load generator on core 0. Values: median over rounds (min..max over rounds)."),
+        (f"- before: `{old}` {data['old']['subject']} (trioproxy/ tree "
+         f"`{data['old'].get('trioproxy_tree')}`)"),
+        (f"- after: `{new}` {data['new']['subject']} (trioproxy/ tree "
+         f"`{data['new'].get('trioproxy_tree')}`)"),
+        (f"- {data['plan']['rounds']} rounds{' (quick)' if data['quick'] else ''}, paths in "
+         f"rotating order; both with accounting {data.get('accounting', 'on')} (the ledger: SQLite "
+         f"in a temp dir); proxies pinned to core 1, upstream + load generator on core 0. Values: "
+         f"median over rounds (min..max over rounds)."),
         (f"- load average (1 min) before each round and at the end: "
-        f"{', '.join(f'{x[0]:.2f}' for x in la)}; ledger records written: {data['ledger_records']}."),
+         f"{', '.join(f'{x[0]:.2f}' for x in la)}; ledger records written: "
+         f"{data['ledger_records']}."),
         (f"- `python bench/compare_revs.py --old {data['old']['rev']} --new {data['new']['rev']}"
-        f"{' --quick' if data['quick'] else ''}` ({data['run_seconds']:.0f} s)."),
+         f"{' --quick' if data['quick'] else ''}"
+         f"{' --accounting off' if data.get('accounting') == 'off' else ''}` "
+         f"({data['run_seconds']:.0f} s)."),
         "",
         "## Cost per request and per stream, latency",
         "",
@@ -148,12 +154,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-chunk-cost", action="store_true")
+    ap.add_argument("--accounting", choices=("on", "off"), default="on",
+                    help="both revisions with the ledger on (default, as users run it) or off")
     args = ap.parse_args()
     common.banner("compare_revs", args.quick)
     t0 = time.monotonic()
     revs = {"old": {"rev": args.old}, "new": {"rev": args.new}}
     for r in revs.values():
         r["short"], r["subject"] = rev_short(r["rev"]), rev_subject(r["rev"])
+        r["trioproxy_tree"] = rev_short(f"{r['rev']}:trioproxy")
     p = overhead.plan(args.quick)
     if args.rounds:
         p["rounds"] = args.rounds
@@ -162,9 +171,12 @@ def main() -> None:
         for k, src in srcs.items():
             revs[k]["imports_from"] = check_import(src)
         po, pn = (f"trioproxy@{revs[k]['short']}" for k in ("old", "new"))
+        acct = args.accounting == "on"
         specs = [overhead.DEFAULT_SPECS["direct"], overhead.DEFAULT_SPECS["floor"],
-                 overhead.PathSpec(po, "trioproxy", True, str(srcs["old"]), f"{po}, accounting on"),
-                 overhead.PathSpec(pn, "trioproxy", True, str(srcs["new"]), f"{pn}, accounting on")]
+                 overhead.PathSpec(po, "trioproxy", acct, str(srcs["old"]),
+                                   f"{po}, accounting {args.accounting}"),
+                 overhead.PathSpec(pn, "trioproxy", acct, str(srcs["new"]),
+                                   f"{pn}, accounting {args.accounting}")]
         res = overhead.measure(specs, p, Progress("compare"))
         chunks = None
         if not args.no_chunk_cost:
@@ -174,11 +186,13 @@ def main() -> None:
     rat = {f"{pn}/{po}": overhead.ratios(res["rounds"], pn, po),
            f"{po}/floor": overhead.ratios(res["rounds"], po, "floor"),
            f"{pn}/floor": overhead.ratios(res["rounds"], pn, "floor")}
-    data = {"quick": args.quick, "old": revs["old"], "new": revs["new"], "plan": p, **res,
+    data = {"quick": args.quick, "accounting": args.accounting, "old": revs["old"], "new": revs["new"], "plan": p, **res,
             "medians": overhead.medians(res["rounds"]), "ratios": rat,
             "added_over_direct_ms": {n: overhead.added(res["rounds"], n) for n in (po, pn, "floor")},
             "chunk_cost": chunks, "run_seconds": time.monotonic() - t0}
     name = f"compare_{revs['old']['short']}_{revs['new']['short']}"
+    if args.accounting == "off":
+        name += "_noacct"
     path = common.write_result(name, args.quick, data)
     md = markdown(data)
     path.with_suffix(".md").write_text(md)

@@ -98,7 +98,8 @@ def spawn(procs: Procs, spec: PathSpec, up_port: int) -> common.Target:
             env["PYTHONPATH"] = src + os.pathsep + os.environ.get("PYTHONPATH", "")
         argv = [PY, *hyper, "trioproxy:app"]
     elif spec.kind == "floor":
-        env.update({"UPSTREAM": base, "PYTHONPATH": str(BENCH)})
+        env.update({"UPSTREAM": base, "PYTHONPATH": os.pathsep.join(
+            x for x in (os.environ.get("PYTHONPATH"), str(BENCH)) if x)})
         argv = [PY, *hyper, "floor.relay:app"]
     elif spec.kind == "streaming":
         env["UPSTREAM"] = base

@@ -37,26 +37,32 @@ TARGETS = ["floor", "trioproxy", "trioproxy_noacct"]
 
 # inclusive suspects: label -> substrings, any of which on the stack counts the sample
 SUSPECTS = {
-    "json decode (json.loads / decoder)": ["json/decoder.py", "(loads (json/__init__.py"],
-    "json encode": ["json/encoder.py", "(dumps (json/__init__.py"],
-    "sqlite3 / ledger store": ["(execute", "executemany", "accounting/sqlite.py", "accounting/store.py"],
-    "accounting/ (all)": ["trioproxy/accounting/"],
+    "json decode (json.loads / decoder)": ["json/decoder.py", "loads (json/__init__.py"],
+    "json encode": ["json/encoder.py", "dumps (json/__init__.py"],
+    "sqlite / ledger store (accounting/sqlite.py, store.py)": ["accounting/sqlite.py",
+                                                              "accounting/store.py"],
+    "accounting/ (all, both threads)": ["trioproxy/accounting/"],
     "ledger.py (finalisation, record)": ["trioproxy/ledger.py"],
     "usage parsers (providers/)": ["trioproxy/providers/"],
     "SSE framer (sse.py)": ["trioproxy/sse.py"],
     "include_usage (usage_wire.py)": ["trioproxy/usage_wire.py"],
     "latency tracker (latency.py)": ["trioproxy/latency.py"],
     "lifecycle / exchange": ["trioproxy/lifecycle.py", "trioproxy/exchange.py"],
-    "relay.py": ["trioproxy/relay.py"],
-    "upstream pool / h11 client (upstream/)": ["trioproxy/upstream/"],
+    "relay.py (all below it)": ["trioproxy/relay.py"],
+    "app.py (all below it)": ["trioproxy/app.py"],
+    "upstream/ (pool, h11 client)": ["trioproxy/upstream/"],
     "headers / routing / payload": ["trioproxy/headers.py", "trioproxy/routing.py",
                                     "trioproxy/payload.py"],
-    "deadline moves (trio deadline setter)": ["(deadline (trio/_core/_run.py",
-                                              "_might_change_registered_deadline"],
-    "h11 (all)": ["/h11/"],
-    "hypercorn (all)": ["/hypercorn/"],
-    "floor relay": ["floor/relay.py"],
+    "deadline moves (CancelScope.deadline)": ["deadline (trio/_core/_run.py"],
+    "memory channel (trio/_channel.py)": ["trio/_channel.py"],
+    "h11 (all)": ["(h11/"],
+    "hypercorn protocol (send/receive path)": ["(hypercorn/protocol/"],
+    "floor relay (all below it)": ["floor/relay.py"],
 }
+# leaf frames of threads that wait (py-spy's idle detection misses these lock waits)
+WAITING = ("Condition.wait (threading.py", "WorkerThread._work (trio/_core/_thread_cache.py",
+           "Event.wait (threading.py", "Queue.get (queue.py", "Thread.join (threading.py",
+           "Thread._wait_for_tstate_lock (threading.py")
 
 
 def counts_files(prefix: str) -> dict[str, int]:
@@ -132,6 +138,8 @@ def classify(raw: Path) -> dict[str, Any]:
         frames = [f for f in stack.split(";") if f]
         if not frames or ("poll" in frames[-1] and ("epoll" in frames[-1] or "get_events" in frames[-1])):
             continue
+        if frames[-1].startswith(WAITING):
+            continue
         cnt = int(n)
         busy += cnt
         if any("trio/_core/_run.py" in f for f in frames):
@@ -153,75 +161,95 @@ def _short(frame: str) -> str:
     return frame.replace("site-packages/", "").split("/work/")[-1]
 
 
-def cpu_and_spy(procs: Procs, up: common.Proc, spec: overhead.PathSpec, conc: int,
-                seconds: float, spy: str | None) -> dict[str, Any]:
-    t = overhead.spawn(procs, spec, up.port)
-    stream_load(t.port, 4, 0.5)
-    kids = t.proc.sampler().root.children(recursive=True)
-    worker = max(kids, key=lambda p: p.memory_info().rss).pid if kids else t.pid
-    raw = procs.logdir / f"spy-{spec.name}.txt"
+def spy_window(spy: str | None, worker: int, raw: Path, seconds: float, load: Any,
+               meter: common.CpuMeter) -> tuple[Any, float | None, dict[str, Any] | None]:
+    """Run ``load()`` while py-spy samples ``worker``; (load's result, proxy CPU s, shares)."""
     sp = None
     if spy:
         sp = subprocess.Popen([spy, "record", "--format", "raw", "--threads", "-o", str(raw),
                                "-r", "250", "-d", str(int(seconds) + 1), "-p", str(worker)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)
-    meter = common.CpuMeter(up, t.proc)
-    res = stream_load(t.port, conc, seconds)
-    cpu = meter.delta()["proxy"]
-    out: dict[str, Any] = {}
-    if sp is not None:
-        try:
+    try:
+        res = load()
+        cpu = meter.delta()["proxy"]
+        if sp is not None:
             sp.communicate(timeout=seconds + 30)
-        finally:
-            if sp.poll() is None:
-                sp.kill()
-                sp.wait(5)
-        if raw.exists():
-            out["pyspy"] = classify(raw)
+    finally:
+        if sp is not None and sp.poll() is None:
+            sp.kill()
+            sp.wait(5)
+    return res, cpu, (classify(raw) if sp is not None and raw.exists() else None)
+
+
+def cpu_and_spy(procs: Procs, up: common.Proc, spec: overhead.PathSpec, conc: int,
+                seconds: float, spy: str | None) -> dict[str, Any]:
+    """Two windows on one plain proxy: ``conc`` streams, then 32 users of small requests."""
+    t = overhead.spawn(procs, spec, up.port)
+    stream_load(t.port, 4, 0.5)
+    json_load(t.port, 0.5)
+    kids = t.proc.sampler().root.children(recursive=True)
+    worker = max(kids, key=lambda p: p.memory_info().rss).pid if kids else t.pid
+    res, cpu, shares = spy_window(spy, worker, procs.logdir / f"spy-{spec.name}.txt", seconds,
+                                  lambda: stream_load(t.port, conc, seconds),
+                                  common.CpuMeter(up, t.proc))
+    small, cpu_small, shares_small = spy_window(
+        spy, worker, procs.logdir / f"spy-small-{spec.name}.txt", seconds / 2,
+        lambda: json_load(t.port, seconds / 2), common.CpuMeter(up, t.proc))
     procs.stop(t.proc)
     streams = sum(r.outcome == "complete" for r in res)
     events = sum(len(r.delays) for r in res)
-    out.update({"streams": streams, "events": events, "cpu_s": cpu,
-                "cpu_ms_per_stream": cpu / streams * 1000 if streams else None,
-                "cpu_us_per_event": cpu / events * 1e6 if events else None})
-    return out
+    reqs = sum(r.outcome == "complete" for r in small)
+    return {"streams": streams, "events": events, "cpu_s": cpu, "pyspy": shares,
+            "cpu_ms_per_stream": cpu / streams * 1000 if streams and cpu else None,
+            "cpu_us_per_event": cpu / events * 1e6 if events and cpu else None,
+            "small_requests": reqs, "pyspy_small": shares_small,
+            "cpu_ms_per_small_request": cpu_small / reqs * 1000 if reqs and cpu_small else None}
+
+
+def shares_text(data: dict[str, Any], key: str, title: str) -> list[str]:
+    spy = {t: data["cpu"][t].get(key) for t in data["targets"]}
+    if not all(spy.values()):
+        return []
+    lines = ["", f"== py-spy under {title}: share of busy samples (all threads; waits excluded)",
+             f"{'':44}" + "".join(f"{t:>18}" for t in data["targets"]),
+             f"{'event loop thread':44}" + "".join(
+                 f"{spy[t]['event_loop'] / max(spy[t]['busy'], 1):>18.1%}" for t in data["targets"])]
+    for label in SUSPECTS:
+        lines.append(f"{label[:44]:44}" + "".join(
+            f"{spy[t]['suspects'].get(label, 0) / max(spy[t]['busy'], 1):>18.1%}"
+            for t in data["targets"]))
+    for t in data["targets"]:
+        s = spy[t]
+        lines += ["", f"[{t}, {title}] top own time (leaf), share of {s['busy']} busy samples:"]
+        lines += [f"{c / s['busy']:7.1%}  {f}" for f, c in s["leaf"][:15]]
+        lines += [f"[{t}, {title}] top inclusive:"]
+        lines += [f"{c / s['busy']:7.1%}  {f}" for f, c in s["inclusive"][:25]]
+    return lines
 
 
 def text(data: dict[str, Any]) -> str:
     lines = [(f"profile_floor.py: {data['concurrency']} closed-loop streams of 64 events at 20 ms, "
-              f"{data['seconds']:g} s per window; loadavg {data['loadavg'][0]:.2f} -> "
-              f"{data['loadavg'][1]:.2f}. floor = lower bound (bench/floor/relay.py)."), ""]
+              f"{data['seconds']:g} s per window; loadavg {data['loadavg'][0][0]:.2f} -> "
+              f"{data['loadavg'][1][0]:.2f}. floor = lower bound (bench/floor/relay.py)."), ""]
     hdr = f"{'':34}" + "".join(f"{t:>18}" for t in data["targets"])
     lines.append(hdr)
-    for key in ("cpu_ms_per_stream", "cpu_us_per_event"):
+    for key in ("cpu_ms_per_stream", "cpu_us_per_event", "cpu_ms_per_small_request"):
         lines.append(f"{key:34}" + "".join(f"{common.fmt(data['cpu'][t].get(key), '', 2):>18}"
                                           for t in data["targets"]))
     for key in ("tasks_per_stream", "steps_per_event", "tasks_per_small_request",
                 "steps_per_small_request"):
         lines.append(f"{key:34}" + "".join(f"{common.fmt(data['counts'][t].get(key), '', 2):>18}"
                                           for t in data["targets"]))
-    spy = {t: data["cpu"][t].get("pyspy") for t in data["targets"]}
-    if all(spy.values()):
-        lines += ["", "py-spy, share of busy samples (all threads):"]
-        lines.append(f"{'event loop thread':34}" + "".join(
-            f"{spy[t]['event_loop'] / max(spy[t]['busy'], 1):>18.1%}" for t in data["targets"]))
-        for label in SUSPECTS:
-            lines.append(f"{label[:34]:34}" + "".join(
-                f"{spy[t]['suspects'].get(label, 0) / max(spy[t]['busy'], 1):>18.1%}"
-                for t in data["targets"]))
-        for t in data["targets"]:
-            s = spy[t]
-            lines += ["", f"[{t}] top own time (leaf), share of {s['busy']} busy samples:"]
-            lines += [f"{c / s['busy']:7.1%}  {f}" for f, c in s["leaf"][:15]]
-            lines += [f"[{t}] top inclusive:"]
-            lines += [f"{c / s['busy']:7.1%}  {f}" for f, c in s["inclusive"][:25]]
+    for key, title in (("pyspy", f"{data['concurrency']} streams"),
+                       ("pyspy_small", "32 users of small non-streaming requests")):
+        lines += shares_text(data, key, title)
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=20)
     ap.add_argument("--targets", default=",".join(TARGETS))
     args = ap.parse_args()
