@@ -5,7 +5,7 @@
 Each scenario runs as its own process (``python bench/<name>.py``), so a failure in one does
 not stop the others; the exit status is non-zero if any failed. Timings go to
 ``results/run_all[.quick].json``. Full: ~25 min (idle alone is ~10 min of real time,
-overhead ~7 min); ``--quick``: ~5 min. ``--profile`` adds ``profile_relay.py`` (~40 s, full runs only).
+overhead ~6.5 min); ``--quick``: ~5 min. ``--profile`` adds ``profile_relay.py`` (~40 s, full runs only).
 """
 
 from __future__ import annotations
