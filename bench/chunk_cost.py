@@ -13,9 +13,12 @@ Measures, per SSE event (one event per chunk, as upstreams send them):
 - the WebSocket ledger's attribution of one delta frame, with its latency (``feed_message``);
 and, for scale, one ``b"".join`` of two chunks (the writer's coalescing).
 
-Run: ``python bench/chunk_cost.py [--events 20000] [--repeat 7]``. Prints a table (median and
-p99 of the per-event time over the repeats) and writes ``bench/results/chunk_cost.json``.
-Pure CPU, single process, no network: takes ~10 s.
+Run: ``python bench/chunk_cost.py [--events 20000] [--repeat 7] [--out FILE]``. Prints a table
+(median and worst of the per-event time over the repeats) and writes
+``bench/results/chunk_cost.json`` (or FILE). Pure CPU, single process, no network: takes ~10 s.
+It runs against older revisions too (``compare_revs.py`` puts a snapshot first on PYTHONPATH):
+a case whose API does not exist at that revision (e.g. the LatencyTracker before it was added)
+is reported as not available instead of failing the run.
 """
 
 from __future__ import annotations
@@ -30,13 +33,28 @@ from pathlib import Path
 
 import trio
 
+import trioproxy
 from trioproxy.exchange import Exchange
-from trioproxy.protocol.latency import LatencyTracker
 from trioproxy.providers import make_parser
-from trioproxy.relay.http import handed_over
 from trioproxy.testing import anthropic_sse, openai_chat_sse, openai_responses_sse
-from trioproxy.protocol.usage_wire import UsageChunkStripper
-from trioproxy.protocol.websocket import ResponseLedger
+
+# Older revisions lack some of these (or keep them elsewhere): their cases are left out.
+try:
+    from trioproxy.protocol.usage_wire import UsageChunkStripper
+except ImportError:  # before the protocol/ package
+    from trioproxy.usage_wire import UsageChunkStripper
+try:
+    from trioproxy.protocol.latency import LatencyTracker
+except ImportError:
+    try:
+        from trioproxy.latency import LatencyTracker
+    except ImportError:  # revisions before the latency tracker
+        LatencyTracker = None
+try:
+    from trioproxy.protocol.websocket import ResponseLedger
+    from trioproxy.relay.http import handed_over
+except ImportError:  # revisions before the latency wiring
+    ResponseLedger = handed_over = None
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -184,28 +202,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=20000)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--out", default=str(RESULTS / "chunk_cost.json"))
     args = ap.parse_args()
     streams = _streams(args.events)
     cases: list[tuple[str, Callable[[list[bytes]], None], list[bytes]]] = [
         (f"parser {api}", _parser_run(api), events) for api, events in streams.items()
     ]
+    if LatencyTracker is not None:
+        cases += [
+            (f"parser {api} + latency, {how}", _timed_parser_run(api, how), events)
+            for api, events in streams.items() for how in ("arg", "attr")
+        ]
+        cases.append(("LatencyTracker on_content+on_relay", _tracker_run, streams["openai.chat"]))
     cases += [
-        (f"parser {api} + latency, {how}", _timed_parser_run(api, how), events)
-        for api, events in streams.items() for how in ("arg", "attr")
-    ]
-    cases += [
-        ("LatencyTracker on_content+on_relay", _tracker_run, streams["openai.chat"]),
         ("include_usage stripper (chat)", _stripper_run, streams["openai.chat"]),
         ("Exchange.observe_chunk", _observe_run, streams["openai.chat"]),
         ("writer coalesce join (per pair)", _join_run, streams["openai.chat"]),
-        ("writer hand-over, bare chunk (before)", _in_trio(_handover_plain_run),
-         streams["openai.chat"]),
-        ("writer hand-over + relay delay (now)", _in_trio(_handover_timed_run),
-         streams["openai.chat"]),
-        ("ws ledger delta frame (before)", _ws_ledger_run(False), _ws_frames(args.events)),
-        ("ws ledger delta frame + latency (now)", _ws_ledger_run(True),
-         _ws_frames(args.events)),
     ]
+    if handed_over is not None:
+        cases += [
+            ("writer hand-over, bare chunk (before)", _in_trio(_handover_plain_run),
+             streams["openai.chat"]),
+            ("writer hand-over + relay delay (now)", _in_trio(_handover_timed_run),
+             streams["openai.chat"]),
+            ("ws ledger delta frame (before)", _ws_ledger_run(False), _ws_frames(args.events)),
+            ("ws ledger delta frame + latency (now)", _ws_ledger_run(True),
+             _ws_frames(args.events)),
+        ]
     rows = []
     for name, fn, events in cases:
         fn(events[:200])  # warm up
@@ -216,10 +239,12 @@ def main() -> None:
     for r in rows:
         print(f"{r['case']:44} {r['median_ns'] / 1000:8.2f}µs {r['p99_ns'] / 1000:12.2f}µs "
               f"{r['mean_event_bytes']:9.0f} B")
-    RESULTS.mkdir(exist_ok=True)
-    out = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
-           "events": args.events, "repeat": args.repeat, "rows": rows}
-    (RESULTS / "chunk_cost.json").write_text(json.dumps(out, indent=2))
+    out = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
+                       "loadavg": __import__("os").getloadavg()},
+           "trioproxy": str(Path(trioproxy.__file__).parent), "events": args.events,
+           "repeat": args.repeat, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -593,6 +593,35 @@ def parallel(engine: Engine, ports: int | list[int], reqs: list[Req], *,
             for r in results]
 
 
+def burst(engine: Engine, conns: list[ClientConn], make_req: Callable[[int], Req], *,
+          deadline: float) -> tuple[list[StreamResult], float]:
+    """Synchronised arrivals: one request on every connection in ``conns``, all released at the
+    same instant -- a barrier in the load generator: every request is written from one callback
+    of the loop, back to back, before any response byte is read. Kept-alive connections go out
+    at once (one non-blocking ``send()`` each); new ones still pass the opening gate. Returns
+    (results in connection order, release spread in seconds: last send minus first send)."""
+    results: list[StreamResult | None] = [None] * len(conns)
+    done = [0]
+
+    def release() -> None:
+        for i, conn in enumerate(conns):
+            req = make_req(i)
+
+            def finished(r: StreamResult, i: int = i) -> None:
+                results[i] = r
+                done[0] += 1
+
+            req.on_done = finished
+            conn.request(req)
+
+    engine.call_at(time.monotonic(), release)
+    engine.run(lambda: done[0] == len(conns), deadline)
+    out = [r if r is not None else StreamResult(outcome="error", reason="not finished by the deadline")
+           for r in results]
+    sends = [r.t_send_ns for r in out if r.t_send_ns]
+    return out, ((max(sends) - min(sends)) / 1e9 if sends else 0.0)
+
+
 # -- bodies and control requests ------------------------------------------------------------------
 
 def stream_body(**bench: Any) -> bytes:

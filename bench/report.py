@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import common  # noqa: E402
+import overhead  # noqa: E402
 from common import PATH_LABEL, PATHS, RESULTS, fmt, md_table, ratio  # noqa: E402
 
 COLORS = {"direct": "#444444", "trioproxy": "#1f77b4", "trioproxy_ka": "#17becf",
@@ -359,6 +360,11 @@ def main() -> None:
     if sc:
         parts.append(scale_section(sc))
         plot_scale(sc, RESULTS / f"scale{sfx}.png")
+    ovh = common.load_result("overhead", q)
+    if ovh:
+        parts.append(overhead.markdown_section(ovh))
+    for cmp_md in sorted(RESULTS.glob("compare_*.md")):
+        parts.append(f"Before/after: see [{cmp_md.name}]({cmp_md.name}) (compare_revs.py).\n")
     prof = RESULTS / "profile.txt"
     if prof.exists() and not q:
         parts.append("## Profile\n\nSee [profile.txt](profile.txt) (trioproxy under the latency "

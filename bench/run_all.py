@@ -1,11 +1,11 @@
-"""Run the four scenarios one after the other, then the report.
+"""Run the five scenarios one after the other, then the report.
 
     python bench/run_all.py [--quick] [--profile] [--only idle,latency,...]
 
 Each scenario runs as its own process (``python bench/<name>.py``), so a failure in one does
 not stop the others; the exit status is non-zero if any failed. Timings go to
-``results/run_all[.quick].json``. Full: ~18 min (idle alone is ~10 min of real time);
-``--quick``: under 3 min. ``--profile`` adds ``profile_relay.py`` (~40 s, full runs only).
+``results/run_all[.quick].json``. Full: ~25 min (idle alone is ~10 min of real time,
+overhead ~6.5 min); ``--quick``: ~5 min. ``--profile`` adds ``profile_relay.py`` (~40 s, full runs only).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import time
 import common
 from common import BENCH, RESULTS
 
-SCENARIOS = ["idle", "latency", "throughput", "scale"]
+SCENARIOS = ["idle", "latency", "throughput", "scale", "overhead"]
+# --quick: overhead.py without its accounting-off path, to keep the whole quick run near 5 min
+QUICK_ARGS = {"overhead": ["--paths", "direct,floor,trioproxy,streaming"]}
 
 
 def main() -> None:
@@ -36,7 +38,7 @@ def main() -> None:
     for name in args.only.split(","):
         argv = [sys.executable, str(BENCH / f"{name}.py")]
         if args.quick:
-            argv.append("--quick")
+            argv += ["--quick", *QUICK_ARGS.get(name, [])]
         elif name == "latency":
             argv.append("--calibrate")
         print(f"\n######## {name} ({time.monotonic() - t0:.0f} s into the run)", flush=True)
