@@ -77,3 +77,27 @@ def test_openai_bills_the_bearer_token_when_both_headers_are_sent() -> None:
     headers = [(b"x-api-key", DECOY.encode()), (b"authorization", f"Bearer {REAL}".encode())]
     assert extract_api_key(headers, "openai") == REAL
     assert extract_api_key(headers, "anthropic") == DECOY  # Anthropic's API-key header
+
+
+async def test_a_lookup_does_not_wait_for_another_keys_stream_that_reuses_the_id(
+    upstream: FakeUpstream, ledger_proxy: ProxyServer,
+) -> None:
+    from trioproxy.testing import openai_chat_sse
+
+    from .conftest import RawClient
+
+    upstream.enqueue(openai_chat_sse(["a", "b"], gaps=[0, 0, 3600]))  # B's stream stays open
+    body = json.dumps({"model": "m", "stream": True, "messages": []}).encode()
+    with trio.fail_after(20):
+        raw = await RawClient.connect(ledger_proxy.port)
+        await raw.send_request("POST", "/v1/chat/completions", [
+            ("authorization", f"Bearer {DECOY}"), ("x-trioproxy-request-id", "shared-id-1")], body)
+        await raw.read_body(await raw.read_head(), max_chunks=1)
+        async with httpx.AsyncClient(base_url=ledger_proxy.url) as http:
+            # A's lookup of an id B is using is answered while B's stream is still running
+            with trio.move_on_after(5) as waited:
+                got = await http.get("/v1/usage/shared-id-1",
+                                     headers={"authorization": f"Bearer {REAL}"})
+        await raw.aclose()
+    assert not waited.cancelled_caught
+    assert got.status_code == 404
