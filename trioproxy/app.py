@@ -21,7 +21,8 @@ from .errors import ClientRequestError, ProxyError
 from .exchange import Exchange, correlation_id
 from .extensions import Extension, ExtensionFailed, ExtensionManager, load_extensions
 from .health import answer_operational, is_operational, refuse_draining
-from .ledger import answer_usage_lookup, usage_request_id
+from .accounting.keys import extract_api_key
+from .ledger import _is_admin, answer_usage_lookup, usage_request_id
 from .log import request_id_var, setup_logging
 from .payload import is_bypass, prepare
 from .protocol import headers as hdr
@@ -269,10 +270,15 @@ class TrioProxy:
         self, runtime: Runtime, ex: Exchange, lookup_id: str, send: Send
     ) -> None:
         # A client that fetches usage the moment its stream ended can be a few milliseconds
-        # ahead of finalisation: wait (bounded) for that exchange's record to exist.
+        # ahead of finalisation: wait (bounded) for that exchange's record to exist. Only for
+        # the caller's own exchanges: another key's stream that reuses the id is none of its
+        # business (and must not hold its lookup for as long as that stream runs).
+        key = extract_api_key(ex.request_headers)
+        admin = _is_admin(ex.request_headers, runtime.settings.admin_token)
         for other in list(runtime.inflight.values()):
             if other is not ex and lookup_id in (
-                    other.request_id, other.correlation_id, other.upstream_request_id):
+                    other.request_id, other.correlation_id, other.upstream_request_id) and (
+                    admin or (key is not None and extract_api_key(other.request_headers) == key)):
                 with trio.move_on_after(10):
                     await other.finalised.wait()
         status, body = await answer_usage_lookup(

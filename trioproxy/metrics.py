@@ -45,6 +45,7 @@ TTFC_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOC_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 TOKEN_BUCKETS = tuple(float(4 ** i) for i in range(14))  # 1, 4, 16, ... 67108864
 MAX_MODELS = 50  # distinct model label values per process; later ones become "other"
+MAX_MODEL_LABEL = 128  # characters of a model name kept in a label
 PUBLISH_INTERVAL = 1.0  # seconds, multiprocess mode only
 
 _EXCHANGE = ("provider", "api", "model", "status_class", "end_reason")
@@ -55,6 +56,16 @@ def multiprocess_mode() -> bool:
     """prometheus_client chose its multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` was set
     when it was imported)."""
     return values.ValueClass is not values.MutexValue
+
+
+def label_model(ex: Exchange, usage: Any) -> str | None:
+    """The model an exchange is labelled with: as answered, else as requested when the upstream
+    accepted the request. A name the upstream refused is the client's word alone: labelling by
+    it would let made-up names use up the ``max_models`` labels."""
+    answered = getattr(usage, "model", None)
+    if answered:
+        return answered
+    return ex.model_requested if ex.status is not None and 200 <= ex.status < 300 else None
 
 
 def status_class(status: int | None) -> str:
@@ -136,9 +147,11 @@ class Metrics:
     # -- per exchange (a finisher) ---------------------------------------------------------------
 
     def model_label(self, model: str | None) -> str:
-        """``model`` itself while fewer than ``max_models`` were seen, else ``other``."""
+        """``model`` itself (cut to ``MAX_MODEL_LABEL`` characters) while fewer than
+        ``max_models`` were seen, else ``other``."""
         if not model:
             return "none"
+        model = model[:MAX_MODEL_LABEL]
         if model in self._models:
             return model
         if len(self._models) < self._max_models:
@@ -149,7 +162,7 @@ class Metrics:
     def observe(self, ex: Exchange) -> None:
         """Record one finished exchange: outcome, duration, tokens, cost, TTFT and chunk gaps."""
         usage = ex.usage()
-        model = self.model_label(getattr(usage, "model", None) or ex.model_requested)
+        model = self.model_label(label_model(ex, usage))
         provider, api = ex.provider or "unknown", ex.api()
         end = ex.end_reason or "unknown"
         labels = (provider, api, model, status_class(ex.status), end)

@@ -18,6 +18,8 @@ import os
 import secrets
 from pathlib import Path
 
+from ..protocol.headers import connection_tokens
+
 __all__ = ["extract_api_key", "fingerprint", "load_or_create_secret"]
 
 SECRET_BYTES = 32
@@ -25,22 +27,32 @@ FINGERPRINT_HEX = 16
 _MIN_LAST4_KEY = 12  # shorter keys would be mostly revealed by their last four characters
 
 
-def extract_api_key(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The API key of a request: ``x-api-key``, else ``authorization: Bearer …``.
+def extract_api_key(
+    headers: list[tuple[bytes, bytes]], provider: str | None = None
+) -> str | None:
+    """The API key of a request as the upstream sees it: ``x-api-key``, else
+    ``authorization: Bearer …`` (for ``provider="openai"``, which ignores ``x-api-key``, the
+    bearer token first).
 
-    ``headers`` are ASGI-style (lower-case names, bytes). Returns None when absent or empty.
+    ``headers`` are ASGI-style (lower-case names, bytes). A header the client named in
+    ``Connection`` is hop-by-hop: it never reaches the upstream, so it is not the key billed.
+    Returns None when absent or empty.
     """
+    hop = connection_tokens(headers)
+    api_key: str | None = None
     bearer: str | None = None
     for name, value in headers:
-        if name == b"x-api-key":
-            key = value.decode("latin-1").strip()
-            if key:
-                return key
+        if name in hop:
+            continue
+        if name == b"x-api-key" and api_key is None:
+            api_key = value.decode("latin-1").strip() or None
         elif name == b"authorization" and bearer is None:
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 bearer = token.strip()
-    return bearer
+    if provider == "openai":
+        return bearer or api_key
+    return api_key or bearer
 
 
 def fingerprint(key: str, secret: bytes) -> tuple[str, str]:

@@ -123,6 +123,9 @@ class FramePumps:
             except ExtensionFailed as exc:
                 await self._reject_create(rec, ctx, data, exc)
                 return
+            if rec.ended:  # the socket was cut while the hooks ran: its record is final
+                await self.finish(rec)
+                return
         self.ledger.forwarded(rec)  # from here on the response may come
         try:
             await upstream.send_message(data)
