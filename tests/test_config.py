@@ -379,3 +379,9 @@ def test_serve_routes_hypercorn_lines_through_the_json_handler() -> None:
     assert build_config(Settings(log_format="json")).errorlog is logging.getLogger(
         "hypercorn.error")
     assert build_config(Settings()).errorlog == "-"
+
+
+def test_a_base_url_with_credentials_is_refused_without_echoing_them() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings(openai_base_url="https://user:hunter2secret@api.example.test/v1")
+    assert "credentials" in str(caught.value) and "hunter2secret" not in str(caught.value)

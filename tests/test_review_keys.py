@@ -34,8 +34,6 @@ async def _lookup(server: ProxyServer, http: httpx.AsyncClient, rid: str,
     return (await http.get(f"/v1/usage/{rid}", headers=headers)).status_code
 
 
-@pytest.mark.xfail(strict=True, reason="review: ledger.build_record takes x-api-key first "
-                   "whatever the provider; fix proposed in the review report")
 async def test_openai_record_belongs_to_the_bearer_key_not_a_stray_x_api_key(
     upstream: FakeUpstream, ledger_proxy: ProxyServer,
 ) -> None:

@@ -16,12 +16,12 @@ from typing import Any
 import sniffio
 import trio
 
+from .accounting.keys import extract_api_key
 from .config import ConfigError, Settings
 from .errors import ClientRequestError, ProxyError
 from .exchange import Exchange, correlation_id
 from .extensions import Extension, ExtensionFailed, ExtensionManager, load_extensions
 from .health import answer_operational, is_operational, refuse_draining
-from .accounting.keys import extract_api_key
 from .ledger import _is_admin, answer_usage_lookup, usage_request_id
 from .log import request_id_var, setup_logging
 from .payload import is_bypass, prepare
@@ -273,12 +273,12 @@ class TrioProxy:
         # ahead of finalisation: wait (bounded) for that exchange's record to exist. Only for
         # the caller's own exchanges: another key's stream that reuses the id is none of its
         # business (and must not hold its lookup for as long as that stream runs).
-        key = extract_api_key(ex.request_headers)
+        key = extract_api_key(ex.request_headers, ex.provider)
         admin = _is_admin(ex.request_headers, runtime.settings.admin_token)
         for other in list(runtime.inflight.values()):
             if other is not ex and lookup_id in (
                     other.request_id, other.correlation_id, other.upstream_request_id) and (
-                    admin or (key is not None and extract_api_key(other.request_headers) == key)):
+                    admin or (key is not None and extract_api_key(other.request_headers, other.provider) == key)):
                 with trio.move_on_after(10):
                     await other.finalised.wait()
         status, body = await answer_usage_lookup(

@@ -28,6 +28,15 @@ __all__ = ["CONFIG_ENV", "SPECS", "ConfigError", "Settings", "UpstreamURL"]
 MiB = 1024 * 1024
 
 
+def _without_credentials(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if sep and "@" in netloc:
+        return f"{scheme}://***@{netloc.rsplit('@', 1)[1]}{slash}{path}"
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamURL:
     """An upstream base: origin plus optional path prefix (no query, no fragment)."""
@@ -40,14 +49,18 @@ class UpstreamURL:
     @classmethod
     def parse(cls, url: str, *, name: str = "base URL") -> UpstreamURL:
         parts = urlsplit(url)
+        shown = _without_credentials(url)  # error messages never echo a password
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{name} must be an http:// or https:// URL, got {url!r}")
+            raise ConfigError(f"{name} must be an http:// or https:// URL, got {shown!r}")
+        if "@" in parts.netloc:
+            raise ConfigError(f"{name} must not carry credentials (user:password@), got "
+                              f"{shown!r}: clients send their own keys")
         if parts.query or parts.fragment:
-            raise ConfigError(f"{name} must not have a query or fragment, got {url!r}")
+            raise ConfigError(f"{name} must not have a query or fragment, got {shown!r}")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as exc:
-            raise ConfigError(f"{name} has an invalid port: {url!r}") from exc
+            raise ConfigError(f"{name} has an invalid port: {shown!r}") from exc
         prefix = parts.path.rstrip("/").encode("ascii")
         return cls(parts.scheme, parts.hostname, port, prefix)
 
@@ -240,7 +253,8 @@ class Settings:
         for spec in SPECS:
             problem = spec.problem(getattr(self, spec.name))
             if problem:
-                shown = "" if spec.secret else f", got {getattr(self, spec.name)!r}"
+                value = getattr(self, spec.name)
+                shown = "" if spec.secret or ", got " in problem else f", got {value!r}"
                 raise ConfigError(f"{spec.env} {problem}{shown}")
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("certfile and keyfile (TRIOPROXY_CERTFILE, TRIOPROXY_KEYFILE) "

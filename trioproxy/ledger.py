@@ -38,7 +38,7 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
     """The usage record of one finished exchange."""
     usage = ex.usage()
     headers = ex.request_headers
-    key = extract_api_key(headers)
+    key = extract_api_key(headers, ex.provider)  # the credential that provider bills
     key_fp, key_last4 = fingerprint(key, secret) if key else (None, None)
     session = ex.session_id or next(
         (_text(v) for k, v in headers if k in SESSION_HEADERS), None
@@ -174,7 +174,7 @@ async def answer_usage_lookup(
     """
     not_found = ClientRequestError(f"no usage record {lookup_id!r} for this key", 404, "not_found")
     admin = _is_admin(headers, admin_token)
-    key = extract_api_key(headers)
+    key = extract_api_key(headers, provider)
     if writer is None or (not admin and key is None):
         return 404, error_body(provider, 404, not_found.message, not_found.code)
     key_fp = None if admin else fingerprint(key, secret)[0]

@@ -13,7 +13,7 @@ States::
 
 Facts that may arrive in any state before DONE, and never move the state:
 
-- ``fail(reason)``: the first failure wins; later ones are consequences of it;
+- ``fail(reason)``: the first failure wins; later ones (also after DONE) are consequences;
 - ``answered(status)``: the client was given a response head (the proxy's or the upstream's);
 - ``body_ended()``: the upstream body arrived whole (or a WebSocket terminal event);
 - ``delivered()``: the last message of the response was handed to the server.
@@ -146,10 +146,11 @@ class Lifecycle:
     # -- facts ---------------------------------------------------------------------------------
 
     def fail(self, reason: End, error: str | None = None) -> bool:
-        """Record a failure; only the first counts. True if this one did."""
-        if self.state is State.DONE:
-            raise LifecycleError(f"failure {reason} after the exchange finished")
-        if self.failure is not None:
+        """Record a failure; only the first counts. True if this one did.
+
+        After the outcome was decided a failure changes nothing (a disconnect noticed after a
+        stalled exchange was finalised early): it is a consequence, like any later failure."""
+        if self.state is State.DONE or self.failure is not None:
             return False
         self.failure, self.error = reason, error
         return True
