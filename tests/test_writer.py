@@ -394,3 +394,24 @@ def test_spill_file_round_trip_keeps_bad_lines_aside(tmp_path: Path) -> None:
     assert not spill.exists() and list(spill.parent.glob("spill.jsonl.draining*")) == []
     assert "torn" in (tmp_path / "d" / "spill.jsonl.corrupt").read_text()
     assert list(take_spill(spill)) == []
+
+
+async def test_records_arriving_together_are_written_in_one_transaction(tmp_path: Path) -> None:
+    """With a linger the writer thread wakes once for a burst of records and commits them
+    together, instead of one wake-up (and one transaction) per record."""
+    batches: list[int] = []
+    url = sqlite_url(tmp_path)
+
+    class Counting(FaultyStore):
+        def insert_many(self, records: Sequence[UsageRecord]) -> int:
+            batches.append(len(records))
+            return super().insert_many(records)
+
+    with trio.fail_after(10):
+        async with open_usage_writer(lambda: Counting(open_store(url), Faults()), linger=1.0,
+                                     spill_path=tmp_path / "spill.jsonl", **FAST) as w:
+            for i in range(20):  # one record per request, requests 10 ms apart
+                w.submit(make_record(i))
+                await trio.sleep(0.01)
+            assert await w.flush(5)
+    assert batches == [20] and count_rows(url) == 20

@@ -28,6 +28,10 @@ log = logging.getLogger("trioproxy.accounting")
 
 SESSION_HEADERS = (b"x-claude-code-session-id", b"session-id")
 USAGE_PATH = b"/v1/usage/"
+# The writer waits this long after a record for others to commit with it: under load one
+# wake-up and one transaction per batch (the writer thread shares the GIL with the event
+# loop); a record waiting in memory is still answered by GET /v1/usage/{id}.
+WRITE_LINGER = 0.05
 
 
 def _text(value: bytes | None, limit: int = 512) -> str | None:
@@ -124,6 +128,7 @@ async def open_ledger(
         lambda: open_store(url, data_home=home, timeout=settings.store_timeout),
         spill_path=spill_path_for(url, home), shutdown_timeout=10.0,
         max_pending=settings.usage_max_pending, lookup_timeout=settings.usage_lookup_timeout,
+        linger=WRITE_LINGER,
     ) as writer:
         log.info("usage ledger: %s", _safe_url(url))
         task_status.started((writer, secret))

@@ -66,11 +66,11 @@ class UsageWriter(WriterThread):
     def __init__(
         self, store_factory: StoreFactory, *, batch_size: int, max_pending: int,
         retry_interval: float, spill_path: Path, quarantine_path: Path,
-        lookup_timeout: float, log: logging.Logger,
+        lookup_timeout: float, log: logging.Logger, linger: float = 0.0,
     ) -> None:
         super().__init__(store_factory, batch_size=min(max(1, batch_size), max(1, max_pending)),
                          retry_interval=retry_interval, spill_path=spill_path,
-                         quarantine_path=quarantine_path, log=log)
+                         quarantine_path=quarantine_path, log=log, linger=linger)
         self._max_pending = max(1, max_pending)
         self._lookup_timeout = lookup_timeout
         self._overflow: list[UsageRecord] = []  # waiting for the spill thread
@@ -105,7 +105,8 @@ class UsageWriter(WriterThread):
                 self._spill_wake.notify()
             else:
                 self._queue.append(record)
-                self._cond.notify()
+                if len(self._queue) in (1, self._batch_size):  # a first record, or a batch
+                    self._cond.notify()
             warn = full and not late and not self._overflow_warned
             if warn:
                 self._overflow_warned = True
@@ -258,20 +259,21 @@ async def open_usage_writer(
     store_factory: StoreFactory, *, spill_path: str | os.PathLike[str],
     quarantine_path: str | os.PathLike[str] | None = None, batch_size: int = 200,
     max_pending: int = 10_000, retry_interval: float = 1.0, shutdown_timeout: float = 5.0,
-    lookup_timeout: float = 15.0, log: logging.Logger = LOG,
+    lookup_timeout: float = 15.0, log: logging.Logger = LOG, linger: float = 0.0,
 ) -> AsyncIterator[UsageWriter]:
     """Run a :class:`UsageWriter` for the duration of the block.
 
     ``store_factory`` opens a store (called in the writer thread, again after failures); its
     calls should be bounded (see :func:`~.store.open_store`'s ``timeout``). ``spill_path``:
     use :func:`~.store.spill_path_for`; ``quarantine_path`` defaults to
-    :func:`~.spill.quarantine_path_for` of it. ``lookup_timeout`` bounds one look-up. On exit
+    :func:`~.spill.quarantine_path_for` of it. ``lookup_timeout`` bounds one look-up.
+    ``linger``: seconds the writer waits after a record for more to batch with it. On exit
     everything queued is written within ``shutdown_timeout`` seconds (shielded from
     cancellation); the rest goes to the spill file.
     """
     spill = Path(spill_path)
     writer = UsageWriter(
-        store_factory, batch_size=batch_size, max_pending=max_pending,
+        store_factory, batch_size=batch_size, max_pending=max_pending, linger=linger,
         retry_interval=retry_interval, spill_path=spill,
         quarantine_path=Path(quarantine_path) if quarantine_path else quarantine_path_for(spill),
         lookup_timeout=lookup_timeout, log=log,

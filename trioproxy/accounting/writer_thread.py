@@ -30,10 +30,14 @@ class WriterThread:
 
     def __init__(
         self, store_factory: Callable[[], Store], *, batch_size: int, retry_interval: float,
-        spill_path: Path, quarantine_path: Path, log: logging.Logger,
+        spill_path: Path, quarantine_path: Path, log: logging.Logger, linger: float = 0.0,
     ) -> None:
         self._factory = store_factory
         self._batch_size = batch_size
+        # Seconds the thread waits, after a record arrives, for more to write in the same
+        # transaction: one wake-up and one commit per batch instead of per record (each wake-up
+        # takes the GIL from the event loop).
+        self._linger = linger
         self._retry_interval = retry_interval
         self.spill_path = spill_path
         self.quarantine_path = quarantine_path
@@ -82,7 +86,17 @@ class WriterThread:
             if self._abandon.is_set() or (self._closing and not self._queue):
                 self._thread_done = True  # from now on, submit() spills directly
                 return None
+            self._linger_for_more()
             return self._take_batch() if self._queue else []
+
+    def _linger_for_more(self) -> None:  # with the lock held
+        deadline = time.monotonic() + self._linger
+        while self._queue and len(self._queue) < self._batch_size and not self._closing \
+                and not self._abandon.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def _take_batch(self) -> list[UsageRecord]:  # with the lock held, queue not empty
         n = min(self._batch_size, len(self._queue))
