@@ -136,13 +136,48 @@ class HttpRelay:
         except BaseException:
             await resp.aclose()  # nothing else owns it yet
             raise
+        prefix: list[Item] | None = None
+        if plan.buffer:
+            prefix, ended = await self._read_buffered(resp, ex)
+            if ended:
+                await self._answer_buffered(resp, prefix, ex, plan)
+                return plan.last
+            log.info("response body over %d bytes: streamed without usage headers", BUFFER_LIMIT)
+            ex.life.overflow()
         send_ch, recv_ch = trio.open_memory_channel[Item](self._settings.channel_size)
         nursery.start_soon(self._read_upstream, resp, send_ch, ex, plan, nursery.cancel_scope)
-        if plan.buffer:
-            await self._write_buffered(resp, recv_ch, send, ex, plan)
-        else:
-            await self._write_streaming(resp, recv_ch, send, ex, plan)
+        await self._write_streaming(resp, recv_ch, send, ex, plan, prefix)
         return plan.last
+
+    async def _read_buffered(self, resp: UpstreamResponse, ex: Exchange) -> tuple[list[Item], bool]:
+        """Reads a non-streaming body in this task: no reader task and no channel, as most
+        answers are small. Returns (chunks, True) once the body ended or failed, the response
+        released; (chunks so far, False) when it outgrew ``BUFFER_LIMIT``, the response still
+        open for the caller to stream the rest."""
+        items: list[Item] = []
+        size, parser = 0, ex.parser
+        try:
+            while size <= BUFFER_LIMIT:
+                chunk = await resp.receive_chunk()  # each read bounded by the read timeout
+                now = trio.current_time()
+                if chunk is None:
+                    ex.body_ended(now)
+                    break
+                ex.observe_chunk(len(chunk), now)
+                if parser is not None:
+                    parser.feed(chunk, now)
+                items.append((chunk, now))
+                size += len(chunk)
+            else:
+                return items, False
+        except UpstreamError as exc:
+            ex.fail(exc.kind, exc.message)
+            log.warning("upstream %s before the body ended: %s", exc.kind, exc.message)
+        except BaseException:
+            await resp.aclose()
+            raise
+        await resp.aclose()
+        return items, True
 
     async def _watch_disconnect(
         self, receive: Receive, ex: Exchange, scope: trio.CancelScope
@@ -303,25 +338,11 @@ class HttpRelay:
         """x-usage-* values for this exchange (parses and prices once, off the chunk path)."""
         return usage_values(ex.api(), ex.usage(), ex.cost_usd(), ex.model_requested)
 
-    async def _write_buffered(
-        self, resp: UpstreamResponse, recv_ch: trio.MemoryReceiveChannel[Item], send: Send,
-        ex: Exchange, plan: ResponsePlan,
-    ) -> None:
-        """Non-streaming accounted response: read it whole, then plan the answer with usage
-        headers (and ``Server-Timing``). A body that grows past ``BUFFER_LIMIT`` (chunked, so
-        its size was unknown) is streamed on without usage headers instead of being held whole."""
-        items: list[Item] = []
-        size = 0
-        async for item in recv_ch:
-            items.append(item)
-            size += len(item[0])
-            if size > BUFFER_LIMIT:
-                log.info("response body over %d bytes: streamed without usage headers", size)
-                ex.life.overflow()
-                await self._write_streaming(resp, recv_ch, send, ex, plan, items)
-                return
+    async def _answer_buffered(self, resp: UpstreamResponse, items: list[Item], ex: Exchange,
+                               plan: ResponsePlan) -> None:
+        """Plans the answer to a body read whole: with usage headers (and ``Server-Timing``),
+        or, since nothing was sent yet, a clean provider-shaped 502/504 if it failed."""
         if not ex.upstream_complete:
-            # Nothing sent yet, so the failure can still be a clean provider-shaped 502/504.
             error: ProxyError = (
                 UpstreamTimeout("read", self._settings.read_timeout)
                 if ex.life.failure is End.TIMEOUT
@@ -331,7 +352,7 @@ class HttpRelay:
             return
         start = await self._start_or_reject(resp, ex, plan)
         if start is not None:
-            body = handed_over(items, ex)
+            body = handed_over(items, ex) if items else b""
             start["headers"].extend(as_headers(self._usage(ex)))
             start["headers"].extend(as_headers(timing_values(ex.latency())))
             ex.life.answered(resp.status)
