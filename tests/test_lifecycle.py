@@ -78,6 +78,10 @@ def test_any_sequence_of_events_has_exactly_one_outcome(steps: list[str]) -> Non
     with pytest.raises(LifecycleError):
         life.finish()
     assert not life.fail(End.CLIENT_DISCONNECT)  # too late: a consequence, not an outcome
+    life.answered(500)
+    life.delivered()
+    if relayed:
+        life.body_ended()
     assert life.outcome is outcome and life.end_reason() == outcome.end_reason.value
 
 

@@ -191,8 +191,6 @@ class Settings:
     bypass_headers: str = setting("x-trioproxy-bypass", "comma list of header names whose "
                                   "value 'true' requests the bypass", example="x-a,x-b",
                                   metavar="NAMES")
-    channel_size: int = setting(16, "chunks buffered between upstream reader and client writer",
-                                example="4", check=_positive)
     # -- WebSocket -----------------------------------------------------------------------------
     ws_max_message_size: int = setting(64 * MiB, "WebSocket message limit in bytes, both legs; "
                                        "larger messages close with 1009", example="1048576",

@@ -11,7 +11,8 @@ States::
         │                            ├──head(trailers)──▶ STREAMING_TRAILERS          │
         └────────────── finish ──────┴──────────────────────┴─────────────────────────┴──▶ DONE
 
-Facts that may arrive in any state before DONE, and never move the state:
+Facts that may arrive in any state, and never move the state (after DONE they change
+nothing: an exchange finalised early, for a stalled client, may still hear of its end):
 
 - ``fail(reason)``: the first failure wins; later ones (also after DONE) are consequences;
 - ``answered(status)``: the client was given a response head (the proxy's or the upstream's);
@@ -157,18 +158,21 @@ class Lifecycle:
 
     def answered(self, status: int) -> None:
         """The client was sent a response head with ``status``."""
-        if self.state is State.DONE:
-            raise LifecycleError("answer after the exchange finished")
-        self.answered_status = status
+        if self.state is not State.DONE:
+            self.answered_status = status
 
     def body_ended(self) -> None:
         """The upstream body (or WebSocket response) arrived whole."""
+        if self.state is State.DONE:
+            return
         if self.state not in _BODY_STATES:
             raise LifecycleError(f"body ended in state {self.state.value}")
         self.upstream_complete = True
 
     def delivered(self) -> None:
         """The response's last message was handed to the server."""
+        if self.state is State.DONE:
+            return
         if self.answered_status is None:
             raise LifecycleError("delivered before anything was answered")
         self.is_delivered = True

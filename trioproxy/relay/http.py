@@ -1,13 +1,14 @@
 """The HTTP relay, the trio driver of one exchange's lifecycle.
 
-One nursery per request runs the disconnect watcher, the upstream reader and the client
-writer, joined by a bounded memory channel:
+One nursery per request: the request's own task sends the request upstream and relays the
+response; a second task watches the client.
 
-- The first upstream byte is written to the client at once; whatever is already queued when
-  the writer wakes is coalesced into one ``send()`` (never waiting in order to batch).
-- A full channel blocks the reader, so a slow client slows the upstream read (backpressure);
-  a client that reads nothing for ``write_stall_timeout`` ends the exchange as
-  ``client_stalled`` and frees the upstream connection.
+- A streamed body is relayed in the request's task (``stream.py``): the first upstream byte is
+  written to the client at once; what arrived while a ``send()`` waited goes out in one
+  ``send()`` (never waiting in order to batch). A slow client slows the upstream read
+  (backpressure through TCP); one that reads nothing for ``write_stall_timeout`` is cut off by
+  the watcher as ``client_stalled``, its upstream connection closed and its record written.
+- A non-streaming accounted body is read whole (usage headers need the end), in the same task.
 - ``http.disconnect`` cancels the nursery: the upstream read stops and its connection is closed.
 - The response's last message is sent only after the watcher has stopped, so a disconnect
   reported while it is being sent can never cancel it half-way (that left Hypercorn's
@@ -20,7 +21,6 @@ writer, joined by a bounded memory channel:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +40,6 @@ from ..payload import hook_context
 from ..protocol import headers as hdr
 from ..protocol.lifecycle import End
 from ..protocol.usage_wire import (
-    SSE_EVENT_ENDS,
     TRAILER_ANNOUNCE,
     UsageChunkStripper,
     as_headers,
@@ -55,14 +54,14 @@ from .responses import (
     error_messages,
     proxy_headers,
 )
+from .stream import SendWatch, stream_body
 
 log = logging.getLogger("trioproxy.relay")
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Finish = Callable[[Exchange], Awaitable[None]]
-Item = tuple[bytes, float | None]  # a chunk for the writer, and when it was read from upstream
+Item = tuple[bytes, float | None]  # a body chunk, and when it was read from upstream
 
-KEEPALIVE_COMMENT = b": keepalive\n\n"
 BUFFER_LIMIT = 16 * 1024 * 1024  # non-streaming bodies above this stream without usage headers
 
 
@@ -109,8 +108,9 @@ class HttpRelay:
         """Send the prepared request upstream and relay the response to the client."""
         last: list[Message] = []
         tracker = ex.track_latency()
+        watch = SendWatch()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_disconnect, receive, ex, nursery.cancel_scope)
+            nursery.start_soon(self._watch_client, receive, ex, nursery.cancel_scope, watch)
             ex.life.sent_upstream()
             try:
                 resp = await self._pool.send_request(base, ex.method.encode(), target, headers, body)
@@ -120,7 +120,8 @@ class HttpRelay:
             else:
                 if resp.sent_at is not None:
                     tracker.request_sent(resp.sent_at)
-                last = await self._respond(nursery, resp, ex, send)
+                watch.upstream = resp
+                last = await self._respond(resp, ex, send, watch)
             nursery.cancel_scope.cancel()  # stop the watcher before the last message
         if ex.life.failure is End.CLIENT_DISCONNECT or not last:
             return
@@ -128,8 +129,8 @@ class HttpRelay:
             await send(message)
         ex.life.delivered()
 
-    async def _respond(self, nursery: trio.Nursery, resp: UpstreamResponse, ex: Exchange,
-                       send: Send) -> list[Message]:
+    async def _respond(self, resp: UpstreamResponse, ex: Exchange, send: Send,
+                       watch: SendWatch) -> list[Message]:
         """Relays everything but the last message(s), which it returns."""
         try:
             plan = self._on_response_head(resp, ex)
@@ -144,9 +145,7 @@ class HttpRelay:
                 return plan.last
             log.info("response body over %d bytes: streamed without usage headers", BUFFER_LIMIT)
             ex.life.overflow()
-        send_ch, recv_ch = trio.open_memory_channel[Item](self._settings.channel_size)
-        nursery.start_soon(self._read_upstream, resp, send_ch, ex, plan, nursery.cancel_scope)
-        await self._write_streaming(resp, recv_ch, send, ex, plan, prefix)
+        await self._stream(resp, ex, plan, send, watch, prefix)
         return plan.last
 
     async def _read_buffered(self, resp: UpstreamResponse, ex: Exchange) -> tuple[list[Item], bool]:
@@ -179,15 +178,30 @@ class HttpRelay:
         await resp.aclose()
         return items, True
 
-    async def _watch_disconnect(
-        self, receive: Receive, ex: Exchange, scope: trio.CancelScope
-    ) -> None:
+    async def _watch_client(self, receive: Receive, ex: Exchange, scope: trio.CancelScope,
+                            watch: SendWatch) -> None:
+        """Cancels the exchange when the client disconnects; cuts it off when a ``send()`` to
+        the client has waited for ``write_stall_timeout`` (the client reads nothing): the
+        upstream connection is closed and the exchange finalised at once, as Hypercorn may
+        hold the handler until the kernel gives up on the client."""
+        stall = self._settings.write_stall_timeout
         while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if ex.fail(End.CLIENT_DISCONNECT, "client disconnected"):
-                    log.info("client disconnected; cancelling upstream")
+            with trio.move_on_after(stall / 4):
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if ex.fail(End.CLIENT_DISCONNECT, "client disconnected"):
+                        log.info("client disconnected; cancelling upstream")
+                    scope.cancel()
+                    return
+                continue
+            since = watch.since
+            if since is not None and trio.current_time() - since >= stall:
+                ex.fail(End.CLIENT_STALLED, f"client read nothing for {stall:g}s")
+                log.warning("client stopped reading for %gs; closing the upstream", stall)
                 scope.cancel()
+                if watch.upstream is not None:
+                    await watch.upstream.aclose()
+                await self._finish(ex)
                 return
 
     def _on_response_head(self, resp: UpstreamResponse, ex: Exchange) -> ResponsePlan:
@@ -241,91 +255,6 @@ class HttpRelay:
             plan.last = error_messages(ex, ProxyError(f"response rejected: {exc}"))
             return None
 
-    async def _read_upstream(
-        self, resp: UpstreamResponse, send_ch: trio.MemorySendChannel[Item], ex: Exchange,
-        plan: ResponsePlan, relay_scope: trio.CancelScope,
-    ) -> None:
-        """Reads the upstream body into the channel; owns (and releases) the response."""
-        read_timeout = self._settings.read_timeout
-        stalled = False
-        async with resp, send_ch:
-            try:
-                # One cancel scope per stream whose deadline moves on with every chunk, rather
-                # than a new scope per read: this loop is the hot path.
-                with trio.CancelScope(deadline=trio.current_time() + read_timeout) as timeout:
-                    stalled = not await self._pump(resp, send_ch, ex, plan, timeout)
-                if timeout.cancelled_caught:
-                    raise UpstreamTimeout("read", read_timeout)
-            except UpstreamError as exc:
-                ex.fail(exc.kind, exc.message)
-                log.warning("upstream %s mid-stream: %s; cutting the client stream",
-                            exc.kind, exc.message)
-        if stalled:  # the upstream connection is closed now; record it without waiting
-            relay_scope.cancel()
-            await self._finish(ex)
-
-    async def _pump(
-        self, resp: UpstreamResponse, send_ch: trio.MemorySendChannel[Item], ex: Exchange,
-        plan: ResponsePlan, timeout: trio.CancelScope,
-    ) -> bool:
-        """Moves chunks until the body ends (True) or the client stops reading (False)."""
-        keepalive, stripper, parser = plan.keepalive, plan.stripper, ex.parser
-        read_timeout = self._settings.read_timeout
-        put = self._putter(send_ch, ex, timeout)
-        tail = b"\n\n"
-        while True:
-            if keepalive is None:
-                chunk = await resp.receive_chunk(math.inf)
-            else:
-                with trio.move_on_after(keepalive) as idle:
-                    chunk = await resp.receive_chunk(math.inf)
-                if idle.cancelled_caught:
-                    if tail.endswith(SSE_EVENT_ENDS) and not await put(KEEPALIVE_COMMENT, None):
-                        return False
-                    continue
-            now = trio.current_time()
-            if chunk is None:
-                if stripper is not None and (rest := stripper.flush()) and not await put(rest, now):
-                    return False
-                ex.body_ended(now)
-                return True
-            timeout.deadline = now + read_timeout
-            ex.observe_chunk(len(chunk), now)
-            if parser is not None:
-                parser.feed(chunk, now)
-            if stripper is not None:
-                chunk = stripper.feed(chunk)
-                if not chunk:
-                    continue
-            if keepalive is not None:
-                tail = (tail + chunk[-4:])[-4:]
-            if not await put(chunk, now):
-                return False
-
-    def _putter(self, send_ch: trio.MemorySendChannel[Item], ex: Exchange,
-                timeout: trio.CancelScope) -> Callable[[bytes, float | None], Awaitable[bool]]:
-        """``put(data, read_at)``: queue data (read from upstream at ``read_at``; None for the
-        proxy's own bytes) for the writer; False once the client stalled."""
-        read_timeout = self._settings.read_timeout
-        stall_timeout = self._settings.write_stall_timeout
-
-        async def put(data: bytes, read_at: float | None) -> bool:
-            item = (data, read_at)
-            try:
-                send_ch.send_nowait(item)
-                return True
-            except trio.WouldBlock:  # backpressure: a slow client is not an upstream timeout
-                timeout.deadline = math.inf
-                with trio.move_on_after(stall_timeout):
-                    await send_ch.send(item)
-                    timeout.deadline = trio.current_time() + read_timeout
-                    return True
-                ex.fail(End.CLIENT_STALLED, f"client read nothing for {stall_timeout:g}s")
-                log.warning("client stopped reading for %gs; closing the upstream", stall_timeout)
-                return False
-
-        return put
-
     def _keepalive_interval(self, resp: UpstreamResponse, ex: Exchange) -> float | None:
         interval = self._settings.sse_keepalive
         if interval is None or ex.bypass or not ex.streamed:
@@ -358,44 +287,34 @@ class HttpRelay:
             ex.life.answered(resp.status)
             plan.last = [start, {"type": "http.response.body", "body": body, "more_body": False}]
 
-    async def _write_streaming(
-        self, resp: UpstreamResponse, recv_ch: trio.MemoryReceiveChannel[Item], send: Send,
-        ex: Exchange, plan: ResponsePlan, prefix: list[Item] | None = None,
-    ) -> None:
-        """Sends each chunk as it arrives, coalescing what is already queued into one send;
-        the last message is planned, not sent. ``prefix``: body chunks already taken from the
-        channel (a buffered body that overflowed)."""
-        start = await self._start_or_reject(resp, ex, plan)
-        if start is None:
-            return
-        if plan.stripper is not None or plan.keepalive is not None:
-            # The relayed length can differ from the upstream's (stripped chunk, comments).
-            start["headers"] = [(k, v) for k, v in start["headers"] if k != b"content-length"]
-        if plan.trailers:
-            start["trailers"] = True
-            start["headers"].append((b"trailer", TRAILER_ANNOUNCE))
-        ex.life.answered(resp.status)
-        await send(start)
-        if prefix:
-            await send({"type": "http.response.body", "body": handed_over(prefix, ex),
-                        "more_body": True})
-        tail = b""
-        async with recv_ch:
-            async for item in recv_ch:
-                items, ended = [item], False
-                while True:
-                    try:
-                        items.append(recv_ch.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                    except trio.EndOfChannel:
-                        ended = True
-                        break
-                data = handed_over(items, ex)
-                if ended and ex.upstream_complete:
-                    tail = data  # goes out with the last message: one send() fewer
-                    break
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+    async def _stream(self, resp: UpstreamResponse, ex: Exchange, plan: ResponsePlan,
+                      send: Send, watch: SendWatch, prefix: list[Item] | None) -> None:
+        """Sends the head, then each chunk as it arrives (``stream.stream_body``); the last
+        message is planned, not sent. ``prefix``: chunks a buffered body read before it
+        outgrew the buffer limit. Owns (and releases) the response."""
+        async with resp:
+            start = await self._start_or_reject(resp, ex, plan)
+            if start is None:
+                return
+            if plan.stripper is not None or plan.keepalive is not None:
+                # The relayed length can differ from the upstream's (stripped chunk, comments).
+                start["headers"] = [(k, v) for k, v in start["headers"] if k != b"content-length"]
+            if plan.trailers:
+                start["trailers"] = True
+                start["headers"].append((b"trailer", TRAILER_ANNOUNCE))
+            ex.life.answered(resp.status)
+            await send(start)
+            if prefix:
+                await send({"type": "http.response.body", "body": handed_over(prefix, ex),
+                            "more_body": True})
+            try:
+                tail = await stream_body(resp, ex, send, watch, self._settings.read_timeout,
+                                         plan.keepalive, plan.stripper)
+            except UpstreamError as exc:
+                ex.fail(exc.kind, exc.message)
+                log.warning("upstream %s mid-stream: %s; cutting the client stream",
+                            exc.kind, exc.message)
+                tail = b""
         if ex.upstream_complete or (plan.trailers and ex.life.failure is not End.CLIENT_DISCONNECT):
             plan.last = self._last_messages(ex, plan, tail)
         # Otherwise the upstream failed: no last message. Hypercorn then closes the connection

@@ -112,6 +112,25 @@ class UpstreamResponse:
                 return None
             raise UpstreamProtocolError(f"unexpected upstream event {type(event).__name__}")
 
+    def receive_buffered(self) -> bytes | None:
+        """The next body bytes already received (no I/O), or None when more must be read --
+        or when the body is complete (then ``complete`` is set). Lets a reader take at once
+        everything that arrived while it was busy."""
+        if self.complete:
+            return None
+        try:
+            event = self._conn.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamProtocolError(f"upstream broke the response body: {exc}") from exc
+        if type(event) is h11.Data:
+            return event.data
+        if type(event) is h11.EndOfMessage:
+            self.trailers = list(event.headers)
+            self.complete = True
+        elif event is not h11.NEED_DATA:
+            raise UpstreamProtocolError(f"unexpected upstream event {type(event).__name__}")
+        return None
+
 
 async def read_some(conn: Connection, deadline: float, timeout: float) -> bytes:
     """One read. ``deadline=math.inf``: the caller bounds the wait with its own cancel scope."""
