@@ -120,7 +120,8 @@ async def test_the_usage_page_shows_spend_tokens_and_last_requests(
         assert [r[1] for r in view["rows"]["by-day"]] == ["4"]
         recent = view["rows"]["recent"]
         assert len(recent) == 4
-        assert [(r[3], r[4]) for r in recent].count(("404", "rejected")) == 1
+        refused = [r for r in recent if (r[3], r[4]) == ("404", "rejected")]
+        assert len(refused) == 1 and refused[0][7] == "–"  # free by nature, not "unpriced"
         assert [(r[3], r[4]) for r in recent].count(("200", "complete")) == 3
         assert not view["overflow"]  # readable on a phone: no sideways scrolling of the page
     assert SCREENSHOT.exists()

@@ -137,3 +137,22 @@ async def test_serve_with_tls_speaks_http2_and_sends_usage_trailers(
         assert resp.trailers and resp.trailers["x-usage-complete"] == "true"
     finally:
         await _stop(proc)
+
+
+async def test_shutdown_is_logged_when_it_starts_and_when_it_ends(nursery: trio.Nursery) -> None:
+    fake = FakeUpstream()
+    await nursery.start(fake.serve)
+    env = {**os.environ, "TRIOPROXY_ANTHROPIC_BASE_URL": fake.url,
+           "TRIOPROXY_OPENAI_BASE_URL": fake.url, "TRIOPROXY_ACCOUNTING": "false"}
+    proc, _ = await _run_until_listening(
+        [HYPERCORN, "trioproxy:app", "--worker-class", "trio", "--bind", "127.0.0.1:0"], env, nursery
+    )
+    proc.terminate()
+    rest = b""
+    with trio.fail_after(20):
+        async for chunk in proc.stderr:
+            rest += chunk
+        await proc.wait()
+    text = rest.decode(errors="replace")
+    assert re.search(r"trioproxy shutting down: \d+ requests in flight", text), text
+    assert text.index("shutting down") < text.index("trioproxy stopped")

@@ -115,6 +115,9 @@ class TrioProxy:
                 )
                 message = await receive()
                 assert message["type"] == "lifespan.shutdown"
+                pending = runtime.writer.statistics().pending if runtime.writer else 0
+                log.info("trioproxy shutting down: %d requests in flight, %d usage records to "
+                         "write", len(runtime.inflight), pending)
                 nursery.cancel_scope.cancel()
         finally:
             reader, self.runtime = self.runtime and self.runtime.reader, None
@@ -122,6 +125,7 @@ class TrioProxy:
                 if reader is not None:
                     await reader.aclose()
                 await pool.aclose()
+        log.info("trioproxy stopped")
         await send({"type": "lifespan.shutdown.complete"})
 
     def _resources(self) -> tuple[Settings, ExtensionManager, UpstreamPool]:

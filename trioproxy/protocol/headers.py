@@ -48,15 +48,10 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
 def _filter(
     headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes], extra: Iterable[bytes] = ()
 ) -> Headers:
-    headers = list(headers)
-    named = connection_tokens(headers) | frozenset(extra)
-    out: Headers = []
-    for name, value in headers:
-        low = name.lower()
-        if low in drop or low in named or low.startswith(CONTROL_PREFIX):
-            continue
-        out.append((low, value))
-    return out
+    headers = headers if isinstance(headers, list) else list(headers)
+    skip = drop | connection_tokens(headers) | frozenset(extra)  # one pass finds Connection
+    return [(low, value) for name, value in headers
+            if (low := name.lower()) not in skip and not low.startswith(CONTROL_PREFIX)]
 
 
 def upstream_request_headers(

@@ -66,7 +66,9 @@ function render(data) {
     cell(r.status ?? "–", "n" + (r.status >= 400 ? " bad" : "")),
     cell(r.end_reason ?? "–", r.end_reason === "complete" ? "ok" : "bad"),
     cell(fmtInt(r.input_tokens), "n wide"), cell(fmtInt(r.output_tokens), "n wide"),
-    cell(fmtUsd(r.cost_usd), "n"), cell(fmtMs(r.duration_ms), "n wide"),
+    // a request that never reached a model (404, 413, connect failure) costs nothing by nature
+    cell(r.cost_usd == null && r.input_tokens == null && r.output_tokens == null
+      ? "–" : fmtUsd(r.cost_usd), "n"), cell(fmtMs(r.duration_ms), "n wide"),
   ]);
 }
 
