@@ -188,10 +188,6 @@ class Lifecycle:
         """The client has a response head: errors can no longer become a clean error body."""
         return self.answered_status is not None
 
-    @property
-    def may_have_reached_upstream(self) -> bool:
-        return self.state is not State.RECEIVED
-
     def end_reason(self) -> str | None:
         """The outcome's end reason, or the failure so far while the exchange runs."""
         if self.outcome is not None:
