@@ -5,8 +5,9 @@ listening socket), **accounting on** (the SQLite ledger in a temp dir of each pa
 against the bench's fake upstream. Measured per round, the paths in rotating order:
 - ``rps``: small ``stream: false`` requests, 64 closed-loop users on kept-alive connections;
   requests/s and latency p50/p99;
-- ``streams``: 64-event streams (5 ms apart), 64 closed-loop users, which saturates one worker;
-  streams/s, events/s, TTFB and per-event delay p50/p99.
+- ``streams``: 64-event streams (2 ms apart), 64 closed-loop users: an offered load of about
+  500 streams/s, more than one worker (or this machine) can relay; streams/s, events/s, TTFB
+  and per-event delay p50/p99.
 Each cell also records the CPU seconds of the proxy's processes (master + each worker, psutil /
 schedstat), of the upstream and of the load generator, over the cell's wall time.
 
@@ -32,7 +33,7 @@ from overhead import PathSpec, ledger_rows
 
 USERS = 64
 EVENTS = 64
-INTERVAL = 0.005
+INTERVAL = 0.002
 PATHS = {"w1": "1", "wauto": "auto"}
 SERVE = "import sys; from trioproxy.cli import main; sys.exit(main(sys.argv[1:]))"
 
