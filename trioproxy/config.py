@@ -265,10 +265,10 @@ class Settings:
         for spec in SPECS:
             value = getattr(self, spec.name)
             if spec.auto is not None and str(value).strip().lower() == "auto":  # typed callers
-                object.__setattr__(self, spec.name, spec.auto())
-            problem = spec.problem(getattr(self, spec.name))
+                value = spec.auto()
+                object.__setattr__(self, spec.name, value)
+            problem = spec.problem(value)
             if problem:
-                value = getattr(self, spec.name)
                 shown = "" if spec.secret or ", got " in problem else f", got {value!r}"
                 raise ConfigError(f"{spec.env} {problem}{shown}")
         if bool(self.certfile) != bool(self.keyfile):
