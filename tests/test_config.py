@@ -168,7 +168,47 @@ def test_serve_refuses_a_bad_file_before_starting(
 ) -> None:
     (tmp_path / "c.toml").write_text("workers = 0\n")
     assert cli_main(["serve", "--config", str(tmp_path / "c.toml")]) == 2
-    assert "workers must be > 0, got 0" in capsys.readouterr().err
+    assert "workers must be a positive integer or auto, got 0" in capsys.readouterr().err
+
+
+@pytest.fixture
+def five_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process may run on 5 CPUs (of however many the machine has)."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 5, 7}, raising=False)
+
+
+def test_workers_auto_is_one_per_cpu_this_process_may_run_on_from_every_source(
+    tmp_path: Path, five_cpus: None
+) -> None:
+    by_flag, exported = settings_from_args(_serve_args("--workers", "auto"), env={})
+    by_env = Settings.from_env({"TRIOPROXY_WORKERS": "auto"})
+    by_file = from_file(tmp_path, 'workers = "auto"\n')
+    assert by_flag.workers == by_env.workers == by_file.workers == 5
+    assert Settings.from_env(workers="AUTO").workers == 5  # typed callers too
+    assert build_config(by_flag.replace(port=0)).workers == 5  # Hypercorn gets the number
+    assert exported == {"TRIOPROXY_WORKERS": "auto"}
+
+
+def test_workers_auto_without_an_affinity_mask_is_the_cpu_count(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr("os.sched_getaffinity", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert Settings.from_env({"TRIOPROXY_WORKERS": "auto"}).workers == 3
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "many", "2.5", ""])
+def test_a_bad_workers_value_names_the_setting_and_what_is_allowed(
+    tmp_path: Path, bad: str
+) -> None:
+    allowed = "must be a positive integer or auto"
+    with pytest.raises(ConfigError, match=f"TRIOPROXY_WORKERS {allowed}, got {bad!r}"):
+        Settings.from_env({"TRIOPROXY_WORKERS": bad})
+    with pytest.raises(ConfigError, match=f"--workers \\(TRIOPROXY_WORKERS\\) {allowed}"):
+        from_flags("--workers", bad)
+    literal = json.dumps(bad) if not bad.lstrip("-").isdigit() else bad
+    with pytest.raises(ConfigError, match=f"trioproxy.toml: workers {allowed}"):
+        from_file(tmp_path, f"workers = {literal}\n")
 
 
 def test_config_command_prints_the_settings_in_effect_without_secrets(

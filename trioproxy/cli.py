@@ -43,8 +43,8 @@ Plain `hypercorn` has no flag for this, nor for the request-head limit (--max-he
 Hypercorn's h11_max_incomplete_size), nor a drain: on SIGTERM `trioproxy serve` fails readiness
 and answers new requests 503 (Connection: close, retry-after) for --drain-notice seconds and
 until in-flight streams end (at most --graceful-timeout), then stops; a second signal stops at
-once. With --workers > 1 every worker is counted once in GET /metrics. Use `trioproxy serve`
-in production.
+once. --workers auto starts one worker per CPU this process may run on; with more than one,
+every worker is counted once in GET /metrics. Use `trioproxy serve` in production.
 """
 
 log = logging.getLogger("trioproxy")
@@ -164,8 +164,10 @@ def run_serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
     scheme = "https" if settings.certfile else "http"
     log.info(
-        "trioproxy %s on %s://%s:%s (anthropic -> %s, openai -> %s)", __version__, scheme,
-        settings.host, settings.port, settings.anthropic_upstream, settings.openai_upstream,
+        "trioproxy %s on %s://%s:%s, %d worker%s (anthropic -> %s, openai -> %s)", __version__,
+        scheme, settings.host, settings.port, settings.workers,
+        "" if settings.workers == 1 else "s", settings.anthropic_upstream,
+        settings.openai_upstream,
     )
     return run_workers(build_config(settings), settings.workers)
 

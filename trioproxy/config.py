@@ -81,6 +81,19 @@ def _positive(value: float) -> str | None:
     return "must be > 0" if value <= 0 else None
 
 
+def _count(value: int) -> str | None:
+    return "must be a positive integer or auto" if value <= 0 else None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, cgroup cpusets), else
+    the machine's count: what ``workers = "auto"`` resolves to."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _non_negative(value: float) -> str | None:
     return "must be >= 0" if value < 0 else None
 
@@ -130,8 +143,9 @@ class Settings:
                         example="0.0.0.0")
     port: int = setting(8080, "port to listen on (trioproxy serve; plain Hypercorn: 8000)",
                         example="9090", check=_port)
-    workers: int = setting(1, "worker processes sharing the port (trioproxy serve)",
-                           example="3", check=_positive)
+    workers: int = setting(1, "worker processes sharing the port; 'auto': one per CPU this "
+                           "process may run on (trioproxy serve)", example="3", check=_count,
+                           auto=usable_cpus)
     graceful_timeout: float = setting(
         600.0, "seconds in-flight streams may finish after shutdown starts (trioproxy serve)",
         example="30", check=_non_negative)
@@ -249,9 +263,12 @@ class Settings:
 
     def __post_init__(self) -> None:
         for spec in SPECS:
-            problem = spec.problem(getattr(self, spec.name))
+            value = getattr(self, spec.name)
+            if spec.auto is not None and str(value).strip().lower() == "auto":  # typed callers
+                value = spec.auto()
+                object.__setattr__(self, spec.name, value)
+            problem = spec.problem(value)
             if problem:
-                value = getattr(self, spec.name)
                 shown = "" if spec.secret or ", got " in problem else f", got {value!r}"
                 raise ConfigError(f"{spec.env} {problem}{shown}")
         if bool(self.certfile) != bool(self.keyfile):

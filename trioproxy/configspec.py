@@ -42,13 +42,14 @@ def setting(
     default: Any, help: str, *, example: str, check: Check | None = None,
     choices: tuple[str, ...] = (), secret: bool = False, metavar: str | None = None,
     shown_default: str | None = None, flag: str | None = None, repeatable: bool = False,
-    normalize: Callable[[str], str] | None = None,
+    normalize: Callable[[str], str] | None = None, auto: Callable[[], Any] | None = None,
 ) -> Any:
     """Declare a ``Settings`` field. ``example`` is a valid non-default value, as text (it is
-    what the tests feed through every source)."""
+    what the tests feed through every source). With ``auto``, the text ``auto`` (flag,
+    variable or TOML string) is also accepted and resolved at parse time to ``auto()``."""
     meta = {"help": help, "example": example, "check": check, "choices": choices,
             "secret": secret, "metavar": metavar, "shown_default": shown_default,
-            "flag": flag, "repeatable": repeatable, "normalize": normalize}
+            "flag": flag, "repeatable": repeatable, "normalize": normalize, "auto": auto}
     if isinstance(default, dict):
         return dataclasses.field(default_factory=dict, hash=False, metadata=meta)
     return dataclasses.field(default=default, repr=not secret, metadata=meta)
@@ -71,6 +72,7 @@ class Spec:
     flag: str
     repeatable: bool
     normalize: Callable[[str], str] | None
+    auto: Callable[[], Any] | None = None
 
     @property
     def env(self) -> str:
@@ -106,11 +108,23 @@ def specs_of(cls: type) -> tuple[Spec, ...]:
             f.name, KINDS[str(f.type)], default, m["help"], m["example"], m["check"],
             m["choices"], m["secret"], m["metavar"], m["shown_default"],
             m["flag"] or "--" + f.name.replace("_", "-"), m["repeatable"], m["normalize"],
+            m["auto"],
         ))
     return tuple(out)
 
 
 # -- values from text (environment variables, flags) ------------------------------------------
+
+
+def _allowed(spec: Spec) -> str:
+    """What a value of ``spec`` may be, for error messages."""
+    if spec.auto is not None:  # ``auto`` is for counts (workers): int settings, positive
+        return "a positive integer or auto"
+    return _ALLOWED[spec.kind]
+
+
+def _is_auto(spec: Spec, value: object) -> bool:
+    return spec.auto is not None and isinstance(value, str) and value.strip().lower() == "auto"
 
 
 def _bad(spec: Spec, where: str, raw: object, problem: str) -> ConfigError:
@@ -121,6 +135,8 @@ def _bad(spec: Spec, where: str, raw: object, problem: str) -> ConfigError:
 def parse_text(spec: Spec, raw: str, where: str) -> Any:
     """The typed value of ``raw`` (an environment variable's or a flag's text)."""
     kind, text = spec.kind, raw.strip()
+    if _is_auto(spec, text):
+        return _checked(spec, spec.auto(), where, raw)  # type: ignore[misc]
     try:
         if kind == "bool":
             if text.lower() in ("1", "true", "yes", "on"):
@@ -143,7 +159,7 @@ def parse_text(spec: Spec, raw: str, where: str) -> Any:
         else:
             value = raw
     except ValueError:
-        raise _bad(spec, where, raw, f"must be {_ALLOWED[kind]}") from None
+        raise _bad(spec, where, raw, f"must be {_allowed(spec)}") from None
     return _checked(spec, value, where, raw)
 
 
@@ -236,6 +252,8 @@ def read_config_file(specs: Iterable[Spec], path: str) -> dict[str, Any]:
 
 def _from_toml(spec: Spec, value: Any, where: str) -> Any:
     kind, ok = spec.kind, False
+    if _is_auto(spec, value):
+        return _checked(spec, spec.auto(), where, value)  # type: ignore[misc]
     if kind == "bool":
         ok = isinstance(value, bool)
     elif kind == "int":
@@ -262,7 +280,7 @@ def _from_toml(spec: Spec, value: Any, where: str) -> Any:
         if ok and kind == "optional_str":
             value = value or None
     if not ok:
-        allowed = "a table of strings" if kind == "mapping" else _ALLOWED[kind]
+        allowed = "a table of strings" if kind == "mapping" else _allowed(spec)
         if spec.repeatable:
             allowed += " or a list of strings"
         raise _bad(spec, where, value, f"must be {allowed}")
@@ -295,6 +313,8 @@ def _metavar(spec: Spec) -> str:
         return spec.metavar
     if spec.choices:
         return "{" + ",".join(spec.choices) + "}"
+    if spec.auto is not None:
+        return "{N,auto}"
     return {"int": "N", "float": "SECONDS"}.get(spec.kind, spec.name.upper())
 
 
