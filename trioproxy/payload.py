@@ -129,14 +129,21 @@ async def prepare(
     log.info("payload changed by %s (%d -> %d bytes)", ",".join(changed_by),
              len(body), len(new_body))
     ex.payload_changed_by = changed_by
+    return Outbound(new_body, _rewritten(out_headers, len(new_body), ex.strip_usage_chunk))
+
+
+def _rewritten(headers: list[tuple[bytes, bytes]], length: int,
+               plain_answer: bool) -> list[tuple[bytes, bytes]]:
+    """Headers for a re-encoded body (sent uncompressed). ``plain_answer``: ask for an
+    uncompressed answer too -- an injected usage chunk can only be removed from plain text."""
     drop = {b"content-length", b"content-encoding"}
-    if ex.strip_usage_chunk:  # the injected chunk can only be removed from plain text
+    if plain_answer:
         drop.add(b"accept-encoding")
-    out_headers = [(k, v) for k, v in out_headers if k not in drop]
-    out_headers.append((b"content-length", str(len(new_body)).encode()))
-    if ex.strip_usage_chunk:
-        out_headers.append((b"accept-encoding", b"identity"))
-    return Outbound(new_body, out_headers)
+    out = [(k, v) for k, v in headers if k not in drop]
+    out.append((b"content-length", str(length).encode()))
+    if plain_answer:
+        out.append((b"accept-encoding", b"identity"))
+    return out
 
 
 async def _run_hooks(
