@@ -136,10 +136,10 @@ class Spawned:
         self.proc: trio.Process | None = None
 
     async def start(self, nursery: trio.Nursery, cmd: list[str], env: dict[str, str],
-                    listeners: int = 1) -> None:
+                    listeners: int = 1, *, own_group: bool = False) -> None:
         self.proc = await nursery.start(partial(
             trio.run_process, cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            check=False))
+            check=False, start_new_session=own_group))
         nursery.start_soon(self._collect)
         with trio.fail_after(30):
             while len(re.findall(rb"Running on (http://[\d.]+:\d+)", self.stderr)) < listeners:
@@ -205,6 +205,28 @@ async def test_sigterm_drains_trioproxy_serve(nursery, upstream: FakeUpstream, w
         assert sum(int(e[0]) for e in ended) == 2 and sum(int(e[3]) for e in ended) == 0
         assert sum(int(e[2]) for e in ended) == 2
         assert len(upstream.requests) == 2
+    finally:
+        await server.stop()
+
+
+async def test_sigterm_to_the_whole_process_group_still_drains(nursery, upstream) -> None:
+    """systemd (and `timeout`, and Ctrl-C in a shell) signal the parent and every worker at
+    once: that is one signal, not a second one that would cut the drain short."""
+    server = Spawned()
+    await server.start(nursery, [os.path.join(BIN, "trioproxy"), "serve", "--port", "0",
+                                 "--workers", "2", "--drain-notice", "3"],
+                       server_env(upstream), listeners=2, own_group=True)
+    try:
+        with trio.fail_after(30):
+            os.killpg(server.proc.pid, signal.SIGTERM)
+            while len(re.findall(rb"draining: ", server.stderr)) < 2:
+                await trio.sleep(0.02)
+            # within the drain notice the server still answers: readiness 503, requests 503
+            assert (await get_json(server.url + "/_trioproxy/readyz"))[0] == 503
+            assert_refused(await refused_request(server.port, "/v1/messages", MESSAGES),
+                           "anthropic")
+            assert await server.proc.wait() == 0
+        assert b"refused" in server.stderr
     finally:
         await server.stop()
 

@@ -107,7 +107,9 @@ async def drain_trigger(app: Any, config: Any, shutdown: Event, hurry: Event) ->
 
 
 async def _on_sigterm(signals: Any, shutdown: Event, hurry: Event) -> None:
-    """SIGTERM sent to this worker: drain (all workers: the event is shared); a second one
-    cuts the drain short."""
+    """SIGTERM sent to this worker: drain (all workers: the event is shared). Only the parent
+    counts signals: a SIGTERM to the whole process group (systemd's default, ``timeout``,
+    a shell's Ctrl-C) reaches the parent and every worker at once, and must not read as a
+    second signal that cuts the drain short."""
     async for _ in signals:
-        (hurry if shutdown.is_set() else shutdown).set()
+        shutdown.set()
