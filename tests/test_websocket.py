@@ -648,3 +648,26 @@ async def test_a_handshake_header_h11_refuses_never_echoes_its_value(
     assert "TOPSECRETKEY" not in json.dumps(build_record(ex, b"k").to_dict())
     assert all("TOPSECRETKEY" not in r.getMessage() for r in caplog.records)
     assert fake.sockets == []  # nothing was sent upstream
+
+
+async def test_a_draining_proxy_refuses_new_websockets_in_openai_shape_with_one_record(
+    nursery: trio.Nursery,
+) -> None:
+    """While draining, a new handshake is refused like a new HTTP request: 503 with
+    retry-after and OpenAI's error body, one record; nothing reaches the upstream. A socket
+    opened before the drain goes on."""
+    with trio.fail_after(10):
+        fake = await start_fake(nursery)
+        proxy = await start_proxy(nursery, fake.base_url)
+        async with connect(proxy) as ws:
+            proxy.app.runtime.draining = True
+            rejected = await refusal(proxy)
+            await turn(ws, create())  # the open socket still relays
+        records = await proxy.wait_records(2)
+    assert rejected.status_code == 503
+    headers = {k.lower(): v for k, v in rejected.headers}
+    assert int(headers[b"retry-after"]) > 0
+    assert json.loads(rejected.body)["error"]["code"] == "proxy_draining"
+    refused = [ex for ex, _ in records if ex.status == 503]
+    assert len(refused) == 1 and refused[0].end_reason == "rejected"
+    assert len(fake.sockets) == 1  # only the socket opened before the drain

@@ -301,25 +301,11 @@ class TrioProxy:
             raise RuntimeError("trioproxy received a websocket before lifespan start-up")
         from .relay.websocket import relay_websocket
 
-        if runtime.draining:  # refused before the handshake, like a new HTTP request
-            await refuse_websocket(scope, send)
-            return
         runtime.sockets += 1
         try:
             await relay_websocket(runtime, scope, receive, send)
         finally:
             runtime.sockets -= 1
-
-
-async def refuse_websocket(scope: Scope, send: Send) -> None:
-    """A WebSocket handshake while draining: 503 with retry-after where the server can send an
-    HTTP answer to a handshake, else a plain refusal (Hypercorn answers 403)."""
-    if "websocket.http.response" in scope.get("extensions", {}):
-        await send({"type": "websocket.http.response.start", "status": 503,
-                    "headers": [(b"retry-after", b"5"), (b"content-length", b"0")]})
-        await send({"type": "websocket.http.response.body", "body": b"", "more_body": False})
-    else:
-        await send({"type": "websocket.close", "code": 1013})
 
 
 def wants_trailers(scope: Scope) -> bool:

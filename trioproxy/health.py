@@ -20,6 +20,7 @@ from .exchange import Exchange
 from .protocol.lifecycle import End
 from .relay.responses import (
     PREFIX,
+    RETRY_AFTER,
     Message,
     Receive,
     Send,
@@ -31,7 +32,6 @@ from .relay.responses import (
 from .runtime import Runtime
 
 METRICS_PATH = b"/metrics"
-RETRY_AFTER = b"5"  # seconds a refused client waits before trying again (another instance)
 
 
 def is_operational(path: bytes) -> bool:

@@ -34,6 +34,7 @@ def proxy_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
 
 
 PREFIX = b"/_trioproxy/"  # the proxy's own pages: never an upstream path
+RETRY_AFTER = b"5"  # seconds a client refused while draining waits (another instance takes it)
 
 
 def answer(ex: Exchange, status: int, body: bytes, content_type: bytes,

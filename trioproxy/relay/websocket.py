@@ -45,7 +45,7 @@ from ..protocol.websocket import (
     upstream_handshake_headers,
 )
 from ..upstream import build_request
-from .responses import Receive, Send
+from .responses import RETRY_AFTER, Receive, Send
 from .ws_frames import FramePumps
 
 if TYPE_CHECKING:
@@ -71,7 +71,8 @@ _UPSTREAM_BROKEN = (
 
 
 async def relay_websocket(runtime: Runtime, scope: Scope, receive: Receive, send: Send) -> None:
-    """The ASGI ``websocket`` scope: relays ``/v1/responses`` and ``/openai/v1/responses``."""
+    """The ASGI ``websocket`` scope: relays ``/v1/responses`` and ``/openai/v1/responses``;
+    while the process drains, refuses the handshake like a new HTTP request."""
     if (await receive())["type"] != "websocket.connect":
         return
     sock = ResponsesSocket(runtime, scope, receive, send)
@@ -79,7 +80,10 @@ async def relay_websocket(runtime: Runtime, scope: Scope, receive: Receive, send
     token = request_id_var.set(sock.ledger.socket_id + (
         f"({sock.ledger.correlation_id})" if sock.ledger.correlation_id else ""))
     try:
-        if is_responses_route(route):
+        if runtime.draining:
+            runtime.refused += 1
+            await sock.refuse_draining()
+        elif is_responses_route(route):
             await sock.run(route.path, scope.get("query_string", b""))
         else:
             await sock.refuse_path()
@@ -209,6 +213,14 @@ class ResponsesSocket:
                f"not {self.ledger.path}")
         await self._failed(404, "rejected", "unknown_path", msg, route=None)
 
+    async def refuse_draining(self) -> None:
+        """503 in OpenAI's shape with ``retry-after`` (or close 1013, try again later, where
+        the server cannot answer a handshake with HTTP); one record."""
+        await self._failed(503, "rejected", "proxy_draining",
+                           "trioproxy is shutting down and takes no new connections; retry "
+                           "(another instance)", extra=[(b"retry-after", RETRY_AFTER)],
+                           close_code=1013)
+
     async def _refused(self, exc: tws.ConnectionRejected) -> None:
         status = exc.status_code
         log.info("upstream refused the websocket upgrade with %d", status)
@@ -227,20 +239,24 @@ class ResponsesSocket:
                            f"upstream websocket connect/upgrade timeout after {timeout:g}s")
 
     async def _failed(self, status: int, kind: str, code: str, msg: str,
-                      route: Route | None = ROUTE) -> None:
+                      route: Route | None = ROUTE, extra: Headers | None = None,
+                      close_code: int = 1008) -> None:
         log.warning("websocket refused with %d (%s): %s", status, kind, msg)
         ex = self.ledger.exchange(self.ledger.socket_id)
         ex.route = route
         ex.fail(End(kind), msg)
-        await self._http_response(ex, status, _JSON, error_body("openai", status, msg, code))
+        await self._http_response(ex, status, [*_JSON, *(extra or [])],
+                                  error_body("openai", status, msg, code), close_code)
 
-    async def _http_response(self, ex: Exchange, status: int, headers: Headers, body: bytes) -> None:
-        """Answers the upgrade with HTTP (``websocket.http.response``), else closes with 1008."""
+    async def _http_response(self, ex: Exchange, status: int, headers: Headers, body: bytes,
+                             close_code: int = 1008) -> None:
+        """Answers the upgrade with HTTP (``websocket.http.response``), else closes with
+        ``close_code`` (policy violation by default)."""
         ex.status, ex.bytes_out = status, len(body)
         ex.life.answered(status)
         try:
             if "websocket.http.response" not in (self.scope.get("extensions") or {}):
-                await self.send({"type": "websocket.close", "code": 1008})
+                await self.send({"type": "websocket.close", "code": close_code})
             else:
                 out = client_handshake_headers(headers, ex.request_id, ex.correlation_id)
                 out.append((b"content-length", str(len(body)).encode()))
