@@ -35,6 +35,12 @@ async def _run_until_listening(cmd: list[str], env: dict[str, str], nursery: tri
     raise AssertionError(f"server did not start: {seen.decode(errors='replace')}")
 
 
+def _env(fake: FakeUpstream) -> dict[str, str]:
+    """A server process's environment: both providers at the fake, no ledger."""
+    return {**os.environ, "TRIOPROXY_ANTHROPIC_BASE_URL": fake.url,
+            "TRIOPROXY_OPENAI_BASE_URL": fake.url, "TRIOPROXY_ACCOUNTING": "false"}
+
+
 async def _stop(proc: trio.Process) -> None:
     """SIGTERM (graceful shutdown), then SIGKILL if it lingers: no orphaned servers."""
     proc.terminate()
@@ -48,8 +54,7 @@ async def _stop(proc: trio.Process) -> None:
 async def test_hypercorn_command_as_written_serves_the_proxy(nursery: trio.Nursery) -> None:
     fake = FakeUpstream()
     await nursery.start(fake.serve)
-    env = {**os.environ, "TRIOPROXY_ANTHROPIC_BASE_URL": fake.url,
-           "TRIOPROXY_OPENAI_BASE_URL": fake.url, "TRIOPROXY_ACCOUNTING": "false"}
+    env = _env(fake)
     proc, url = await _run_until_listening(
         [HYPERCORN, "trioproxy:app", "--worker-class", "trio", "--bind", "127.0.0.1:0"], env, nursery
     )
@@ -142,8 +147,7 @@ async def test_serve_with_tls_speaks_http2_and_sends_usage_trailers(
 async def test_shutdown_is_logged_when_it_starts_and_when_it_ends(nursery: trio.Nursery) -> None:
     fake = FakeUpstream()
     await nursery.start(fake.serve)
-    env = {**os.environ, "TRIOPROXY_ANTHROPIC_BASE_URL": fake.url,
-           "TRIOPROXY_OPENAI_BASE_URL": fake.url, "TRIOPROXY_ACCOUNTING": "false"}
+    env = _env(fake)
     proc, _ = await _run_until_listening(
         [HYPERCORN, "trioproxy:app", "--worker-class", "trio", "--bind", "127.0.0.1:0"], env, nursery
     )

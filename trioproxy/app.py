@@ -11,7 +11,6 @@ import logging
 import secrets
 import ssl
 from collections.abc import Sequence
-from typing import Any
 
 import sniffio
 import trio
@@ -31,6 +30,7 @@ from .protocol.routing import provider_hint, resolve
 from .relay.http import HttpRelay
 from .relay.responses import (
     Receive,
+    Scope,
     Send,
     conflicting_framing,
     drain_body,
@@ -42,8 +42,6 @@ from .relay.responses import (
 )
 from .runtime import Runtime
 from .upstream import UpstreamPool
-
-Scope = dict[str, Any]
 
 log = logging.getLogger("trioproxy")
 

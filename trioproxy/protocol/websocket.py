@@ -43,7 +43,7 @@ ROUTE = Route("openai", "openai.responses", RESPONSES_PATH)
 RECORD_STATUS = 200  # a record is one response: the status an HTTP client would have seen
 DECODED = TERMINAL | {"response.created", "error"}  # upstream events worth a json.loads
 _TYPE_HEAD = re.compile(r'\s*\{\s*"type"\s*:\s*"([^"\\]{1,128})"')
-Headers = list[tuple[bytes, bytes]]
+Headers = hdr.Headers
 Message = str | bytes
 
 

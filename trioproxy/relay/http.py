@@ -50,6 +50,7 @@ from ..providers import make_parser
 from ..upstream import UpstreamPool, UpstreamResponse
 from .responses import (
     Message,
+    Receive,
     Send,
     error_messages,
     proxy_headers,
@@ -58,7 +59,6 @@ from .stream import SendWatch, stream_body
 
 log = logging.getLogger("trioproxy.relay")
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 Finish = Callable[[Exchange], Awaitable[None]]
 Item = tuple[bytes, float | None]  # a body chunk, and when it was read from upstream
 

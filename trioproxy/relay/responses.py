@@ -18,6 +18,7 @@ from ..exchange import Exchange
 from ..protocol import headers as hdr
 from ..protocol.lifecycle import End
 
+Scope = dict[str, Any]  # the ASGI types, named once
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]

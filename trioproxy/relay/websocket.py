@@ -45,13 +45,12 @@ from ..protocol.websocket import (
     upstream_handshake_headers,
 )
 from ..upstream import build_request
-from .responses import RETRY_AFTER, Receive, Send
+from .responses import RETRY_AFTER, Receive, Scope, Send
 from .ws_frames import FramePumps
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
-Scope = dict[str, Any]
 
 __all__ = ["ResponsesSocket", "relay_websocket"]
 
