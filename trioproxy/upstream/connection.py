@@ -70,9 +70,8 @@ class UpstreamResponse:
         if release is None:
             return
         if not self.complete:
-            await self._conn.aclose()
-        with trio.CancelScope(shield=True):
-            await release(self._conn)
+            await self._conn.aclose()  # shielded
+        await release(self._conn)  # keeps the connection (no await) or closes it, shielded
 
     async def __aenter__(self) -> Self:
         return self

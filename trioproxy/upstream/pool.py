@@ -17,6 +17,7 @@ proxied upstream is reached through a CONNECT tunnel (see ``connect_proxy``).
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import Mapping
 
@@ -193,8 +194,23 @@ class UpstreamPool:
         origin = (base.scheme, base.host, base.port)
         limit = self._limit(origin)
         self._check_open()
-        if limit.value == 0:
-            self._waits[origin] = self._waits.get(origin, 0) + 1
+        try:
+            limit.acquire_nowait()  # the common case: a free slot, no wait and no timer
+        except trio.WouldBlock:
+            await self._wait_for_slot(base, origin, limit)
+        try:
+            self._check_open()  # it may have closed while we waited for a slot
+            response = await self._exchange(base, origin, request, body)
+        except BaseException:
+            limit.release()
+            raise
+        response._release = lambda conn: self._release(conn, limit)
+        return response
+
+    async def _wait_for_slot(self, base: UpstreamURL, origin: Origin,
+                             limit: trio.Semaphore) -> None:
+        """Every connection to ``origin`` is busy: wait at most ``pool_timeout`` for one."""
+        self._waits[origin] = self._waits.get(origin, 0) + 1
         try:
             with trio.fail_after(self._settings.pool_timeout):
                 await limit.acquire()
@@ -204,14 +220,6 @@ class UpstreamPool:
                 f": all {self._settings.max_connections} connections to {base} are busy "
                 "(raise TRIOPROXY_MAX_CONNECTIONS)",
             ) from None
-        try:
-            self._check_open()  # it may have closed while we waited for a slot
-            response = await self._exchange(base, origin, request, body)
-        except BaseException:
-            limit.release()
-            raise
-        response._release = lambda conn: self._release(conn, limit)
-        return response
 
     def _check_open(self) -> None:
         if self._closed:
@@ -260,27 +268,30 @@ class UpstreamPool:
         if body:
             data += h.send(h11.Data(data=body))
         data += h.send(h11.EndOfMessage())
-        timeout = self._settings.write_timeout
-        try:
-            with trio.fail_after(timeout):
+        write_timeout, read_timeout = self._settings.write_timeout, self._settings.read_timeout
+        sent_at: float | None = None
+        # One timer for both phases: moving its deadline costs less than a second cancel scope.
+        with trio.move_on_after(write_timeout) as timer:
+            try:
                 await conn.stream.send_all(data)
-        except trio.TooSlowError:
-            raise UpstreamTimeout("write", timeout) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            if reused:
-                raise StaleConnection(f"write failed: {exc!r}") from exc
-            raise UpstreamProtocolError(f"upstream closed while sending request: {exc!r}") from exc
-        sent_at = trio.current_time()
-        response = await self._read_head(conn)
-        response.sent_at = sent_at
-        return response
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if reused:
+                    raise StaleConnection(f"write failed: {exc!r}") from exc
+                raise UpstreamProtocolError(
+                    f"upstream closed while sending request: {exc!r}") from exc
+            sent_at = trio.current_time()
+            timer.deadline = sent_at + read_timeout  # the head's whole wait, from the write
+            response = await self._read_head(conn, read_timeout)
+            response.sent_at = sent_at
+            return response
+        if sent_at is None:
+            raise UpstreamTimeout("write", write_timeout)
+        raise UpstreamTimeout("read", read_timeout)
 
-    async def _read_head(self, conn: Connection) -> UpstreamResponse:
-        """Read up to the response head. Once the request is written nothing is retried: a
-        connection cut before the response may still have delivered the request."""
+    async def _read_head(self, conn: Connection, timeout: float) -> UpstreamResponse:
+        """Read up to the response head, within the caller's timer. Once the request is written
+        nothing is retried: a connection cut before the response may still have delivered it."""
         h = conn.h11
-        timeout = self._settings.read_timeout
-        deadline = trio.current_time() + timeout
         while True:
             try:
                 event = h.next_event()
@@ -289,7 +300,7 @@ class UpstreamPool:
                     f"invalid upstream response: {exc}{NOT_RESENT}") from exc
             if event is h11.NEED_DATA:
                 try:
-                    data = await read_some(conn, deadline, timeout)
+                    data = await read_some(conn, math.inf, timeout)
                 except UpstreamProtocolError as exc:
                     raise UpstreamProtocolError(
                         f"{exc.message} before responding{NOT_RESENT}") from exc
