@@ -9,6 +9,7 @@ cProfile and prints its heaviest functions (tottime; cProfile inflates small cal
 ranking, the plain runs for costs).
 
     python bench/app_cost.py [--requests 4000] [--users 32] [--rounds 3] [--profile]
+    python bench/app_cost.py --stream --requests 400 --users 20
 """
 
 from __future__ import annotations
@@ -32,24 +33,26 @@ sys.path.insert(0, str(BENCH))
 import common
 import loadgen
 
-BODY = loadgen.JSON_BODY
-HEADERS = [
-    (b"host", b"127.0.0.1:8080"), (b"content-type", b"application/json"),
-    (b"x-api-key", b"sk-ant-bench"), (b"anthropic-version", b"2023-06-01"),
-    (b"content-length", str(len(BODY)).encode()), (b"user-agent", b"app-cost/1"),
-]
+SMALL = loadgen.JSON_BODY
+# --stream: 64 content events 2 ms apart (the relay's per-event work, without 20 ms waits)
+STREAM = loadgen.stream_body(events=64, interval=0.002, stamp=False)
 
 
-def scope() -> dict[str, Any]:
+def scope(body: bytes) -> dict[str, Any]:
+    headers = [
+        (b"host", b"127.0.0.1:8080"), (b"content-type", b"application/json"),
+        (b"x-api-key", b"sk-ant-bench"), (b"anthropic-version", b"2023-06-01"),
+        (b"content-length", str(len(body)).encode()), (b"user-agent", b"app-cost/1"),
+    ]
     return {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": "/v1/messages", "raw_path": b"/v1/messages",
-        "query_string": b"", "root_path": "", "headers": list(HEADERS),
+        "query_string": b"", "root_path": "", "headers": headers,
         "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080), "extensions": {},
     }
 
 
-async def one_request(app: Any) -> int:
+async def one_request(app: Any, body: bytes) -> int:
     """One request through ``app``; the status it answered."""
     sent = False
     done = trio.Event()
@@ -59,7 +62,7 @@ async def one_request(app: Any) -> int:
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": BODY, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
         await done.wait()
         return {"type": "http.disconnect"}
 
@@ -70,12 +73,12 @@ async def one_request(app: Any) -> int:
         elif msg["type"] == "http.response.body" and not msg.get("more_body"):
             done.set()
 
-    await app(scope(), receive, send)
+    await app(scope(body), receive, send)
     done.set()
     return status
 
 
-async def run_app(app: Any, requests: int, users: int) -> float:
+async def run_app(app: Any, requests: int, users: int, body: bytes = SMALL) -> float:
     """CPU seconds per request over ``requests`` requests (after a warm-up)."""
     to_app, app_in = trio.open_memory_channel[dict[str, Any]](4)
     app_out, from_app = trio.open_memory_channel[dict[str, Any]](4)
@@ -87,12 +90,12 @@ async def run_app(app: Any, requests: int, users: int) -> float:
 
         async def user(n: int) -> None:
             for _ in range(n):
-                status = await one_request(app)
+                status = await one_request(app, body)
                 assert status == 200, status
 
         async with trio.open_nursery() as warm:
             for _ in range(users):
-                warm.start_soon(user, 20)
+                warm.start_soon(user, 20 if body is SMALL else 1)
         await trio.sleep(0.2)  # let the ledger writer settle
         cpu0 = time.process_time()
         async with trio.open_nursery() as load:
@@ -115,7 +118,8 @@ def make_app(kind: str, upstream: str) -> Any:
 
     env = {"TRIOPROXY_ANTHROPIC_BASE_URL": upstream, "TRIOPROXY_OPENAI_BASE_URL": upstream,
            "TRIOPROXY_LOG_LEVEL": "WARNING",
-           "TRIOPROXY_ACCOUNTING": "false" if kind == "trioproxy_noacct" else "true"}
+           "TRIOPROXY_ACCOUNTING": "true" if kind == "trioproxy" else "false",
+           "TRIOPROXY_METRICS": "false" if kind == "trioproxy_bare" else "true"}
     os.environ.update(env)
     return TrioProxy(Settings.from_env())
 
@@ -125,7 +129,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--users", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--kinds", default="floor,trioproxy,trioproxy_noacct")
+    ap.add_argument("--kinds", default="floor,trioproxy,trioproxy_noacct,trioproxy_bare",
+                    help="trioproxy_noacct: accounting off; trioproxy_bare: accounting and "
+                    "metrics off")
+    ap.add_argument("--stream", action="store_true",
+                    help="CPU per 64-event stream instead of per small request")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
@@ -134,21 +142,23 @@ def main() -> None:
         up = procs.upstream()
         base = f"http://{common.HOST}:{up.port}"
         costs: dict[str, list[float]] = {k: [] for k in kinds}
+        body = STREAM if args.stream else SMALL
+        unit = "stream" if args.stream else "request"
         for _ in range(args.rounds):
             for kind in kinds:
                 costs[kind].append(trio.run(run_app, make_app(kind, base), args.requests,
-                                            args.users))
+                                            args.users, body))
         floor = statistics.median(costs["floor"]) if "floor" in costs else None
         for kind, vals in costs.items():
             med = statistics.median(vals)
             ratio = f"  {med / floor:.2f}x floor, +{(med - floor) * 1e6:.0f} us" if floor else ""
-            print(f"{kind:18s} {med * 1e6:7.1f} us/request "
+            print(f"{kind:18s} {med * 1e6:7.1f} us/{unit} "
                   f"({min(vals) * 1e6:.0f}..{max(vals) * 1e6:.0f}){ratio}")
         if args.profile:
             prof = cProfile.Profile()
             app = make_app("trioproxy", base)
             prof.enable()
-            trio.run(run_app, app, args.requests, args.users)
+            trio.run(run_app, app, args.requests, args.users, body)
             prof.disable()
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(45)

@@ -371,6 +371,44 @@ async def test_upstream_silent_mid_stream_past_the_read_timeout_is_cut(
     assert ex.end_reason == "timeout" and "read timeout" in ex.error
 
 
+async def test_the_read_timeout_counts_from_the_last_upstream_byte_exactly(
+    autojump_clock: trio.abc.Clock, upstream: FakeUpstream, raw_client: RawClient,
+    proxy: ProxyServer,
+) -> None:
+    """Bytes that arrive between the watcher's looks restart the wait: the cut comes
+    read_timeout (600 s) after the last byte, not at a coarser tick."""
+    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")],
+                           body=[b"data: 1\n\n", Pause(7), b"data: 2\n\n", Pause(900),
+                                 b"data: 3\n\n"]))
+    with trio.fail_after(2000):
+        resp = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+    assert resp.body == b"data: 1\n\ndata: 2\n\n" and not resp.complete
+    (ex,) = await proxy.wait_exchanges(1)
+    assert ex.end_reason == "timeout"
+    assert 600 <= ex.finished_at - ex.last_chunk_at < 600.1
+
+
+async def test_keepalive_comments_do_not_extend_the_read_timeout(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
+) -> None:
+    """Comments the proxy sends to the client are not upstream bytes: an upstream silent past
+    the read timeout is cut with keep-alive comments on, as without them."""
+    server = await start_proxy(nursery, proxy_settings(upstream, sse_keepalive=15.0))
+    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")],
+                           body=[b"data: 1\n\n", Pause(900), b"data: 2\n\n"]))
+    client = await RawClient.connect(server.port)
+    with trio.fail_after(2000):
+        resp = await client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+    assert not resp.complete and b"data: 2" not in resp.body
+    assert resp.body.replace(b": keepalive\n\n", b"") == b"data: 1\n\n"
+    assert resp.body.count(b": keepalive\n\n") >= 39  # every 15 s of the 600 s wait
+    (ex,) = await server.wait_exchanges(1)
+    assert ex.end_reason == "timeout"
+    assert 600 <= ex.finished_at - ex.last_chunk_at < 600.1
+    await client.aclose()
+    await server.stop()
+
+
 async def test_a_client_that_pauses_reading_is_not_an_upstream_timeout(
     autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
 ) -> None:

@@ -180,13 +180,14 @@ class HttpRelay:
 
     async def _watch_client(self, receive: Receive, ex: Exchange, scope: trio.CancelScope,
                             watch: SendWatch) -> None:
-        """Cancels the exchange when the client disconnects; cuts it off when a ``send()`` to
-        the client has waited for ``write_stall_timeout`` (the client reads nothing): the
-        upstream connection is closed and the exchange finalised at once, as Hypercorn may
-        hold the handler until the kernel gives up on the client."""
-        stall = self._settings.write_stall_timeout
+        """Cancels the exchange when the client disconnects; ends an upstream read of a
+        streamed body that waited ``read_timeout`` (``watch.reads``); cuts the exchange off
+        when a ``send()`` to the client has waited for ``write_stall_timeout`` (the client
+        reads nothing): the upstream connection is closed and the exchange finalised at once,
+        as Hypercorn may hold the handler until the kernel gives up on the client."""
+        stall, read_timeout = self._settings.write_stall_timeout, self._settings.read_timeout
         while True:
-            with trio.move_on_after(stall / 4):
+            with trio.move_on_at(watch.next_check(trio.current_time(), read_timeout, stall)):
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     if ex.fail(End.CLIENT_DISCONNECT, "client disconnected"):
@@ -194,8 +195,12 @@ class HttpRelay:
                     scope.cancel()
                     return
                 continue
-            since = watch.since
-            if since is not None and trio.current_time() - since >= stall:
+            now, reading, since = trio.current_time(), watch.reading_since, watch.since
+            if since is None and reading is not None and watch.reads is not None \
+                    and now - reading >= read_timeout:  # never while a send() is under way
+                watch.reading_since = None
+                watch.reads.cancel()  # stream_body raises UpstreamTimeout('read')
+            elif since is not None and now - since >= stall:
                 ex.fail(End.CLIENT_STALLED, f"client read nothing for {stall:g}s")
                 log.warning("client stopped reading for %gs; closing the upstream", stall)
                 scope.cancel()

@@ -4,9 +4,10 @@ Each upstream read is handed to the client's ``send()`` at once. While that ``se
 for a slow client nothing is read, so backpressure reaches the upstream through TCP, and what
 arrived meanwhile is taken in one read (and, when h11 already holds several chunks, in one
 ``send()``): coalescing without waiting in order to batch, and without a second task or a
-channel per event. ``SendWatch`` tells the disconnect watcher when a ``send()`` started, so
-a client that reads nothing for the write-stall timeout can be cut off (Hypercorn shields its
-socket writes: a cancel scope around ``send()`` would not fire).
+channel per event. ``SendWatch`` tells the disconnect watcher when the current upstream read
+and the current ``send()`` started: the watcher ends a read that waited ``read_timeout`` and
+cuts off a client that read nothing for the write-stall timeout (Hypercorn shields its socket
+writes: a cancel scope around ``send()`` would not fire).
 """
 
 from __future__ import annotations
@@ -25,13 +26,28 @@ KEEPALIVE_COMMENT = b": keepalive\n\n"
 
 
 class SendWatch:
-    """What the disconnect watcher needs to see of the body being relayed."""
+    """What the disconnect watcher needs to see of the body being relayed: since when the
+    current upstream read and the current ``send()`` to the client have waited. The watcher
+    enforces both timeouts, so the relay moves no deadline per chunk (two float stores instead
+    of two cancel-scope deadline changes)."""
 
-    __slots__ = ("since", "upstream")
+    __slots__ = ("reading_since", "reads", "since", "upstream")
 
     def __init__(self) -> None:
         self.since: float | None = None  # trio time the current send() started
+        self.reading_since: float | None = None  # trio time the current upstream read started
+        self.reads: trio.CancelScope | None = None  # cancelled by the watcher: a read timed out
         self.upstream: UpstreamResponse | None = None  # closed early for a stalled client
+
+    def next_check(self, now: float, read_timeout: float, stall: float) -> float:
+        """When the watcher must look again: the earliest moment a timeout could be due, and
+        at least every quarter of the shorter timeout (a read or send may start meanwhile)."""
+        wake = now + min(read_timeout, stall) / 4
+        if self.since is not None:  # a read that falls due meanwhile is the relay's to end
+            return min(wake, self.since + stall)
+        if self.reading_since is not None:
+            wake = min(wake, self.reading_since + read_timeout)
+        return wake
 
 
 async def stream_body(
@@ -39,13 +55,18 @@ async def stream_body(
     keepalive: float | None, stripper: UsageChunkStripper | None,
 ) -> bytes:
     """Relays the body until it ends; returns the bytes for the last message (what arrived
-    together with the end). Raises UpstreamTimeout('read') or UpstreamError on a cut."""
+    together with the end). Raises UpstreamTimeout('read') or UpstreamError on a cut.
+
+    ``read_timeout`` bounds each wait for upstream bytes; the watcher enforces it through
+    ``watch.reads`` (a wait for the client's ``send()`` is never an upstream timeout)."""
     parser, tracker = ex.parser, ex.tracker
     tail = b"\n\n"
-    # One cancel scope per stream whose deadline moves on with every chunk, lifted while the
-    # client is being written to (a slow client is not an upstream timeout).
-    with trio.CancelScope(deadline=trio.current_time() + read_timeout) as timeout:
+    read_started: float | None = None
+    with trio.CancelScope() as reads:
+        watch.reads = reads
         while True:
+            if read_started is None:  # a keep-alive comment does not restart the wait
+                read_started = watch.reading_since = trio.current_time()
             if keepalive is None:
                 chunk = await resp.receive_chunk(math.inf)
             else:
@@ -53,9 +74,12 @@ async def stream_body(
                     chunk = await resp.receive_chunk(math.inf)
                 if idle.cancelled_caught:
                     if tail.endswith(SSE_EVENT_ENDS):
-                        await _send(send, watch, timeout, read_timeout, KEEPALIVE_COMMENT)
+                        await _send(send, watch, KEEPALIVE_COMMENT)
+                        if trio.current_time() - read_started >= read_timeout:
+                            break  # due while the comment was sent (the watcher let it be)
                     continue
             now = trio.current_time()
+            read_started = watch.reading_since = None
             if chunk is not None:
                 while (more := resp.receive_buffered()) is not None:
                     chunk += more
@@ -75,14 +99,12 @@ async def stream_body(
             if chunk:
                 if keepalive is not None:
                     tail = (tail + chunk[-4:])[-4:]
-                await _send(send, watch, timeout, read_timeout, chunk)
+                await _send(send, watch, chunk)
+    watch.reading_since = None
     raise UpstreamTimeout("read", read_timeout)
 
 
-async def _send(send: Send, watch: SendWatch, timeout: trio.CancelScope, read_timeout: float,
-                data: bytes) -> None:
-    timeout.deadline = math.inf
+async def _send(send: Send, watch: SendWatch, data: bytes) -> None:
     watch.since = trio.current_time()
     await send({"type": "http.response.body", "body": data, "more_body": True})
     watch.since = None
-    timeout.deadline = trio.current_time() + read_timeout
