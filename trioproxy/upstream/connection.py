@@ -18,6 +18,7 @@ import h11
 import trio
 
 from ..errors import ClientRequestError, UpstreamProtocolError, UpstreamTimeout
+from .body import BodyDecoder
 
 READ_SIZE = 65536
 Headers = list[tuple[bytes, bytes]]
@@ -34,26 +35,58 @@ def default_ssl_context() -> ssl.SSLContext:
 _conn_ids = count(1)
 
 
+def _new_h11() -> h11.Connection:
+    return h11.Connection(h11.CLIENT, max_incomplete_event_size=256 * 1024)
+
+
 @dataclass(eq=False)
 class Connection:
     stream: trio.abc.Stream
     origin: Origin
-    h11: h11.Connection = field(
-        default_factory=lambda: h11.Connection(h11.CLIENT, max_incomplete_event_size=256 * 1024)
-    )
+    h11: h11.Connection = field(default_factory=_new_h11)
     conn_id: int = field(default_factory=lambda: next(_conn_ids))
     requests: int = 0
     idle_since: float = 0.0
+    body_read: bool = False  # the last response's body ended cleanly, read by a BodyDecoder
+
+    def reusable(self) -> bool:
+        """Both sides finished their messages and keep-alive holds."""
+        h = self.h11
+        return h.our_state is h11.DONE and (self.body_read or h.their_state is h11.DONE)
+
+    def next_cycle(self) -> None:
+        """Ready for the next request (only when ``reusable()``)."""
+        if self.body_read:  # h11 never saw that body: start it afresh
+            self.h11, self.body_read = _new_h11(), False
+        else:
+            self.h11.start_next_cycle()
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(self.stream)
 
 
+def body_decoder(event: h11.Response, method: bytes) -> BodyDecoder | None:
+    """A decoder for this response's body when it is chunked or has a Content-Length and the
+    connection may be kept; None leaves the body to h11 (no body, read until close, 1.0)."""
+    if method == b"HEAD" or event.status_code in (204, 304) or event.http_version != b"1.1":
+        return None
+    length: bytes | None = None
+    for name, value in event.headers:
+        if name == b"transfer-encoding":
+            return BodyDecoder(length=None) if value.lower() == b"chunked" else None
+        if name == b"content-length":
+            length = value
+        elif name == b"connection" and b"close" in value.lower():
+            return None
+    return None if length is None else BodyDecoder(length=int(length))
+
+
 class UpstreamResponse:
     """Status and headers of an upstream response; the body is read chunk by chunk."""
 
-    def __init__(self, conn: Connection, event: h11.Response, read_timeout: float) -> None:
+    def __init__(self, conn: Connection, event: h11.Response, read_timeout: float,
+                 method: bytes = b"GET") -> None:
         self._conn = conn
         self.status: int = event.status_code
         self.reason: bytes = event.reason
@@ -63,6 +96,10 @@ class UpstreamResponse:
         self.sent_at: float | None = None  # trio time the request was written (head and body)
         self._read_timeout = read_timeout
         self._release: Callable[[Connection], Awaitable[None]] | None = None
+        self._body = body_decoder(event, method)
+        # body bytes that came with the head: decoded by the first read (a broken body is an
+        # error of the body, not of the head)
+        self._head_rest = conn.h11.trailing_data[0] if self._body is not None else b""
 
     async def aclose(self) -> None:
         """Give the connection back (body complete and reusable) or close it. Idempotent."""
@@ -92,9 +129,64 @@ class UpstreamResponse:
         """
         if self.complete:
             return None
-        conn = self._conn.h11
         if deadline is None:
             deadline = trio.current_time() + self._read_timeout
+        body = self._body
+        if body is None:
+            return await self._receive_h11(deadline)
+        if self._head_rest:
+            body.feed(self._head_rest)
+            self._head_rest = b""
+        while True:
+            data = self._take(body)
+            if data or self.complete:
+                return data or None
+            received = await read_some(self._conn, deadline, self._read_timeout)
+            if not received:
+                raise UpstreamProtocolError(
+                    "upstream broke the response body: peer closed connection without sending "
+                    "complete message body")
+            body.feed(received)
+
+    def receive_buffered(self) -> bytes | None:
+        """The next body bytes already received (no I/O), or None when more must be read --
+        or when the body is complete (then ``complete`` is set). Lets a reader take at once
+        everything that arrived while it was busy."""
+        if self.complete:
+            return None
+        body = self._body
+        if body is not None:
+            if self._head_rest:
+                body.feed(self._head_rest)
+                self._head_rest = b""
+            return self._take(body) or None
+        try:
+            event = self._conn.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamProtocolError(f"upstream broke the response body: {exc}") from exc
+        if type(event) is h11.Data:
+            return event.data
+        if type(event) is h11.EndOfMessage:
+            self.trailers = list(event.headers)
+            self.complete = True
+        elif event is not h11.NEED_DATA:
+            raise UpstreamProtocolError(f"unexpected upstream event {type(event).__name__}")
+        return None
+
+    def _take(self, body: BodyDecoder) -> bytes:
+        """The decoded bytes; ``complete`` once the body ended. Raises UpstreamProtocolError
+        when the framing broke and nothing decoded before the break is left."""
+        data = body.take()
+        if body.done:
+            self.trailers = body.trailers
+            self.complete = True
+            self._conn.body_read = not body.extra
+        elif not data and body.error is not None:
+            raise UpstreamProtocolError(f"upstream broke the response body: {body.error}")
+        return data
+
+    async def _receive_h11(self, deadline: float) -> bytes | None:
+        conn = self._conn.h11
         while True:
             try:
                 event = conn.next_event()
@@ -110,25 +202,6 @@ class UpstreamResponse:
                 self.complete = True
                 return None
             raise UpstreamProtocolError(f"unexpected upstream event {type(event).__name__}")
-
-    def receive_buffered(self) -> bytes | None:
-        """The next body bytes already received (no I/O), or None when more must be read --
-        or when the body is complete (then ``complete`` is set). Lets a reader take at once
-        everything that arrived while it was busy."""
-        if self.complete:
-            return None
-        try:
-            event = self._conn.h11.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise UpstreamProtocolError(f"upstream broke the response body: {exc}") from exc
-        if type(event) is h11.Data:
-            return event.data
-        if type(event) is h11.EndOfMessage:
-            self.trailers = list(event.headers)
-            self.complete = True
-        elif event is not h11.NEED_DATA:
-            raise UpstreamProtocolError(f"unexpected upstream event {type(event).__name__}")
-        return None
 
 
 async def read_some(conn: Connection, deadline: float, timeout: float) -> bytes:

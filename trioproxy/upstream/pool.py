@@ -171,7 +171,7 @@ class UpstreamPool:
         return None
 
     def _put_idle(self, conn: Connection) -> None:
-        conn.h11.start_next_cycle()
+        conn.next_cycle()
         conn.idle_since = trio.current_time()
         self._idle.setdefault(conn.origin, []).append(conn)
 
@@ -227,8 +227,7 @@ class UpstreamPool:
 
     async def _release(self, conn: Connection, limit: trio.Semaphore) -> None:
         try:
-            h = conn.h11
-            if h.our_state is h11.DONE and h.their_state is h11.DONE and not self._closed:
+            if conn.reusable() and not self._closed:
                 self._put_idle(conn)
             else:
                 await conn.aclose()
@@ -281,14 +280,15 @@ class UpstreamPool:
                     f"upstream closed while sending request: {exc!r}") from exc
             sent_at = trio.current_time()
             timer.deadline = sent_at + read_timeout  # the head's whole wait, from the write
-            response = await self._read_head(conn, read_timeout)
+            response = await self._read_head(conn, read_timeout, request.method)
             response.sent_at = sent_at
             return response
         if sent_at is None:
             raise UpstreamTimeout("write", write_timeout)
         raise UpstreamTimeout("read", read_timeout)
 
-    async def _read_head(self, conn: Connection, timeout: float) -> UpstreamResponse:
+    async def _read_head(self, conn: Connection, timeout: float,
+                         method: bytes) -> UpstreamResponse:
         """Read up to the response head, within the caller's timer. Once the request is written
         nothing is retried: a connection cut before the response may still have delivered it."""
         h = conn.h11
@@ -310,7 +310,7 @@ class UpstreamPool:
                 h.receive_data(data)
                 continue
             if type(event) is h11.Response:
-                return UpstreamResponse(conn, event, timeout)
+                return UpstreamResponse(conn, event, timeout, method)
             if type(event) is h11.InformationalResponse:
                 continue
             raise UpstreamProtocolError(f"unexpected upstream event {event!r}{NOT_RESENT}")
