@@ -38,8 +38,8 @@ SMALL = loadgen.JSON_BODY
 STREAM = loadgen.stream_body(events=64, interval=0.002, stamp=False)
 
 
-def scope(body: bytes) -> dict[str, Any]:
-    headers = [
+def scope(body: bytes, bypass: bool = False) -> dict[str, Any]:
+    headers = [*([(b"x-trioproxy-bypass", b"true")] if bypass else []),
         (b"host", b"127.0.0.1:8080"), (b"content-type", b"application/json"),
         (b"x-api-key", b"sk-ant-bench"), (b"anthropic-version", b"2023-06-01"),
         (b"content-length", str(len(body)).encode()), (b"user-agent", b"app-cost/1"),
@@ -53,6 +53,7 @@ def scope(body: bytes) -> dict[str, Any]:
 
 
 async def one_request(app: Any, body: bytes) -> int:
+    bypass = getattr(app, "bench_bypass", False)
     """One request through ``app``; the status it answered."""
     sent = False
     done = trio.Event()
@@ -73,7 +74,7 @@ async def one_request(app: Any, body: bytes) -> int:
         elif msg["type"] == "http.response.body" and not msg.get("more_body"):
             done.set()
 
-    await app(scope(body), receive, send)
+    await app(scope(body, bypass), receive, send)
     done.set()
     return status
 
@@ -119,9 +120,11 @@ def make_app(kind: str, upstream: str) -> Any:
     env = {"TRIOPROXY_ANTHROPIC_BASE_URL": upstream, "TRIOPROXY_OPENAI_BASE_URL": upstream,
            "TRIOPROXY_LOG_LEVEL": "WARNING",
            "TRIOPROXY_ACCOUNTING": "true" if kind == "trioproxy" else "false",
-           "TRIOPROXY_METRICS": "false" if kind == "trioproxy_bare" else "true"}
+           "TRIOPROXY_METRICS": "true" if kind in ("trioproxy", "trioproxy_noacct") else "false"}
     os.environ.update(env)
-    return TrioProxy(Settings.from_env())
+    app = TrioProxy(Settings.from_env())
+    app.bench_bypass = kind == "trioproxy_bypass"  # type: ignore[attr-defined]
+    return app
 
 
 def main() -> None:
@@ -131,7 +134,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kinds", default="floor,trioproxy,trioproxy_noacct,trioproxy_bare",
                     help="trioproxy_noacct: accounting off; trioproxy_bare: accounting and "
-                    "metrics off")
+                    "metrics off; trioproxy_bypass: that, and every request sent with "
+                    "x-trioproxy-bypass: true (no usage parsing, usage headers or pricing)")
     ap.add_argument("--stream", action="store_true",
                     help="CPU per 64-event stream instead of per small request")
     ap.add_argument("--profile", action="store_true")
