@@ -62,9 +62,11 @@ def remove_dot_segments(path: bytes, route: str = "the upstream base path") -> b
 
     Raises ClientRequestError (400) when a ``..`` would climb above ``path``'s root (``route``
     names that root in the message), or when a dot-segment is joined by anything but "/"."""
+    if b"." not in path and b"%2" not in path:
+        return path  # the common case: no dot, plain or encoded (%2e), anywhere
     loose = _loose_dot_segments(path)
     if not loose:
-        return path  # the common case: nothing to do
+        return path
     segments = path.split(b"/")[1:]
     if loose != sum(1 for seg in segments if _dot_kind(seg)):
         raise ClientRequestError(
