@@ -6,22 +6,25 @@ hot path and h11 spends several Python calls and a state-machine step on every c
 hands out every body byte they complete at once, partial chunks included: nothing waits for a
 chunk's end.
 
-Strict where a mismatch would mean relaying or reusing the wrong bytes: chunk sizes are 1-16 hex
-digits (extensions after ``;`` ignored), every chunk's data ends in CRLF, a chunk-size line or
-the trailer section may not grow past ``max_line`` bytes, trailer fields are ``token: value``
-lines. Bytes after the end of the body (an upstream that sent more than it framed) make the
-connection unfit for reuse (``extra``).
+The rules are h11's (``tests/test_body_decoder.py`` checks against h11 on the same inputs):
+chunk sizes are 1-20 hex digits (extensions after ``;`` ignored, whitespace only at the end of
+the line), every chunk's data ends in CRLF, trailer lines end in LF or CRLF and are parsed as
+header fields (``http11.parse_fields``); a chunk-size line or the trailer section may not grow
+past ``max_line`` bytes. Bytes after the end of the body (an upstream that sent more than it
+framed) make the connection unfit for reuse (``extra``). A body read until the connection
+closes (``length="close"``) ends at ``eof()``.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Literal
+
+from .http11 import HeadError, parse_fields
 
 Headers = list[tuple[bytes, bytes]]
 
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,20}")
 MAX_LINE = 256 * 1024  # as h11's max_incomplete_event_size on upstream connections
 
 _SIZE, _DATA, _CRLF, _TRAILER, _DONE = range(5)
@@ -37,24 +40,33 @@ class BodyDecoder:
     says whether bytes followed the body. ``error`` once the framing broke: the bytes decoded
     before the break can still be taken (as h11 would have given them), nothing after."""
 
-    __slots__ = ("_buf", "_chunked", "_left", "_max", "_out", "_state", "_trailer_size", "done",
-                 "error", "extra", "trailers")
+    __slots__ = ("_buf", "_chunked", "_left", "_lines", "_max", "_out", "_pending", "_state",
+                 "done", "error", "extra", "trailers")
 
-    def __init__(self, *, length: int | None, max_line: int = MAX_LINE) -> None:
-        """``length``: the Content-Length, or None for a chunked body."""
+    def __init__(self, *, length: int | Literal["chunked", "close"],
+                 max_line: int = MAX_LINE) -> None:
+        """``length``: the Content-Length, ``"chunked"``, or ``"close"`` (until EOF)."""
         self._buf = b""  # an incomplete size line, CRLF or trailer line
         self._out: list[bytes] = []
         self._max = max_line
-        self._trailer_size = 0
+        self._lines: list[bytes] = []  # trailer lines so far
+        self._pending = 0  # bytes of the trailer section so far
         self.trailers: Headers = []
         self.extra = False
         self.error: BodyError | None = None
-        if length is None:
+        self._chunked = length == "chunked"
+        if self._chunked:
             self._state, self._left = _SIZE, 0
+        elif length == "close":
+            self._state, self._left = _DATA, -1  # never runs out
         else:
             self._state, self._left = (_DATA, length) if length else (_DONE, 0)
         self.done = self._state == _DONE
-        self._chunked = length is None
+
+    @property
+    def until_close(self) -> bool:
+        """The body ends when the connection closes (no framing): never reusable."""
+        return self._left < 0 and not self._chunked
 
     def feed(self, data: bytes) -> None:
         """Decode ``data`` (the next bytes of the connection); a broken framing sets ``error``
@@ -74,6 +86,14 @@ class BodyDecoder:
             else:
                 self._buf = data[pos:]
 
+    def eof(self) -> None:
+        """The connection closed: the end of a body read until close, else an error."""
+        if self._left < 0:
+            self._state, self.done = _DONE, True
+        elif not self.done and self.error is None:
+            self.error = BodyError(
+                "peer closed connection without sending complete message body")
+
     def take(self) -> bytes:
         """The body bytes decoded so far and not taken yet (b"" if none)."""
         out = self._out
@@ -89,13 +109,15 @@ class BodyDecoder:
         while pos < size:
             state = self._state
             if state == _DATA:
-                n = min(self._left, size - pos)
+                left = self._left
+                n = size - pos if left < 0 else min(left, size - pos)
                 self._out.append(data if n == size else data[pos:pos + n])
                 pos += n
-                self._left -= n
-                if not self._left:
-                    self._state = _CRLF if self._chunked else _DONE
-                    self.done = not self._chunked
+                if left > 0:
+                    self._left = left = left - n
+                    if not left:
+                        self._state = _CRLF if self._chunked else _DONE
+                        self.done = not self._chunked
             elif state == _CRLF:
                 if size - pos < 2:
                     return pos
@@ -103,36 +125,43 @@ class BodyDecoder:
                     raise BodyError("chunk data not followed by CRLF")
                 pos += 2
                 self._state = _SIZE
-            elif state == _DONE:
-                return pos
-            else:
+            elif state == _SIZE:
                 end = data.find(b"\r\n", pos)
                 if end < 0:
-                    self._check_pending(size - pos)
+                    self._check(size - pos)
                     return pos
-                self._line(data[pos:end], state)
+                self._size_line(data[pos:end])
                 pos = end + 2
+            elif state == _TRAILER:
+                end = data.find(b"\n", pos)
+                if end < 0:
+                    self._check(self._pending + size - pos)
+                    return pos
+                self._trailer_line(data[pos:end].removesuffix(b"\r"), end + 1 - pos)
+                pos = end + 1
+            else:
+                return pos
         return pos
 
-    def _line(self, line: bytes, state: int) -> None:
-        if state == _SIZE:
-            token = line.partition(b";")[0].rstrip(b" \t")
-            if _HEX.fullmatch(token) is None:
-                raise BodyError("invalid chunk size line")
-            self._left = int(token, 16)
-            self._state = _DATA if self._left else _TRAILER
-            return
-        if not line:
-            self._state, self.done = _DONE, True
-            return
-        self._trailer_size += len(line) + 2
-        self._check_pending(0)
-        name, colon, value = line.partition(b":")
-        value = value.strip(b" \t")
-        if not colon or _TOKEN.fullmatch(name) is None or _VALUE.fullmatch(value) is None:
-            raise BodyError("invalid trailer field")
-        self.trailers.append((name.lower(), value))
+    def _size_line(self, line: bytes) -> None:
+        token = line.rstrip(b" \t").partition(b";")[0]
+        if _HEX.fullmatch(token) is None:
+            raise BodyError("invalid chunk size line")
+        self._left = int(token, 16)
+        self._state = _DATA if self._left else _TRAILER
 
-    def _check_pending(self, pending: int) -> None:
-        if pending + self._trailer_size > self._max:
+    def _trailer_line(self, line: bytes, size: int) -> None:
+        if line:
+            self._pending += size
+            self._check(self._pending)
+            self._lines.append(line)
+            return
+        try:
+            self.trailers = parse_fields(self._lines)
+        except HeadError as exc:
+            raise BodyError(f"invalid trailer: {exc}") from None
+        self._state, self.done = _DONE, True
+
+    def _check(self, pending: int) -> None:
+        if pending > self._max:
             raise BodyError(f"chunk size line or trailers over {self._max} bytes")

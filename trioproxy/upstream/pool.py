@@ -1,4 +1,5 @@
-"""A keep-alive connection pool per upstream origin: h11 over trio streams, TLS via SSLStream.
+"""A keep-alive connection pool per upstream origin: HTTP/1.1 over trio streams (heads by
+``http11``, bodies by ``body``), TLS via SSLStream.
 
 Timeouts are separate and phase-named (connect, write, read, pool). The read timeout bounds
 each read, never the whole exchange.
@@ -21,7 +22,6 @@ import math
 import ssl
 from collections.abc import Mapping
 
-import h11
 import trio
 
 from ..config import Settings, UpstreamURL
@@ -42,11 +42,13 @@ from .connection import (
     default_ssl_context,
     read_some,
 )
+from .http11 import HeadError, ResponseHead, parse_response_head
 from .idle import close_nowait, stream_is_readable
 
 log = logging.getLogger("trioproxy.upstream")
 
 NOT_RESENT = "; the request was not resent (the upstream may have received it)"
+SMALL_BODY = 64 * 1024  # bodies up to this size are sent in one write with the head
 
 
 class UpstreamPool:
@@ -162,7 +164,7 @@ class UpstreamPool:
             conn = conns.pop()
             if now - conn.idle_since >= self._settings.keepalive_expiry:
                 close_nowait(conn.stream)
-            elif conn.h11.trailing_data != (b"", False) or stream_is_readable(conn.stream):
+            elif stream_is_readable(conn.stream):
                 log.debug("idle connection %d was closed by the upstream", conn.conn_id)
                 self.discarded += 1
                 close_nowait(conn.stream)
@@ -171,7 +173,6 @@ class UpstreamPool:
         return None
 
     def _put_idle(self, conn: Connection) -> None:
-        conn.next_cycle()
         conn.idle_since = trio.current_time()
         self._idle.setdefault(conn.origin, []).append(conn)
 
@@ -190,7 +191,7 @@ class UpstreamPool:
         connection then goes back to the pool if the body was read to the end and both sides
         allow keep-alive; otherwise it is closed, shielded, whatever the exit reason.
         """
-        request = build_request(method, target, headers)
+        request = build_request(method, target, headers)  # the head, validated
         origin = (base.scheme, base.host, base.port)
         limit = self._limit(origin)
         self._check_open()
@@ -200,7 +201,7 @@ class UpstreamPool:
             await self._wait_for_slot(base, origin, limit)
         try:
             self._check_open()  # it may have closed while we waited for a slot
-            response = await self._exchange(base, origin, request, body)
+            response = await self._exchange(base, origin, request, body, method)
         except BaseException:
             limit.release()
             raise
@@ -227,7 +228,7 @@ class UpstreamPool:
 
     async def _release(self, conn: Connection, limit: trio.Semaphore) -> None:
         try:
-            if conn.reusable() and not self._closed:
+            if conn.keep and not self._closed:
                 self._put_idle(conn)
             else:
                 await conn.aclose()
@@ -235,13 +236,13 @@ class UpstreamPool:
             limit.release()
 
     async def _exchange(
-        self, base: UpstreamURL, origin: Origin, request: h11.Request, body: bytes
+        self, base: UpstreamURL, origin: Origin, request: bytes, body: bytes, method: bytes
     ) -> UpstreamResponse:
         conn = self._take_idle(origin)
         if conn is not None:
             self.reused += 1
             try:
-                return await self._send_and_read_head(conn, request, body)
+                return await self._send_and_read_head(conn, request, body, method)
             except StaleConnection as exc:  # the request cannot have reached the upstream
                 log.info("keep-alive connection %d broke before the request was written (%s); "
                          "retrying once on a fresh connection", conn.conn_id, exc)
@@ -252,27 +253,24 @@ class UpstreamPool:
             await conn.aclose()
         conn = await self._connect(base)
         try:
-            return await self._send_and_read_head(conn, request, body)
+            return await self._send_and_read_head(conn, request, body, method)
         except BaseException:
             await conn.aclose()
             raise
 
     async def _send_and_read_head(
-        self, conn: Connection, request: h11.Request, body: bytes
+        self, conn: Connection, head: bytes, body: bytes, method: bytes
     ) -> UpstreamResponse:
         reused = conn.requests > 0
         conn.requests += 1
-        h = conn.h11
-        data = h.send(request)
-        if body:
-            data += h.send(h11.Data(data=body))
-        data += h.send(h11.EndOfMessage())
         write_timeout, read_timeout = self._settings.write_timeout, self._settings.read_timeout
         sent_at: float | None = None
         # One timer for both phases: moving its deadline costs less than a second cancel scope.
         with trio.move_on_after(write_timeout) as timer:
-            try:
-                await conn.stream.send_all(data)
+            try:  # a small body goes in the head's write; a large one is not copied
+                await conn.stream.send_all(head + body if len(body) <= SMALL_BODY else head)
+                if len(body) > SMALL_BODY:
+                    await conn.stream.send_all(body)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 if reused:
                     raise StaleConnection(f"write failed: {exc!r}") from exc
@@ -280,7 +278,7 @@ class UpstreamPool:
                     f"upstream closed while sending request: {exc!r}") from exc
             sent_at = trio.current_time()
             timer.deadline = sent_at + read_timeout  # the head's whole wait, from the write
-            response = await self._read_head(conn, read_timeout, request.method)
+            response = await self._read_head(conn, read_timeout, method)
             response.sent_at = sent_at
             return response
         if sent_at is None:
@@ -289,28 +287,32 @@ class UpstreamPool:
 
     async def _read_head(self, conn: Connection, timeout: float,
                          method: bytes) -> UpstreamResponse:
-        """Read up to the response head, within the caller's timer. Once the request is written
-        nothing is retried: a connection cut before the response may still have delivered it."""
-        h = conn.h11
+        """Read up to the response head (1xx heads skipped), within the caller's timer. Once
+        the request is written nothing is retried: a connection cut before the response may
+        still have delivered it."""
+        buf = b""
         while True:
             try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
+                data = await read_some(conn, math.inf, timeout)
+            except UpstreamProtocolError as exc:
                 raise UpstreamProtocolError(
-                    f"invalid upstream response: {exc}{NOT_RESENT}") from exc
-            if event is h11.NEED_DATA:
-                try:
-                    data = await read_some(conn, math.inf, timeout)
-                except UpstreamProtocolError as exc:
-                    raise UpstreamProtocolError(
-                        f"{exc.message} before responding{NOT_RESENT}") from exc
-                if not data:
-                    raise UpstreamProtocolError(
-                        f"upstream closed the connection before responding{NOT_RESENT}")
-                h.receive_data(data)
-                continue
-            if type(event) is h11.Response:
-                return UpstreamResponse(conn, event, timeout, method)
-            if type(event) is h11.InformationalResponse:
-                continue
-            raise UpstreamProtocolError(f"unexpected upstream event {event!r}{NOT_RESENT}")
+                    f"{exc.message} before responding{NOT_RESENT}") from exc
+            if not data:
+                raise UpstreamProtocolError(
+                    f"upstream closed the connection before responding{NOT_RESENT}")
+            buf += data
+            while (parsed := _parse_head(buf)) is not None:
+                head, end = parsed
+                if head.status >= 200:
+                    return UpstreamResponse(conn, head, buf[end:], timeout, method)
+                buf = buf[end:]  # 1xx: informational, nothing to relay
+
+
+def _parse_head(buf: bytes) -> tuple[ResponseHead, int] | None:
+    try:
+        parsed = parse_response_head(buf)
+    except HeadError as exc:
+        raise UpstreamProtocolError(f"invalid upstream response: {exc}{NOT_RESENT}") from exc
+    if parsed is not None and parsed[0].status == 101:
+        raise UpstreamProtocolError(f"unexpected upstream response 101{NOT_RESENT}")
+    return parsed
