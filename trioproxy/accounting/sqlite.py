@@ -34,6 +34,8 @@ class SQLiteBackend:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
         self.conn = self._connect()
+        # bound parameters one statement may have (SQLStore.insert_many sizes its INSERTs by it)
+        self.max_parameters = self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
