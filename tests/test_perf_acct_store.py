@@ -64,3 +64,45 @@ def test_to_row_matches_the_plain_conversion() -> None:
     assert by_name["streamed"] is False and by_name["output_tokens"] == 10
     assert UsageRecord(request_id="r", started_at=0.0, raw_usage="s\x00").to_row()[
         COLUMNS.index("raw_usage")] == '"s\\u0000"'
+
+
+def test_fingerprints_are_cached_per_secret_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import hmac
+
+    from trioproxy.accounting import keys
+
+    monkeypatch.setattr(keys, "FINGERPRINT_CACHE", 3)
+    monkeypatch.setattr(keys, "_FINGERPRINTS", {})
+    for round_ in range(2):
+        for i in range(10):
+            key = f"sk-test-key-number-{i}"
+            for secret in (b"s" * 32, b"t" * 32):
+                want = hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:16]
+                assert keys.fingerprint(key, secret) == (want, key[-4:]), round_
+            assert len(keys._FINGERPRINTS) <= 3
+    assert keys.fingerprint("short", b"s" * 32)[1] == ""
+    assert keys.fingerprint("short", b"s" * 32)[1] == ""
+
+
+def test_token_and_latency_fields_from_any_object() -> None:
+    import types
+
+    from trioproxy.accounting.record import LATENCY_FIELDS, TOKEN_FIELDS, latency_columns
+    from trioproxy.ledger import _token_fields
+    from trioproxy.protocol.latency import Latency
+    from trioproxy.providers.base import Usage
+
+    assert _token_fields(None) == dict.fromkeys(TOKEN_FIELDS)
+    assert _token_fields(Usage(input_tokens=5, reasoning_tokens=2)) == {
+        **dict.fromkeys(TOKEN_FIELDS), "input_tokens": 5, "reasoning_tokens": 2}
+    assert _token_fields(types.SimpleNamespace(output_tokens=7)) == {
+        **dict.fromkeys(TOKEN_FIELDS), "output_tokens": 7}
+    assert latency_columns(None) == dict.fromkeys(LATENCY_FIELDS)
+    lat = Latency(ttft_ms=1.5, duration_ms=9.0, itl_count=3)
+    assert latency_columns(lat) == {name: getattr(lat, attr) for name, attr in
+                                    LATENCY_FIELDS.items()}
+    assert latency_columns(lat)["e2e_ms"] == 9.0
+    assert latency_columns(types.SimpleNamespace(ttft_ms=2.0))["ttft_ms"] == 2.0
+    latency_columns(None)["ttft_ms"] = 1.0  # a fresh dict each time
+    assert latency_columns(None)["ttft_ms"] is None

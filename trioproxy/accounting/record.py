@@ -179,7 +179,16 @@ _json = json.JSONEncoder(separators=(",", ":"), default=str).encode  # built onc
 
 def latency_columns(latency: Any) -> dict[str, Any]:
     """The record's latency fields from a :class:`trioproxy.protocol.latency.Latency` (or None)."""
-    return {name: getattr(latency, attr, None) for name, attr in LATENCY_FIELDS.items()}
+    if latency is None:
+        return dict(_NO_LATENCY)
+    try:
+        return dict(zip(LATENCY_FIELDS, _LATENCY(latency)))
+    except AttributeError:  # not a Latency: whatever it has
+        return {name: getattr(latency, attr, None) for name, attr in LATENCY_FIELDS.items()}
+
+
+_LATENCY = operator.attrgetter(*LATENCY_FIELDS.values())
+_NO_LATENCY = dict.fromkeys(LATENCY_FIELDS)
 _FIELD_SET = frozenset(COLUMNS)
 
 
