@@ -210,3 +210,31 @@ async def test_time_to_first_chunk_and_time_per_chunk_histograms(
     assert value(text, name + "_bucket", **labels, le="0.2") == 0
     assert value(text, name + "_bucket", **labels, le="0.3") == 1
     await proxy.stop()
+
+
+def test_cached_labelled_children_count_like_labels_and_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    import trioproxy.metrics as metrics_mod
+
+    monkeypatch.setattr(metrics_mod, "MAX_CHILDREN", 5)
+    m = Metrics(multiprocess=False)
+    lat = types.SimpleNamespace(ttft_ms=50.0, itl_p50_ms=10.0)
+    for i in range(40):
+        usage = types.SimpleNamespace(model=f"m{i % 8}", known=True, input_tokens=3,
+                                      output_tokens=None)
+        ex = types.SimpleNamespace(
+            usage=lambda u=usage: u, provider="openai", api=lambda: "openai.chat",
+            end_reason="complete", status=200, finished_at=2.0, started=1.0, streamed=True,
+            cost_usd=lambda: 0.5, latency=lambda: lat, model_requested=None)
+        m.observe(ex)
+    assert len(m._children) <= 5
+    text = m.render()[0].decode()
+    assert value(text, "trioproxy_requests_total") == 40
+    assert value(text, "trioproxy_requests_total", model="m3") == 5
+    assert value(text, "gen_ai_client_token_usage_count", gen_ai_token_type="input") == 40
+    assert not [s for s in samples(text) if s[1].get("gen_ai_token_type") == "output"]
+    assert value(text, "trioproxy_cost_usd_total", model="m7") == 2.5
+    assert value(text, "gen_ai_client_operation_time_to_first_chunk_seconds_count") == 40

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import operator
 from typing import Any
 
 import trio
@@ -92,7 +93,16 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
 
 def _token_fields(usage: Any) -> dict[str, int | None]:
     """The record's token counts: all None when the usage is unknown."""
-    return {name: getattr(usage, name, None) for name in TOKEN_FIELDS}
+    if usage is None:
+        return dict(_NO_TOKENS)
+    try:
+        return dict(zip(TOKEN_FIELDS, _TOKENS(usage)))
+    except AttributeError:  # not a providers.Usage: whatever it has
+        return {name: getattr(usage, name, None) for name in TOKEN_FIELDS}
+
+
+_TOKENS = operator.attrgetter(*TOKEN_FIELDS)
+_NO_TOKENS = dict.fromkeys(TOKEN_FIELDS)
 
 
 def _record_extra(ex: Exchange) -> dict[str, Any] | None:

@@ -92,6 +92,11 @@ def setup_logging(level: str = "INFO", log_format: str | None = None) -> None:
         logger.propagate = False
 
 
+def access_enabled() -> bool:
+    """The access line would be written: compute its fields only then (cached by logging)."""
+    return access_log.isEnabledFor(logging.INFO)
+
+
 def log_access(fields: dict[str, object]) -> None:
     """One line per request with stable keys (never any credential): ``access {json}`` in
     text, the fields themselves in JSON."""

@@ -46,6 +46,7 @@ TPOC_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 TOKEN_BUCKETS = tuple(float(4 ** i) for i in range(14))  # 1, 4, 16, ... 67108864
 MAX_MODELS = 50  # distinct model label values per process; later ones become "other"
 MAX_MODEL_LABEL = 128  # characters of a model name kept in a label
+MAX_CHILDREN = 4096  # labelled children kept by Metrics._child
 PUBLISH_INTERVAL = 1.0  # seconds, multiprocess mode only
 
 _EXCHANGE = ("provider", "api", "model", "status_class", "end_reason")
@@ -93,6 +94,7 @@ class Metrics:
         self._models: set[str] = set()
         self._max_models = max_models
         self._published: dict[tuple[str, ...], float] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see _child
         self._define(reg)
         if accounting:
             self._define_writer(reg)
@@ -165,23 +167,35 @@ class Metrics:
         model = self.model_label(label_model(ex, usage))
         provider, api = ex.provider or "unknown", ex.api()
         end = ex.end_reason or "unknown"
+        child = self._child
         labels = (provider, api, model, status_class(ex.status), end)
-        self.requests.labels(*labels).inc()
+        child(self.requests, labels).inc()
         if ex.finished_at is not None:
-            self.duration.labels(*labels).observe(max(0.0, ex.finished_at - ex.started))
+            child(self.duration, labels).observe(max(0.0, ex.finished_at - ex.started))
         if usage is not None and usage.known:
             for kind, count in (("input", usage.input_tokens), ("output", usage.output_tokens)):
                 if count is not None:
-                    self.tokens.labels(provider, api, model, kind).observe(count)
+                    child(self.tokens, (provider, api, model, kind)).observe(count)
             cost = ex.cost_usd()
             if cost:
-                self.cost.labels(provider, model).inc(cost)
+                child(self.cost, (provider, model)).inc(cost)
         latency = ex.latency()
         if latency is not None and ex.streamed:
             if latency.ttft_ms is not None:
-                self.ttfc.labels(provider, api, model).observe(latency.ttft_ms / 1000)
+                child(self.ttfc, (provider, api, model)).observe(latency.ttft_ms / 1000)
             if latency.itl_p50_ms is not None:
-                self.tpoc.labels(provider, api, model).observe(latency.itl_p50_ms / 1000)
+                child(self.tpoc, (provider, api, model)).observe(latency.itl_p50_ms / 1000)
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """``metric.labels(*labels)``, kept: ``labels()`` validates and locks on every call.
+        Bounded (label values are bounded anyway); the metrics keep their own children."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            if len(self._children) >= MAX_CHILDREN:
+                self._children.clear()
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     # -- read at scrape time -----------------------------------------------------------------
 

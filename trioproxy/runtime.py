@@ -14,7 +14,7 @@ from .config import Settings
 from .exchange import Exchange
 from .extensions import ExtensionManager
 from .ledger import build_record
-from .log import log_access
+from .log import access_enabled, log_access
 from .payload import hook_context
 from .upstream import UpstreamPool
 
@@ -97,7 +97,8 @@ class Runtime:
                 return
             ex.life.finish()
             ex.finished_at = trio.current_time()
-            log_access(ex.access_fields())
+            if access_enabled():  # not even the fields when the line is not written
+                log_access(ex.access_fields())
             try:
                 if recorded:
                     await self._run_finishers(ex)

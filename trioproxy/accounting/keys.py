@@ -61,9 +61,21 @@ def fingerprint(key: str, secret: bytes) -> tuple[str, str]:
     The fingerprint is HMAC-SHA256 under ``secret``, truncated to 16 hex digits: stable per
     secret, useless without it. Keys shorter than 12 characters get an empty ``last4``.
     """
-    digest = hmac.new(secret, key.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
-    last4 = key[-4:] if len(key) >= _MIN_LAST4_KEY else ""
-    return digest[:FINGERPRINT_HEX], last4
+    found = _FINGERPRINTS.get((secret, key))
+    if found is None:
+        digest = hmac.new(secret, key.encode("utf-8", "surrogateescape"),
+                          hashlib.sha256).hexdigest()
+        found = digest[:FINGERPRINT_HEX], key[-4:] if len(key) >= _MIN_LAST4_KEY else ""
+        if len(_FINGERPRINTS) >= FINGERPRINT_CACHE:  # the oldest goes first
+            _FINGERPRINTS.pop(next(iter(_FINGERPRINTS), None), None)
+        _FINGERPRINTS[(secret, key)] = found
+    return found
+
+
+# Fingerprints of recently seen keys (one HMAC per key, not per request). In memory only, never
+# logged or stored; bounded.
+FINGERPRINT_CACHE = 1024
+_FINGERPRINTS: dict[tuple[bytes, str], tuple[str, str]] = {}
 
 
 def load_or_create_secret(

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from genai_prices import Usage
@@ -62,19 +62,21 @@ def _find_model(model: str, provider: str | None, snapshot_id: int) -> tuple[Any
 
 
 def _usage_kwargs(fields: Any, detailed: bool) -> dict[str, int] | None:
-    input_tokens, output_tokens = _get(fields, "input_tokens"), _get(fields, "output_tokens")
+    # one Mapping check (an ABC: not free), then plain look-ups
+    get = fields.get if isinstance(fields, Mapping) else partial(getattr, fields)
+    input_tokens, output_tokens = get("input_tokens", None), get("output_tokens", None)
     if input_tokens is None and output_tokens is None:
         return None
     kwargs = {
         "input_tokens": _count(input_tokens),
         "output_tokens": _count(output_tokens),
-        "cache_read_tokens": _count(_get(fields, "cache_read_tokens")),
-        "cache_write_tokens": _count(_get(fields, "cache_write_tokens")),
+        "cache_read_tokens": _count(get("cache_read_tokens", None)),
+        "cache_write_tokens": _count(get("cache_write_tokens", None)),
     }
     if detailed:
-        kwargs["input_audio_tokens"] = _count(_get(fields, "audio_input_tokens"))
-        kwargs["output_audio_tokens"] = _count(_get(fields, "audio_output_tokens"))
-        raw = _get(fields, "raw_usage")
+        kwargs["input_audio_tokens"] = _count(get("audio_input_tokens", None))
+        kwargs["output_audio_tokens"] = _count(get("audio_output_tokens", None))
+        raw = get("raw_usage", None)
         creation = raw.get("cache_creation") if isinstance(raw, dict) else None
         if isinstance(creation, dict):  # Anthropic: 1 h cache writes cost more than 5 min ones
             kwargs["cache_write_1h_tokens"] = _count(creation.get("ephemeral_1h_input_tokens"))
@@ -135,10 +137,12 @@ class PricePlan:
         leaves: dict[str, int] = {}
         total = Decimal(0)
         for key, price, per, inner in self.units:
-            leaf = counts.get(key, 0) - sum(leaves[k] for k in inner)
+            leaf = counts.get(key, 0) - sum(map(leaves.__getitem__, inner))
             if leaf < 0:
                 raise ValueError(f"{key} is smaller than the usage inside it")
             leaves[key] = leaf
+            if not leaf:  # adds nothing (Decimal arithmetic is not free)
+                continue
             if isinstance(price, TieredPrices):
                 rate = price.base
                 for tier in reversed(price.tiers):

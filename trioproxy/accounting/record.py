@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,8 +95,13 @@ class UsageRecord:
     content_events: int | None = None
 
     def to_row(self) -> tuple[Any, ...]:
-        """Values in :data:`COLUMNS` order, ready for a parameterised INSERT."""
-        return tuple(_to_column(name, getattr(self, name)) for name in COLUMNS)
+        """Values in :data:`COLUMNS` order, ready for a parameterised INSERT: text without NUL
+        (PostgreSQL TEXT cannot hold it), the JSON fields encoded."""
+        values = _ALL(self)
+        row = [v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in values]
+        for i in _JSON_AT:
+            row[i] = None if values[i] is None else _json(values[i])
+        return tuple(row)
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> UsageRecord:
@@ -166,18 +172,24 @@ class UsageRecord:
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageRecord))
 
 
+_ALL = operator.attrgetter(*COLUMNS)
+_JSON_AT = tuple(i for i, name in enumerate(COLUMNS) if name in _JSON_FIELDS)
+_json = json.JSONEncoder(separators=(",", ":"), default=str).encode  # built once, not per call
+
+
 def latency_columns(latency: Any) -> dict[str, Any]:
     """The record's latency fields from a :class:`trioproxy.protocol.latency.Latency` (or None)."""
-    return {name: getattr(latency, attr, None) for name, attr in LATENCY_FIELDS.items()}
+    if latency is None:
+        return dict(_NO_LATENCY)
+    try:
+        return dict(zip(LATENCY_FIELDS, _LATENCY(latency)))
+    except AttributeError:  # not a Latency: whatever it has
+        return {name: getattr(latency, attr, None) for name, attr in LATENCY_FIELDS.items()}
+
+
+_LATENCY = operator.attrgetter(*LATENCY_FIELDS.values())
+_NO_LATENCY = dict.fromkeys(LATENCY_FIELDS)
 _FIELD_SET = frozenset(COLUMNS)
-
-
-def _to_column(name: str, value: Any) -> Any:
-    if name in _JSON_FIELDS:
-        return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")  # PostgreSQL TEXT cannot hold NUL
-    return value
 
 
 _BIGINT = 2**63

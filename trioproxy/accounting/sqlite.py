@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -34,6 +35,8 @@ class SQLiteBackend:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
         self.conn = self._connect()
+        # bound parameters one statement may have (SQLStore.insert_many sizes its INSERTs by it)
+        self.max_parameters = self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -44,7 +47,7 @@ class SQLiteBackend:
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            _use_wal(conn, self.busy_timeout)
             conn.execute("PRAGMA synchronous = NORMAL")
         except BaseException:
             conn.close()
@@ -84,3 +87,21 @@ class SQLiteBackend:
 
     def __repr__(self) -> str:
         return f"SQLiteBackend({str(self.path)!r})"
+
+
+def _use_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Put the file in WAL mode (it stays so). Switching needs the file to itself, and SQLite
+    answers "database is locked" at once, without its busy handler, while another connection
+    (another thread or process) is setting up or migrating a new file: so look first, and
+    retry until ``timeout``. Runs in a thread, never on the event loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is None or code & 0xFF not in (5, 6) or time.monotonic() >= deadline:
+                raise  # not busy/locked, or for too long
+        time.sleep(0.01)

@@ -30,12 +30,14 @@ GROUP_BY: tuple[str, ...] = (
     "model", "key", "session", "day", "hour", "provider", "api", "status", "outcome",
 )
 LOOKUP_LIMIT = 100  # candidates returned by one look-up
+ROWS_PER_INSERT = 64  # rows in one multi-row INSERT, where the back end allows it (SQLite)
 
 _COLS = ", ".join(COLUMNS)
 _INSERT = (
     f"INSERT INTO usage_records ({_COLS}) VALUES ({', '.join('?' * len(COLUMNS))}) "
     "ON CONFLICT (request_id) DO NOTHING"
 )
+_ROW = f"({', '.join('?' * len(COLUMNS))})"
 _FIND = (
     f"SELECT {_COLS} FROM usage_records "
     "WHERE (request_id = ? OR correlation_id = ? OR upstream_request_id = ? OR response_id = ?)"
@@ -182,9 +184,12 @@ class SQLStore(Store):
         if not records:
             return 0
         rows = [r.to_row() for r in records]
+        most = min(ROWS_PER_INSERT, getattr(self.backend, "max_parameters", 0) // len(COLUMNS))
         with self._transaction() as cur:
-            cur.executemany(self._sql(_INSERT), rows)
-            return max(cur.rowcount, 0)
+            if most <= 1:
+                cur.executemany(self._sql(_INSERT), rows)
+                return max(cur.rowcount, 0)
+            return _insert_chunked(cur, rows, most)
 
     def probe(self) -> None:
         row = UsageRecord(request_id="trioproxy-probe", started_at=0.0).to_row()
@@ -301,6 +306,37 @@ _BILLING = (
     "THEN 'unpriced' "
     "ELSE 'free' END"
 )
+
+
+def _insert_chunked(cur: Any, rows: list[tuple[Any, ...]], most: int) -> int:
+    """Insert ``rows`` with multi-row INSERTs of ``most`` rows, then of a quarter, a sixteenth..:
+    SQLite releases the GIL for every statement step, so one step per row would make the writer
+    thread and the event loop trade the GIL for every record; a few fixed sizes keep the
+    statements in the connection's cache. Returns the rows added."""
+    added = start = 0
+    size = most
+    while start < len(rows):
+        if len(rows) - start < size:
+            size = max(1, size // 4)
+            continue
+        sql = _insert_rows(size)
+        while len(rows) - start >= size:
+            cur.execute(sql, [v for row in rows[start:start + size] for v in row])
+            added += max(cur.rowcount, 0)
+            start += size
+    return added
+
+
+def _insert_rows(n: int) -> str:
+    """INSERT of ``n`` rows (cached: a few fixed sizes)."""
+    sql = _INSERTS.get(n)
+    if sql is None:
+        sql = _INSERTS[n] = (f"INSERT INTO usage_records ({_COLS}) VALUES "
+                             f"{', '.join([_ROW] * n)} ON CONFLICT (request_id) DO NOTHING")
+    return sql
+
+
+_INSERTS: dict[int, str] = {}
 
 
 def _time_filter(since: float | None, until: float | None) -> tuple[str, tuple[float, ...]]:
