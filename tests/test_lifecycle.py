@@ -8,6 +8,8 @@ record, however often and from however many tasks finalisation is asked for.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import trio
 import trio.lowlevel
@@ -145,3 +147,18 @@ def test_finalising_from_several_tasks_writes_one_record(steps: list[str], calle
 
     records = trio.run(main)
     assert len(records) == 1 and records[0].end_reason is not None
+
+
+def test_request_ids_are_unique_and_sort_by_creation() -> None:
+    """The ledger's key: never repeated, and later ids sort after earlier ones (the store's
+    primary-key index is appended to instead of written all over)."""
+    import time
+
+    from trioproxy.exchange import new_request_id
+
+    first = [new_request_id() for _ in range(2000)]
+    time.sleep(0.002)
+    later = new_request_id()
+    assert len(set(first)) == len(first)
+    assert all(re.fullmatch(r"tp_[0-9a-f]{31}", i) for i in [*first, later])
+    assert later > max(first)

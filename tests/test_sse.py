@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -176,21 +175,20 @@ def test_oversized_event_raises_overflow() -> None:
 def test_a_long_line_in_small_chunks_is_scanned_once(eol: bytes) -> None:
     framer = SSEFramer()
     chunk = b"x" * 512
-    started = time.perf_counter()
     assert framer.feed(b": switch to CR-aware scanning" + eol + b"data: ") == []
     for _ in range(32768):  # a 16 MiB line: re-scanning it per chunk would take minutes
         assert framer.feed(chunk) == []
+        assert framer._scan == len(framer._buf)  # the next feed searches only the new bytes
     [event] = framer.feed(eol + eol)
     assert len(event.data) == 16 * 1024 * 1024
-    assert time.perf_counter() - started < 3.0
 
 
-def test_many_small_events_in_one_chunk_take_linear_time() -> None:
+def test_many_small_events_in_one_chunk_are_all_dispatched() -> None:
     stream = b"event: content_block_delta\ndata: {\"i\": 1}\n\n" * 50_000
-    started = time.perf_counter()
-    events = SSEFramer().feed(stream)
-    assert len(events) == 50_000
-    assert time.perf_counter() - started < 3.0
+    framer = SSEFramer()
+    events = framer.feed(stream)
+    assert len(events) == 50_000 and events[-1].end == len(stream)
+    assert framer.at_boundary and not framer._buf
 
 
 def blocks(*chunks: bytes) -> list[tuple[int, int, bytes]]:
