@@ -2,9 +2,9 @@
 
 Each upstream read is handed to the client's ``send()`` at once. While that ``send()`` waits
 for a slow client nothing is read, so backpressure reaches the upstream through TCP, and what
-arrived meanwhile is taken in one read (and, when h11 already holds several chunks, in one
-``send()``): coalescing without waiting in order to batch, and without a second task or a
-channel per event. ``SendWatch`` tells the disconnect watcher when the current upstream read
+arrived meanwhile is taken in one read (and, when the body decoder already holds several
+chunks, in one ``send()``): coalescing without waiting in order to batch, and without a second
+task or a channel per event. ``SendWatch`` tells the disconnect watcher when the current upstream read
 and the current ``send()`` started: the watcher ends a read that waited ``read_timeout`` and
 cuts off a client that read nothing for the write-stall timeout (Hypercorn shields its socket
 writes: a cancel scope around ``send()`` would not fire).

@@ -1,4 +1,4 @@
-"""The upstream HTTP client: an h11-over-trio keep-alive pool."""
+"""The upstream HTTP client: an HTTP/1.1-over-trio keep-alive pool."""
 
 from .connection import UpstreamResponse, build_request, default_ssl_context
 from .pool import UpstreamPool

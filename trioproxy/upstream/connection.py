@@ -166,8 +166,7 @@ def build_request(method: bytes, target: bytes, headers: Headers) -> bytes:
     try:
         return request_head(method, target, headers)
     except InvalidField as exc:
-        what = "request target" if exc.args[0] in ("method", "request target") \
-            else f"header {exc.args[0]!r}"
+        what = f"header {exc.args[0]!r}" if exc.args else "request target"
         raise ClientRequestError(
             f"the {what} contains characters an HTTP/1.1 upstream does not accept", 400,
             "invalid_request",

@@ -34,8 +34,8 @@ MAX_LENGTH_DIGITS = 20
 
 
 class InvalidField(ValueError):
-    """A request field (or the target) HTTP/1.1 does not allow: ``args[0]`` is its name only
-    (the value may be a credential)."""
+    """A request field HTTP/1.1 does not allow: ``args[0]`` is its name only (the value may be
+    a credential); no args: the request line (method or target)."""
 
 
 class HeadError(ValueError):
@@ -44,10 +44,8 @@ class HeadError(ValueError):
 
 def request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     """The request line and fields, validated as h11 validates them. Raises InvalidField."""
-    if _TOKEN.fullmatch(method) is None:
-        raise InvalidField("method")
-    if _TARGET.fullmatch(target) is None:
-        raise InvalidField("request target")
+    if _TOKEN.fullmatch(method) is None or _TARGET.fullmatch(target) is None:
+        raise InvalidField
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     hosts = 0
     for name, value in headers:
