@@ -125,3 +125,38 @@ async def test_a_broken_body_is_an_error_and_its_connection_is_not_reused(script
         after, _ = await _get(pool, base)
     assert b"".join(after) == b"ok"
     assert server.connections == 2
+
+
+async def _call(pool: UpstreamPool, base: UpstreamURL, method: bytes) -> tuple[int, bytes]:
+    resp = await pool.send_request(base, method, b"/v1/models", [(b"host", base.host_header)], b"")
+    body = b""
+    async with resp:
+        while (chunk := await resp.receive_chunk()) is not None:
+            body += chunk
+    return resp.status, body
+
+
+OK_2 = [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+
+
+@pytest.mark.parametrize(("scripted", "method", "first", "connections"), [
+    # a HEAD answer announces a length but has no body: the connection stays usable
+    ([[b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"], OK_2], b"HEAD", (200, b""), 1),
+    ([[b"HTTP/1.1 204 No Content\r\n\r\n"], OK_2], b"GET", (204, b""), 1),
+    ([[b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n"], OK_2], b"GET", (304, b""), 1),
+    # informational heads are skipped, the final answer is relayed
+    ([[b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n",
+       b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nyes"], OK_2], b"GET", (200, b"yes"), 1),
+    # no framing: the body runs until the upstream closes, and that connection is done
+    ([[b"HTTP/1.0 200 OK\r\n\r\nuntil ", b"close", None], OK_2], b"GET", (200, b"until close"), 2),
+    ([[b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 4\r\n\r\nlast"], OK_2], b"GET",
+     (200, b"last"), 2),
+], indirect=["scripted"])
+async def test_bodiless_informational_and_closing_answers(scripted, method, first, connections
+                                                          ) -> None:
+    server, pool, base = scripted
+    with trio.fail_after(10):
+        got = await _call(pool, base, method)
+        after = await _call(pool, base, b"GET")
+    assert got == first and after == (200, b"ok")
+    assert server.connections == connections
