@@ -116,6 +116,10 @@ def test_partial_chunks_are_handed_out_as_they_arrive() -> None:
     b"0\r\nno colon here\r\n\r\n",  # a trailer that is not a field
     b"0\r\nbad name: v\r\n\r\n",
     b"0\r\nx: a\x00b\r\n\r\n",  # NUL in a trailer value
+    b"5;a\nb\r\nhello\r\n0\r\n\r\n",  # a bare LF inside a chunk extension
+    b"0\r\nx: y\r\r\n\r\n",  # a CR left in a trailer value
+    b"0\r\ncontent-length: abc\r\n\r\n",  # framing fields in trailers are checked too
+    b"0\r\ntransfer-encoding: gzip\r\n\r\n",
 ])
 def test_broken_framing_is_refused_like_h11_refuses_it(raw: bytes) -> None:
     with pytest.raises(h11.RemoteProtocolError):
@@ -148,3 +152,15 @@ def test_bytes_framed_before_a_break_are_handed_out_and_nothing_after() -> None:
     assert dec.take() == b"hello" and isinstance(dec.error, BodyError)
     dec.feed(b"0\r\n\r\n")
     assert dec.take() == b"" and not dec.done
+
+
+def test_a_size_line_dripped_byte_by_byte_is_decoded() -> None:
+    """Each byte its own read (a hostile or broken upstream): the same body, the line searched
+    as it grows rather than from its start on every read."""
+    raw = b"5;" + b"x" * 5000 + b"\r\nhello\r\n0\r\nx-a: 1\r\n\r\n"
+    dec = BodyDecoder(length="chunked")
+    out = b""
+    for i in range(len(raw)):
+        dec.feed(raw[i:i + 1])
+        out += dec.take()
+    assert dec.done and out == b"hello" and dec.trailers == [(b"x-a", b"1")]

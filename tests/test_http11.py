@@ -111,3 +111,39 @@ def test_framing_and_keep_alive_are_read_from_the_head(lines, chunked, length, c
     assert parsed is not None
     head = parsed[0]
     assert (head.chunked, head.length, head.close) == (chunked, length, close)
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 099 X\r\ncontent-length: 0\r\n\r\n",  # not a status: never skipped as 1xx
+    b"HTTP/1.1 200 OK\r\nx:" + b" " * 100_000 + b"\x00\r\n\r\n",  # h11's regex backtracked
+    b"HTTP/1.1 200 OK\r\nx: a" + b" \t" * 50_000 + b"\x00\r\n\r\n",
+])
+def test_hostile_heads_are_refused(raw: bytes) -> None:
+    with pytest.raises(HeadError):
+        parse_response_head(raw)
+
+
+def test_spaces_around_a_value_are_not_part_of_it() -> None:
+    parsed = parse_response_head(b"HTTP/1.1 200 OK\r\nx:" + b" " * 100_000 + b"v  \t\r\n\r\n")
+    assert parsed is not None and parsed[0].headers == [(b"x", b"v")]
+
+
+@pytest.mark.parametrize("first", [b"\tHTTP/1.1 200 OK\r\n", b"\x00HTTP/1.1 200 OK\n",
+                                   b"SSH-2.0-OpenSSH_9.6\r\n", b"x" * 9000])
+def test_a_first_line_that_is_no_status_line_is_refused_before_the_head_ends(first) -> None:
+    with pytest.raises(HeadError):
+        parse_response_head(first + b"content-type: a\r\n")
+
+
+def test_a_head_dripped_byte_by_byte_parses_the_same() -> None:
+    raw = b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-%d: %d\r\n" % (i, i) for i in range(500))
+    raw += b"\r\nbody"
+    buf, searched, parsed = bytearray(), 0, None
+    for i in range(len(raw)):
+        buf += raw[i:i + 1]
+        parsed = parse_response_head(buf, searched=searched)
+        if parsed is not None:
+            break
+        searched = len(buf)
+    assert parsed is not None and parsed[0].headers == parse_response_head(raw)[0].headers
+    assert parsed[1] == len(raw) - len(b"body")

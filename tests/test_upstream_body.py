@@ -160,3 +160,18 @@ async def test_bodiless_informational_and_closing_answers(scripted, method, firs
         after = await _call(pool, base, b"GET")
     assert got == first and after == (200, b"ok")
     assert server.connections == connections
+
+
+@pytest.mark.parametrize("scripted", [[
+    [(b"HTTP/1.1 099 X\r\ncontent-length: 45\r\n\r\n"
+      b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nforged!")],
+    OK_2,
+]], indirect=True)
+async def test_a_status_under_100_is_an_error_never_skipped_to_a_forged_answer(scripted) -> None:
+    server, pool, base = scripted
+    with trio.fail_after(10):
+        with pytest.raises(UpstreamProtocolError) as err:
+            await _call(pool, base, b"GET")
+        after = await _call(pool, base, b"GET")
+    assert "invalid status line" in err.value.message
+    assert after == (200, b"ok") and server.connections == 2

@@ -78,6 +78,8 @@ async def stream_body(
                         if trio.current_time() - read_started >= read_timeout:
                             break  # due while the comment was sent (the watcher let it be)
                     continue
+            if reads.cancel_called:  # timed out by the watcher as these bytes came in:
+                break  # a timeout, before anything of them is counted or sent
             now = trio.current_time()
             read_started = watch.reading_since = None
             if chunk is not None:

@@ -2,7 +2,7 @@
 
 ``http11`` parses the response head; the body is decoded here, because this is the relay's
 per-chunk hot path, where h11 spent several Python calls and a state-machine step on every chunk
-(5.2 µs against 1.1 µs here, ``bench/results/FLOOR_ANALYSIS.md``). A decoder takes whatever
+(5.2 µs against 1.4 µs here, ``bench/results/FLOOR_ANALYSIS.md``). A decoder takes whatever
 bytes one read returned and hands out every body byte they complete at once, partial chunks
 included: nothing waits for a chunk's end.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from .http11 import HeadError, parse_fields
+from .http11 import HeadError, checked_fields, parse_fields
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -40,13 +40,14 @@ class BodyDecoder:
     says whether bytes followed the body. ``error`` once the framing broke: the bytes decoded
     before the break can still be taken (as h11 would have given them), nothing after."""
 
-    __slots__ = ("_buf", "_chunked", "_left", "_lines", "_max", "_out", "_pending", "_state",
-                 "done", "error", "extra", "trailers")
+    __slots__ = ("_buf", "_chunked", "_left", "_lines", "_max", "_out", "_pending", "_scan",
+                 "_state", "done", "error", "extra", "trailers")
 
     def __init__(self, *, length: int | Literal["chunked", "close"],
                  max_line: int = MAX_LINE) -> None:
         """``length``: the Content-Length, ``"chunked"``, or ``"close"`` (until EOF)."""
-        self._buf = b""  # an incomplete size line, CRLF or trailer line
+        self._buf = bytearray()  # an incomplete size line, CRLF or trailer line
+        self._scan = 0  # _buf[:_scan] holds no line end: a dripped line is searched once
         self._out: list[bytes] = []
         self._max = max_line
         self._lines: list[bytes] = []  # trailer lines so far
@@ -73,8 +74,10 @@ class BodyDecoder:
         (and every later call does nothing)."""
         if self.error is not None:
             return
-        if self._buf:
-            data, self._buf = self._buf + data, b""
+        buf = self._buf
+        if buf:  # the rest of a line: append (amortised), search only the new bytes
+            buf += data
+            data = buf  # type: ignore[assignment]
         try:
             pos = self._run(data)
         except BodyError as exc:
@@ -83,8 +86,13 @@ class BodyDecoder:
         if pos < len(data):
             if self._state == _DONE:
                 self.extra = True
+            elif data is buf:
+                del buf[:pos]
             else:
-                self._buf = data[pos:]
+                self._buf = bytearray(data[pos:])
+            self._scan = max(0, len(self._buf) - 1)  # a CR may wait for its LF
+        elif data is buf:  # the line it held is complete
+            buf.clear()
 
     def eof(self) -> None:
         """The connection closed: the end of a body read until close, else an error."""
@@ -105,13 +113,15 @@ class BodyDecoder:
 
     def _run(self, data: bytes) -> int:
         """Decode from the start of ``data``; returns where the undecoded rest begins."""
-        pos, size = 0, len(data)
+        pos, size, scan = 0, len(data), self._scan  # scan: where a dripped line's search resumes
+        self._scan = 0  # used once: feed() sets it again for a line still incomplete
         while pos < size:
             state = self._state
             if state == _DATA:
                 left = self._left
                 n = size - pos if left < 0 else min(left, size - pos)
-                self._out.append(data if n == size else data[pos:pos + n])
+                self._out.append(data if n == size and type(data) is bytes
+                                 else bytes(data[pos:pos + n]))
                 pos += n
                 if left > 0:
                     self._left = left = left - n
@@ -126,18 +136,20 @@ class BodyDecoder:
                 pos += 2
                 self._state = _SIZE
             elif state == _SIZE:
-                end = data.find(b"\r\n", pos)
+                end = data.find(b"\r\n", scan if scan > pos else pos)  # noqa: FURB136 - per chunk
+                scan = 0
                 if end < 0:
                     self._check(size - pos)
                     return pos
-                self._size_line(data[pos:end])
+                self._size_line(bytes(data[pos:end]))
                 pos = end + 2
             elif state == _TRAILER:
-                end = data.find(b"\n", pos)
+                end = data.find(b"\n", scan if scan > pos else pos)  # noqa: FURB136 - per chunk
+                scan = 0
                 if end < 0:
                     self._check(self._pending + size - pos)
                     return pos
-                self._trailer_line(data[pos:end].removesuffix(b"\r"), end + 1 - pos)
+                self._trailer_line(bytes(data[pos:end]), end + 1 - pos)
                 pos = end + 1
             else:
                 return pos
@@ -145,19 +157,20 @@ class BodyDecoder:
 
     def _size_line(self, line: bytes) -> None:
         token = line.rstrip(b" \t").partition(b";")[0]
-        if _HEX.fullmatch(token) is None:
+        if _HEX.fullmatch(token) is None or b"\n" in line:  # no bare LF, even in an extension
             raise BodyError("invalid chunk size line")
         self._left = int(token, 16)
         self._state = _DATA if self._left else _TRAILER
 
     def _trailer_line(self, line: bytes, size: int) -> None:
-        if line:
+        """One trailer line with its LF (a CR before it is the field parser's to remove)."""
+        if line not in (b"", b"\r"):
             self._pending += size
             self._check(self._pending)
             self._lines.append(line)
             return
-        try:
-            self.trailers = parse_fields(self._lines)
+        try:  # validated like header fields, framing fields included (as h11 does)
+            self.trailers = checked_fields(parse_fields(self._lines))[0]
         except HeadError as exc:
             raise BodyError(f"invalid trailer: {exc}") from None
         self._state, self.done = _DONE, True

@@ -290,7 +290,7 @@ class UpstreamPool:
         """Read up to the response head (1xx heads skipped), within the caller's timer. Once
         the request is written nothing is retried: a connection cut before the response may
         still have delivered it."""
-        buf = b""
+        buf, searched = bytearray(), 0
         while True:
             try:
                 data = await read_some(conn, math.inf, timeout)
@@ -301,16 +301,18 @@ class UpstreamPool:
                 raise UpstreamProtocolError(
                     f"upstream closed the connection before responding{NOT_RESENT}")
             buf += data
-            while (parsed := _parse_head(buf)) is not None:
+            while (parsed := _parse_head(buf, searched)) is not None:
                 head, end = parsed
                 if head.status >= 200:
-                    return UpstreamResponse(conn, head, buf[end:], timeout, method)
-                buf = buf[end:]  # 1xx: informational, nothing to relay
+                    return UpstreamResponse(conn, head, bytes(buf[end:]), timeout, method)
+                del buf[:end]  # 1xx: informational, nothing to relay
+                searched = 0
+            searched = len(buf)
 
 
-def _parse_head(buf: bytes) -> tuple[ResponseHead, int] | None:
+def _parse_head(buf: bytearray, searched: int) -> tuple[ResponseHead, int] | None:
     try:
-        parsed = parse_response_head(buf)
+        parsed = parse_response_head(buf, searched=searched)
     except HeadError as exc:
         raise UpstreamProtocolError(f"invalid upstream response: {exc}{NOT_RESENT}") from exc
     if parsed is not None and parsed[0].status == 101:
