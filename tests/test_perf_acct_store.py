@@ -3,6 +3,7 @@ duplicates), the record's row, and the bounded caches."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,52 +17,49 @@ from trioproxy.accounting.store import ROWS_PER_INSERT
 from .test_store import count_rows, make_record
 
 
-@pytest.mark.parametrize("n", [1, 3, 4, 15, 16, 17, ROWS_PER_INSERT - 1, ROWS_PER_INSERT,
-                               ROWS_PER_INSERT + 1, 200])
-def test_sqlite_multi_row_inserts_take_every_batch_size(tmp_path: Path, n: int) -> None:
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[tuple[Any, str]]:
+    """A migrated SQLite ledger and its URL."""
     url = f"sqlite://{tmp_path}/usage.db"
     s = open_store(url)
     s.migrate()
     try:
-        batch = [make_record(i, extra={"i": i}, error=f"e\x00{i}") for i in range(n)]
-        assert s.insert_many(batch) == n
-        assert count_rows(url) == n
-        assert s.get(f"req_{n - 1}") == make_record(
-            n - 1, extra={"i": n - 1}, error=f"e\ufffd{n - 1}")
-        # already stored, plus one new and one twice in the same batch: counted once each
-        again = [*batch, make_record(n), make_record(n)]
-        assert s.insert_many(again) == 1
-        assert count_rows(url) == n + 1
+        yield s, url
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 15, 16, 17, ROWS_PER_INSERT - 1, ROWS_PER_INSERT,
+                               ROWS_PER_INSERT + 1, 200])
+def test_sqlite_multi_row_inserts_take_every_batch_size(sqlite_store, n: int) -> None:
+    s, url = sqlite_store
+    batch = [make_record(i, extra={"i": i}, error=f"e\x00{i}") for i in range(n)]
+    assert s.insert_many(batch) == n
+    assert count_rows(url) == n
+    assert s.get(f"req_{n - 1}") == make_record(
+        n - 1, extra={"i": n - 1}, error=f"e\ufffd{n - 1}")
+    # already stored, plus one new and one twice in the same batch: counted once each
+    again = [*batch, make_record(n), make_record(n)]
+    assert s.insert_many(again) == 1
+    assert count_rows(url) == n + 1
 
 
 def test_a_low_parameter_limit_gives_smaller_inserts(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    url = f"sqlite://{tmp_path}/usage.db"
-    s = open_store(url)
-    s.migrate()
-    try:
-        monkeypatch.setattr(s.backend, "max_parameters", len(COLUMNS) * 5)  # an old SQLite's 999
-        assert s.insert_many([make_record(i) for i in range(23)]) == 23
-        assert count_rows(url) == 23
-    finally:
-        s.close()
+        sqlite_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    s, url = sqlite_store
+    monkeypatch.setattr(s.backend, "max_parameters", len(COLUMNS) * 5)  # an old SQLite's 999
+    assert s.insert_many([make_record(i) for i in range(23)]) == 23
+    assert count_rows(url) == 23
 
 
 def test_a_backend_without_a_parameter_limit_uses_executemany(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    url = f"sqlite://{tmp_path}/usage.db"
-    s = open_store(url)
-    s.migrate()
-    try:
-        monkeypatch.setattr(s.backend, "max_parameters", len(COLUMNS) - 1)
-        called: list[Any] = []
-        monkeypatch.setattr(store_mod, "_insert_chunked", lambda *a: called.append(a))
-        assert s.insert_many([make_record(i) for i in range(5)]) == 5
-        assert not called and count_rows(url) == 5
-    finally:
-        s.close()
+        sqlite_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    s, url = sqlite_store
+    monkeypatch.setattr(s.backend, "max_parameters", len(COLUMNS) - 1)
+    called: list[Any] = []
+    monkeypatch.setattr(store_mod, "_insert_chunked", lambda *a: called.append(a))
+    assert s.insert_many([make_record(i) for i in range(5)]) == 5
+    assert not called and count_rows(url) == 5
 
 
 def test_to_row_matches_the_plain_conversion() -> None:

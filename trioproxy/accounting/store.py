@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from functools import lru_cache
 from typing import Any, Protocol
 
 from .migrations import MIGRATIONS
@@ -327,16 +328,11 @@ def _insert_chunked(cur: Any, rows: list[tuple[Any, ...]], most: int) -> int:
     return added
 
 
+@lru_cache(maxsize=32)
 def _insert_rows(n: int) -> str:
     """INSERT of ``n`` rows (cached: a few fixed sizes)."""
-    sql = _INSERTS.get(n)
-    if sql is None:
-        sql = _INSERTS[n] = (f"INSERT INTO usage_records ({_COLS}) VALUES "
-                             f"{', '.join([_ROW] * n)} ON CONFLICT (request_id) DO NOTHING")
-    return sql
-
-
-_INSERTS: dict[int, str] = {}
+    return (f"INSERT INTO usage_records ({_COLS}) VALUES {', '.join([_ROW] * n)} "
+            "ON CONFLICT (request_id) DO NOTHING")
 
 
 def _time_filter(since: float | None, until: float | None) -> tuple[str, tuple[float, ...]]:

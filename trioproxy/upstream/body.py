@@ -20,12 +20,12 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from .http11 import HeadError, checked_fields, parse_fields
+from .http11 import MAX_HEAD, HeadError, checked_fields, parse_fields
 
 Headers = list[tuple[bytes, bytes]]
 
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,20}")
-MAX_LINE = 256 * 1024  # as h11's max_incomplete_event_size on upstream connections
+MAX_LINE = MAX_HEAD  # a chunk-size line or trailer section, bounded like a head
 
 _SIZE, _DATA, _CRLF, _TRAILER, _DONE = range(5)
 

@@ -62,7 +62,7 @@ def request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     return b"".join(parts)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class ResponseHead:
     status: int
     reason: bytes
@@ -89,13 +89,10 @@ def parse_response_head(data: bytes | bytearray, max_size: int = MAX_HEAD, searc
     if end.start() > max_size:
         raise HeadError(f"response head over {max_size} bytes")
     lines = bytes(data[:end.start()]).split(b"\n")
-    line = lines[0].removesuffix(b"\r")
-    m = _STATUS_LINE.fullmatch(line)
-    if m is None or m[2] < b"100":
-        raise HeadError("invalid status line")
-    head = ResponseHead(int(m[2]), m[3] or b"", m[1], parse_fields(lines[1:]), None, False,
-                        False)
-    _framing(head)
+    m = _status_line(lines[0])
+    fields, length, chunked, close = checked_fields(parse_fields(lines[1:]))
+    head = ResponseHead(int(m[2]), m[3] or b"", m[1], fields, None if chunked else length,
+                        chunked, close or m[1] < b"1.1")  # keep-alive from HTTP/1.1 on, as h11
     return head, end.end()
 
 
@@ -133,20 +130,18 @@ def _unfold(lines: list[bytes]) -> list[bytes]:
 def _check_status_line(data: bytes | bytearray) -> None:
     """Refuse at once a first line that is in and is not a status line (or is far too long)."""
     first = data.find(b"\n", 0, MAX_STATUS_LINE)
-    if first < 0:
-        if len(data) >= MAX_STATUS_LINE:
-            raise HeadError("invalid status line")
-        return
-    m = _STATUS_LINE.fullmatch(bytes(data[:first]).removesuffix(b"\r"))
-    if m is None or m[2] < b"100":
+    if first >= 0:
+        _status_line(bytes(data[:first]))
+    elif len(data) >= MAX_STATUS_LINE:
         raise HeadError("invalid status line")
 
 
-def _framing(head: ResponseHead) -> None:
-    """Content-Length, Transfer-Encoding and keep-alive, as h11 reads them."""
-    head.headers, length, head.chunked, close = checked_fields(head.headers)
-    head.close = close or head.http_version < b"1.1"
-    head.length = None if head.chunked or length is None else length
+def _status_line(line: bytes) -> re.Match[bytes]:
+    """The status line's match (version, status from 100, reason). Raises HeadError."""
+    m = _STATUS_LINE.fullmatch(line.removesuffix(b"\r"))
+    if m is None or m[2] < b"100":
+        raise HeadError("invalid status line")
+    return m
 
 
 def checked_fields(headers: Headers) -> tuple[Headers, int | None, bool, bool]:
