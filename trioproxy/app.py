@@ -20,8 +20,9 @@ from .config import ConfigError, Settings
 from .errors import ClientRequestError, ProxyError
 from .exchange import Exchange, correlation_id
 from .extensions import Extension, ExtensionFailed, ExtensionManager, load_extensions
-from .health import answer_operational, is_operational, refuse_draining
+from .health import answer_operational, is_operational, is_probe, refuse_draining
 from .ledger import _is_admin, answer_usage_lookup, usage_request_id
+from .limits import raise_open_files, report_open_files
 from .log import request_id_var, setup_logging
 from .payload import is_bypass, prepare
 from .protocol import headers as hdr
@@ -130,12 +131,14 @@ class TrioProxy:
         """Settings, extensions and the upstream pool; StartupFailed says what is wrong."""
         if sniffio.current_async_library() != "trio":
             raise StartupFailed(WRONG_WORKER)
+        files = raise_open_files()  # before the settings: max_connections "auto" reads it
         try:
             settings = self._settings or Settings.from_env()
         except ConfigError as exc:
             raise StartupFailed(f"configuration: {exc}") from None
         if self._configure_logging:
             setup_logging(settings.log_level, settings.log_format)
+        report_open_files(files, settings.max_connections)
         try:
             extensions = ExtensionManager(
                 self._extensions if self._extensions is not None
@@ -214,7 +217,8 @@ class TrioProxy:
                 with trio.CancelScope(shield=True):
                     await send_all(send, ex, error_messages(ex, ProxyError("internal proxy error")))
         finally:
-            await runtime.finish(ex, recorded=lookup_id is None and not own)
+            await runtime.finish(ex, recorded=lookup_id is None and not own,
+                                 logged=runtime.settings.log_probes or not is_probe(raw_path))
             runtime.inflight.pop(ex.request_id, None)
             request_id_var.reset(token)
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from . import __version__
 from .config import CONFIG_ENV, SPECS, ConfigError, Settings
 from .configspec import add_flags, flag_text, flags_as_environment, from_flags, markdown_table
+from .limits import raise_open_files
 from .log import setup_logging
 from .protocol.headers import hypercorn_head_limit
 
@@ -121,6 +122,7 @@ def build_config(settings: Settings) -> TrioproxyConfig:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.graceful_timeout = settings.graceful_timeout
+    config.backlog = settings.backlog
     config.keep_alive_timeout = settings.keep_alive
     config.read_timeout = None
     # Hypercorn refuses an oversized message with 1009 while it is still arriving: the same
@@ -150,6 +152,7 @@ def set_stream_socket_options(sock: socket.socket, user_timeout_ms: int) -> None
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    files = raise_open_files()  # the workers inherit it; each reports it at start-up
     try:
         settings, exported = settings_from_args(args)  # fail fast, before any worker
     except ConfigError as exc:
@@ -162,6 +165,9 @@ def run_serve(args: argparse.Namespace) -> int:
         os.environ.pop(name.removesuffix("_FILE"), None)
     os.environ.update(exported)  # workers are spawned processes: they read the environment
     setup_logging(settings.log_level, settings.log_format)
+    if files.before != files.soft:
+        log.info("open files limit raised from %d to %d for the workers", files.before,
+                 files.soft)
     scheme = "https" if settings.certfile else "http"
     log.info(
         "trioproxy %s on %s://%s:%s, %d worker%s (anthropic -> %s, openai -> %s)", __version__,

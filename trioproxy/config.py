@@ -22,6 +22,7 @@ from .configspec import (
     setting,
     specs_of,
 )
+from .limits import current_streams_allowed
 
 __all__ = ["CONFIG_ENV", "SPECS", "ConfigError", "Settings", "UpstreamURL"]
 
@@ -159,6 +160,9 @@ class Settings:
     tcp_user_timeout: float = setting(
         120.0, "drop clients whose sent data stays unacknowledged this many seconds "
         "(TCP_USER_TIMEOUT; trioproxy serve)", example="45", check=_positive)
+    backlog: int = setting(
+        2048, "connections the kernel queues for accept (listen backlog; the kernel caps it "
+        "at net.core.somaxconn; trioproxy serve)", example="512", check=_positive)
     certfile: str | None = setting(
         None, "TLS certificate (PEM): serve HTTPS, HTTP/2 via ALPN (trioproxy serve)",
         example="/etc/trioproxy/cert.pem", metavar="FILE")
@@ -186,8 +190,11 @@ class Settings:
         metavar="SECONDS")
     pool_timeout: float = setting(30.0, "seconds to wait for a free upstream connection",
                                   example="5", check=_positive, metavar="SECONDS")
-    max_connections: int = setting(200, "upstream connections per origin", example="50",
-                                   check=_positive)
+    max_connections: int = setting(
+        "auto", "upstream connections per origin and worker; a request over it waits "
+        "pool_timeout for one, then 504. 'auto': as many streams as the worker's open-files "
+        "limit allows (two descriptors each)", example="50", check=_count,
+        auto=current_streams_allowed, shown_default="auto")
     keepalive_expiry: float = setting(30.0, "idle upstream connections older than this many "
                                       "seconds are not reused", example="10",
                                       check=_non_negative, metavar="SECONDS")
@@ -254,6 +261,9 @@ class Settings:
     # -- logging -------------------------------------------------------------------------------
     log_level: str = setting("INFO", "log level (DEBUG, INFO, WARNING, ERROR)", example="DEBUG",
                              check=_level, metavar="LEVEL", normalize=_upper)
+    log_probes: bool = setting(
+        False, "write an access line for health and readiness probes (/_trioproxy/healthz, "
+        "/_trioproxy/readyz) too", example="true")
     log_format: str = setting("text", "log line format: text, or one JSON object per line",
                               example="json", choices=("text", "json"), normalize=_lower)
     # Parsed once here, not on every request:

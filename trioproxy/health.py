@@ -2,7 +2,8 @@
 usage page, and the 503 a draining process gives new requests.
 
 None of these is forwarded upstream or recorded as usage: the app finalises them with
-``Runtime.finish(ex, recorded=False)`` (an access line only).
+``Runtime.finish(ex, recorded=False)`` (an access line only; none for health and readiness
+probes unless ``log_probes`` is on).
 
 - ``GET /_trioproxy/healthz``: liveness, 200 while the process serves at all;
 - ``GET /_trioproxy/readyz``: readiness, 503 while the usage store is unreachable or the process
@@ -34,6 +35,16 @@ from .runtime import Runtime
 METRICS_PATH = b"/metrics"
 
 
+PROBES = (PREFIX + b"healthz", PREFIX + b"readyz")
+
+
+def is_probe(path: bytes) -> bool:
+    """A health or readiness probe: a load balancer's, every few hundred ms per instance, so
+    it writes no access line unless ``log_probes`` is on (and, like every own path, counts in
+    no request metric)."""
+    return path.split(b"?", 1)[0] in PROBES
+
+
 def is_operational(path: bytes) -> bool:
     """The path is the proxy's own (never an upstream's)."""
     return path == METRICS_PATH or path.startswith(PREFIX) or path == PREFIX.rstrip(b"/")
@@ -63,7 +74,7 @@ async def answer_operational(
         body, content_type = runtime.metrics.render()
         await send_all(send, ex, answer(ex, 200, body, content_type.encode()))
         return
-    if path in (PREFIX + b"healthz", PREFIX + b"readyz") and ex.method in ("GET", "HEAD"):
+    if path in PROBES and ex.method in ("GET", "HEAD"):
         status, obj = (200, {"status": "alive"}) if path.endswith(b"healthz") \
             else readiness(runtime)
         if status != 200:

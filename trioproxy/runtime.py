@@ -86,18 +86,19 @@ class Runtime:
         if self.extensions.has_complete_hooks:
             await self.extensions.run_complete(hook_context(ex), rec)
 
-    async def finish(self, ex: Exchange, *, recorded: bool = True) -> None:
+    async def finish(self, ex: Exchange, *, recorded: bool = True, logged: bool = True) -> None:
         """Finalise one exchange exactly once: decide its outcome, write the access line, then
         run every finisher (accounting, complete hooks). Shielded; a second call returns.
 
         ``recorded=False`` (reads of the ledger itself) writes the access line only: those are
-        not proxied traffic and would skew per-key request counts."""
+        not proxied traffic and would skew per-key request counts. ``logged=False`` (health
+        and readiness probes) writes not even that."""
         with trio.CancelScope(shield=True):
             if ex.life.done:
                 return
             ex.life.finish()
             ex.finished_at = trio.current_time()
-            if access_enabled():  # not even the fields when the line is not written
+            if logged and access_enabled():  # no fields built when no line is written
                 log_access(ex.access_fields())
             try:
                 if recorded:
