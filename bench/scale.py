@@ -1,39 +1,56 @@
-"""Scenario 4: 2,000 concurrent slow streams through one proxy worker.
+"""Scenario 4: thousands of concurrent slow streams through one proxy worker.
 
 Per path, one at a time: measure the proxy's RSS and idle CPU with no streams (baseline), open
 2,000 streams (at most 64 connecting at once, so no listen backlog overflows) that send
 ``message_start`` and then stay silent (the upstream holds them), measure RSS and CPU while
 they idle, release them (a few deltas and the end), and check they all complete. The
 keepalive path keeps its 15 s keepalive timers running through the idle window, so its cost
-is visible. RLIMIT_NOFILE is raised for the bench and its children. trioproxy runs with
-TRIOPROXY_MAX_CONNECTIONS=4096 (its default of 200 upstream connections per origin would cap
-it at 200 open streams; ``--default-limits`` shows that), the same limit the conventional
-proxy's httpx pool gets.
+is visible. RLIMIT_NOFILE is raised for the bench and its children. trioproxy runs on its
+defaults (``max_connections = "auto"``: what its open-files limit allows) **with accounting
+on** (a SQLite ledger of each path's own), and after the drain the bench checks that every
+stream has exactly one record, under the request id its response carried. ``--max-connections
+4096`` gives trioproxy the conventional proxy's httpx pool limit instead.
+
+The agent-scale run (each stream held like a long agent turn, then released):
+``python bench/scale.py --streams 9000 --paths direct,trioproxy --idle 40 --name scale9000``.
+The idle window is longer than a quarter of the shorter relay timeout (the stream watcher's
+wake-up period, 15 s on defaults), so watcher wake-ups show in the idle CPU.
 
 Reported: streams opened and completed (within 60 s of the release; 30 s quick), time to
 open them all and to drain them after the release, proxy RSS per open stream (RSS with them
 open minus baseline, over the count), proxy CPU while they idle (fraction of a core) against
 its idle baseline, and file descriptors. ``--quick`` uses 500 streams.
 
-    python bench/scale.py [--quick] [--streams N]
+    python bench/scale.py [--quick] [--streams N] [--idle S] [--paths ...] [--name NAME]
 """
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import time
 from collections import defaultdict
 from typing import Any
 
 import common
 import loadgen
-from common import Procs, Progress, fmt, start_paths, table
+from common import Procs, Progress, fmt, table
+
+REQUEST_ID = b"x-trioproxy-request-id"
 
 
-MAX_CONNECTIONS = 4096
+def plan(quick: bool, streams: int | None = None, idle: float | None = None) -> dict[str, Any]:
+    p = _plan(quick)
+    if streams:
+        p["streams"] = streams
+    if idle:
+        p["idle_s"] = idle
+    # held until released: opening (~3 ms of proxy CPU each), the idle window, the sampling
+    p["hold_max_s"] = max(p["hold_max_s"], p["streams"] * 0.01 + p["idle_s"] + 90)
+    return p
 
 
-def plan(quick: bool) -> dict[str, Any]:
+def _plan(quick: bool) -> dict[str, Any]:
     if quick:
         return {"streams": 500, "baseline_s": 0.5, "idle_s": 2.0, "hold_max_s": 60.0,
                 "drain_max_s": 30.0}
@@ -50,8 +67,36 @@ def idle_cpu(s: common.ProcSampler | None, seconds: float, eng: loadgen.Engine) 
     return (s.cpu() - c0) / (time.monotonic() - t0)
 
 
+def ledger_check(db: Any, results: list[loadgen.StreamResult], wait_s: float = 30.0
+                 ) -> dict[str, Any]:
+    """Each stream's record in the SQLite ledger, by the request id its response carried:
+    how many streams have exactly one, none, and how the records ended."""
+    ids = [dict(r.headers or []).get(REQUEST_ID, b"").decode() for r in results]
+    deadline = time.monotonic() + wait_s
+    found: dict[str, str] = {}
+    while time.monotonic() < deadline:  # the writer commits in batches: wait for the last
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+                rows = conn.execute("SELECT request_id, end_reason FROM usage_records").fetchall()
+        except sqlite3.Error:
+            rows = []
+        found = {rid: end for rid, end in rows}
+        if all(i in found for i in ids if i):
+            break
+        time.sleep(0.5)
+    ends: dict[str, int] = defaultdict(int)
+    for i in ids:
+        if i in found:
+            ends[found[i] or "none"] += 1
+    return {"streams_with_id": sum(1 for i in ids if i),
+            "streams_with_one_record": sum(1 for i in ids if i and i in found),
+            "streams_without_record": sum(1 for i in ids if i and i not in found),
+            "distinct_ids": len({i for i in ids if i}), "ledger_rows": len(found),
+            "record_end_reasons": dict(ends)}
+
+
 def run_path(eng: loadgen.Engine, up: common.Proc, t: common.Target, p: dict[str, Any],
-             progress: Progress) -> dict[str, Any]:
+             progress: Progress, ledger: Any = None) -> dict[str, Any]:
     n = p["streams"]
     sampler = t.sampler() if t.proc else up.sampler()  # direct: the upstream's own cost
     rss0 = sampler.rss()
@@ -65,7 +110,7 @@ def run_path(eng: loadgen.Engine, up: common.Proc, t: common.Target, p: dict[str
             for _ in range(n)]
     results: list[loadgen.StreamResult | None] = [None] * n
     done = [0]
-    c_open0 = sampler.cpu()
+    c_open0, gen0 = sampler.cpu(), common.self_cpu()
     t0 = time.monotonic()
     for i, req in enumerate(reqs):
         def finished(r: loadgen.StreamResult, i: int = i) -> None:
@@ -73,16 +118,19 @@ def run_path(eng: loadgen.Engine, up: common.Proc, t: common.Target, p: dict[str
             done[0] += 1
         req.on_done = finished
         loadgen.ClientConn(eng, t.port).request(req)
-    eng.run(lambda: opened[0] + done[0] >= n, t0 + 90,
+    eng.run(lambda: opened[0] + done[0] >= n, t0 + max(90.0, n * 0.02),
             tick=lambda: progress(f"{t.path}: {opened[0]}/{n} streams open"), tick_every=5.0)
     open_s = time.monotonic() - t0
     cpu_open = sampler.cpu() - c_open0
+    gen_open = common.self_cpu() - gen0
     progress(f"{t.path}: {opened[0]} open in {open_s:.1f} s ({done[0]} ended early)", force=True)
     eng.run(lambda: False, time.monotonic() + 1.0)  # settle
     rss_open = sampler.rss()
     worker_rss_open = sampler.worker_rss()
     fds = sampler.fds()
+    gen0 = common.self_cpu()
     cpu_idle = idle_cpu(sampler, p["idle_s"], eng)
+    gen_idle = (common.self_cpu() - gen0) / p["idle_s"]
     rss_after_idle = sampler.rss()
     still_open = opened[0] - done[0]
     released = loadgen.control(up.port, "POST", f"/bench/release?group={group}")
@@ -98,6 +146,7 @@ def run_path(eng: loadgen.Engine, up: common.Proc, t: common.Target, p: dict[str
         outcomes[r.outcome] += 1
     eng.run(lambda: False, time.monotonic() + 0.5)
     rss_end = sampler.rss()
+    records = ledger_check(ledger, final) if ledger is not None else None
     per_stream = (rss_open - rss0) / still_open if still_open else None
     return {
         "path": t.path, "measured_process": "proxy" if t.proc else "upstream (direct path)",
@@ -106,6 +155,9 @@ def run_path(eng: loadgen.Engine, up: common.Proc, t: common.Target, p: dict[str
         "outcomes": dict(outcomes),
         "errors": sorted({r.reason for r in final if r.outcome != "complete"})[:5],
         "open_seconds": open_s, "open_cpu_ms_per_stream": cpu_open / max(1, opened[0]) * 1000,
+        "open_proxy_cores": cpu_open / open_s if open_s else None,
+        "loadgen_open_cores": gen_open / open_s if open_s else None,
+        "loadgen_idle_cores": gen_idle, "records": records,
         "rss_baseline_mb": rss0 / 2**20, "rss_open_mb": rss_open / 2**20,
         "worker_rss_open_mb": worker_rss_open / 2**20,
         "rss_after_idle_mb": rss_after_idle / 2**20, "rss_end_mb": rss_end / 2**20,
@@ -123,49 +175,63 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--streams", type=int, default=None)
+    ap.add_argument("--idle", type=float, default=None, help="seconds the streams idle open")
     ap.add_argument("--paths", default="direct,trioproxy,trioproxy_ka,streaming")
-    ap.add_argument("--default-limits", action="store_true",
-                    help="keep trioproxy's default TRIOPROXY_MAX_CONNECTIONS (200 per upstream)")
+    ap.add_argument("--max-connections", default=None,
+                    help="trioproxy's TRIOPROXY_MAX_CONNECTIONS (default: its own, auto)")
+    ap.add_argument("--name", default="scale", help="result file name (results/NAME.json)")
     args = ap.parse_args()
-    common.banner("scale", args.quick)
+    common.banner(args.name, args.quick)
     common.check_trioproxy_imports()
-    p = plan(args.quick)
-    if args.streams:
-        p["streams"] = args.streams
+    p = plan(args.quick, args.streams, args.idle)
     paths = args.paths.split(",")
     progress = Progress("scale")
     t_start = time.monotonic()
     rows = []
+    nofile = common.raise_nofile()[0]
     with Procs() as procs:
-        # One upstream connection per open stream (HTTP/1.1): trioproxy's default pool limit of
-        # 200 per origin would queue the rest (and 504 them after the 30 s pool timeout), so
-        # it gets the same 4096 as the conventional proxy's httpx pool.
-        env = {} if args.default_limits else {"TRIOPROXY_MAX_CONNECTIONS": str(MAX_CONNECTIONS)}
-        up, targets = start_paths(procs, paths, trioproxy_env=env)
+        up = procs.upstream()
+        targets: dict[str, common.Target] = {}
+        ledgers: dict[str, Any] = {}
+        for path in paths:
+            if path == "direct":
+                targets[path] = common.Target(path, up.port, None)
+                continue
+            data = procs.logdir / f"data-{path}"
+            data.mkdir()
+            env = {"TRIOPROXY_ACCOUNTING": "true", "XDG_DATA_HOME": str(data)}
+            if args.max_connections:
+                env["TRIOPROXY_MAX_CONNECTIONS"] = args.max_connections
+            proc = procs.proxy(path, up.port, trioproxy_env=env)
+            targets[path] = common.Target(path, proc.port, proc)
+            if path.startswith("trioproxy"):
+                ledgers[path] = data / "trioproxy" / "usage.db"
         eng = loadgen.Engine(max_opening=64)
         warm = loadgen.stream_body(events=4, interval=0.001)
         for t in targets.values():
             loadgen.parallel(eng, t.port, [loadgen.Req("POST", "/v1/messages", warm)
                                            for _ in range(8)], deadline=time.monotonic() + 30)
         for path in paths:
-            row = run_path(eng, up, targets[path], p, progress)
+            row = run_path(eng, up, targets[path], p, progress, ledgers.get(path))
             rows.append(row)
             progress(f"{path}: {fmt(row['rss_per_stream_kb'], ' KB', 1)}/stream, idle cpu "
                      f"{fmt(row['cpu_idle_with_streams'], '', 3)} (baseline "
-                     f"{fmt(row['cpu_idle_baseline'], '', 3)}), outcomes {row['outcomes']}",
-                     force=True)
+                     f"{fmt(row['cpu_idle_baseline'], '', 3)}), outcomes {row['outcomes']}, "
+                     f"records {row['records']}", force=True)
     print(table(["path", "open", "open s", "drain s", "RSS base MB", "RSS open MB", "KB/stream",
-                 "idle cpu base", "idle cpu open", "fds", "outcomes"],
+                 "idle cpu base", "idle cpu open", "fds", "outcomes", "one record"],
                 [[r["path"], r["open_during_idle"], fmt(r["open_seconds"], "", 1),
                   fmt(r["drain_seconds"], "", 1),
                   fmt(r["rss_baseline_mb"], "", 1), fmt(r["rss_open_mb"], "", 1),
                   fmt(r["rss_per_stream_kb"], "", 1), fmt(r["cpu_idle_baseline"], "", 3),
                   fmt(r["cpu_idle_with_streams"], "", 3), r["fds_open"],
-                  ",".join(f"{k}:{v}" for k, v in r["outcomes"].items())] for r in rows]))
-    out = common.write_result("scale", args.quick, {
+                  ",".join(f"{k}:{v}" for k, v in r["outcomes"].items()),
+                  r["records"]["streams_with_one_record"] if r["records"] else "-"]
+                 for r in rows]))
+    out = common.write_result(args.name, args.quick, {
         "config": {**p, "paths": paths, "max_opening": 64, "keepalive_s": 15.0,
-                   "trioproxy_max_connections": None if args.default_limits else MAX_CONNECTIONS,
-                   "rlimit_nofile": common.raise_nofile()[0]},
+                   "trioproxy_max_connections": args.max_connections or "auto (default)",
+                   "trioproxy_accounting": "on (SQLite)", "rlimit_nofile": nofile},
         "rows": rows, "run_seconds": time.monotonic() - t_start,
     })
     print(f"wrote {out} in {time.monotonic() - t_start:.0f} s")
