@@ -7,7 +7,8 @@ Anthropic response: tokens, latency figures, raw usage, key fingerprint). The wr
 waits to fill a batch, so a lightly loaded instance inserts batches of 1 and a saturated one
 batches of up to 200 (``open_usage_writer``'s ``batch_size``); both ends are measured.
 
-Per cell (writers × batch size): every writer starts together and inserts for ``--seconds``;
+Per cell (writers × batch size): every writer connects, then all start together and insert
+for ``--seconds``;
 reported are rows/s and transactions/s over all writers, the per-transaction latency p50/p99
 seen by the writers, and the server's own CPU (the postgres processes, from /proc) per 1,000
 rows. Runs in a fresh schema of the database ``test`` on 127.0.0.1:5432 (dropped at the end).
@@ -52,22 +53,27 @@ def record(i: int, writer: int) -> Any:
         session_id="sess-" + secrets.token_hex(6))
 
 
-def writer_main(url: str, writer: int, batch: int, start_at: float, stop_at: float,
-                out: Any) -> None:
+def writer_main(url: str, writer: int, batch: int, seconds: float, ready: Any, go: Any,
+                done: Any, out: Any) -> None:
+    """Connect, say so, insert from ``go`` for ``seconds``, report, stay connected until
+    ``done`` (so the server's backend CPU can be read before it exits)."""
     from trioproxy.accounting.locations import open_store
 
     store = open_store(url)
     lat: list[float] = []
     rows = i = 0
-    time.sleep(max(0.0, start_at - time.time()))
-    while time.time() < stop_at:
+    ready.put(writer)
+    go.wait()
+    stop_at = time.monotonic() + seconds
+    while time.monotonic() < stop_at:
         recs = [record(i + k, writer) for k in range(batch)]
         i += batch
         t0 = time.perf_counter()
         rows += store.insert_many(recs)
         lat.append(time.perf_counter() - t0)
-    store.close()
     out.put({"rows": rows, "transactions": len(lat), "lat": lat})
+    done.wait()
+    store.close()
 
 
 def postgres_cpu() -> float:
@@ -84,21 +90,24 @@ def postgres_cpu() -> float:
 
 def cell(url: str, writers: int, batch: int, seconds: float) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    start_at = time.time() + 2.0  # every writer connected and waiting
-    stop_at = start_at + seconds
-    procs = [ctx.Process(target=writer_main, args=(url, w, batch, start_at, stop_at, q))
+    ready, out, go, done = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
+    procs = [ctx.Process(target=writer_main, args=(url, w, batch, seconds, ready, go, done, out))
              for w in range(writers)]
     for p in procs:
         p.start()
-    time.sleep(max(0.0, start_at - time.time()))
-    c0 = postgres_cpu()
-    results = [q.get(timeout=seconds + 60) for _ in procs]
-    c1 = postgres_cpu()
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
+    try:
+        for _ in procs:  # every writer connected (its server backend running)
+            ready.get(timeout=120)
+        c0 = postgres_cpu()
+        go.set()
+        results = [out.get(timeout=seconds + 60) for _ in procs]
+        c1 = postgres_cpu()
+    finally:
+        done.set()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
     rows = sum(r["rows"] for r in results)
     txs = sum(r["transactions"] for r in results)
     lat = [x * 1000 for r in results for x in r["lat"]]

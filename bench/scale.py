@@ -14,7 +14,9 @@ stream has exactly one record, under the request id its response carried. ``--ma
 The agent-scale run (each stream held like a long agent turn, then released):
 ``python bench/scale.py --streams 9000 --paths direct,trioproxy --idle 40 --name scale9000``.
 The idle window is longer than a quarter of the shorter relay timeout (the stream watcher's
-wake-up period, 15 s on defaults), so watcher wake-ups show in the idle CPU.
+wake-up period, 15 s on defaults), so watcher wake-ups show in the idle CPU. A path
+``trioproxy+TRIOPROXY_NAME=VALUE`` is trioproxy with that setting, measured in the same run
+(e.g. ``trioproxy+TRIOPROXY_WRITE_STALL_TIMEOUT=600`` wakes the watcher 10x less often).
 
 Reported: streams opened and completed (within 60 s of the release; 30 s quick), time to
 open them all and to drain them after the release, proxy RSS per open stream (RSS with them
@@ -197,12 +199,14 @@ def main() -> None:
             if path == "direct":
                 targets[path] = common.Target(path, up.port, None)
                 continue
-            data = procs.logdir / f"data-{path}"
+            data = procs.logdir / f"data-{len(targets)}"
             data.mkdir()
             env = {"TRIOPROXY_ACCOUNTING": "true", "XDG_DATA_HOME": str(data)}
             if args.max_connections:
                 env["TRIOPROXY_MAX_CONNECTIONS"] = args.max_connections
-            proc = procs.proxy(path, up.port, trioproxy_env=env)
+            base, *extra = path.split("+")  # trioproxy+TRIOPROXY_X=1: a variant, same run
+            env.update(e.split("=", 1) for e in extra)
+            proc = procs.proxy(base, up.port, trioproxy_env=env)
             targets[path] = common.Target(path, proc.port, proc)
             if path.startswith("trioproxy"):
                 ledgers[path] = data / "trioproxy" / "usage.db"

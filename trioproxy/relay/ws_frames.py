@@ -107,6 +107,9 @@ class FramePumps:
                 await self._forward_client_frame(upstream, data, size)
             except tws.ConnectionClosed:
                 return  # the upstream pump relays the upstream's close to the client
+            # An idle socket waits here for minutes between turns: hold no create frame
+            # (40 KB to several MB, the agent's whole context) while it does.
+            del message, text, data
 
     async def _forward_client_frame(self, upstream: tws.WebSocketConnection, data: Message,
                                     size: int) -> None:
@@ -145,18 +148,23 @@ class FramePumps:
                     await self._upstream_closed(upstream.closed)
                     done.cancel()
                 return
-            now = trio.current_time()
-            kind, obj = classify(message) if isinstance(message, str) else (None, None)
-            handed = None
-            if self.client_open:
-                key = "text" if isinstance(message, str) else "bytes"
-                handed = trio.current_time()
-                await self.send({"type": "websocket.send", key: message})
-            if kind in DECODED and obj is None and isinstance(message, str):
-                obj = decode(message)  # after forwarding: the frame is not delayed by it
-            ended = self.ledger.on_upstream_frame(message, now, kind, obj, handed)
-            if ended is not None and ended.noted:
-                await self.finish(ended)
+            await self._relay_upstream_frame(message, trio.current_time())
+            del message  # an idle socket keeps nothing of its last frame while it waits
+
+    async def _relay_upstream_frame(self, message: Message, now: float) -> None:
+        """One upstream frame: to the client, then into the ledger (which may end a response:
+        finalised here, so that nothing of it outlives this call)."""
+        kind, obj = classify(message) if isinstance(message, str) else (None, None)
+        handed = None
+        if self.client_open:
+            key = "text" if isinstance(message, str) else "bytes"
+            handed = trio.current_time()
+            await self.send({"type": "websocket.send", key: message})
+        if kind in DECODED and obj is None and isinstance(message, str):
+            obj = decode(message)  # after forwarding: the frame is not delayed by it
+        ended = self.ledger.on_upstream_frame(message, now, kind, obj, handed)
+        if ended is not None and ended.noted:
+            await self.finish(ended)
 
     async def _keepalive(self, upstream: tws.WebSocketConnection, interval: float) -> None:
         """Pings the upstream every ``interval`` seconds (trio-websocket never does)."""
