@@ -80,6 +80,14 @@ def raise_nofile(want: int = 20000) -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def export_revision(rev: str) -> str:
+    """A temp directory holding ``trioproxy/`` as of git revision ``rev`` (for PYTHONPATH)."""
+    out = tempfile.mkdtemp(prefix=f"trioproxy-{rev.replace('/', '_')}-")
+    subprocess.run(f"git -C {ROOT} archive {rev} trioproxy | tar -x -C {out}", shell=True,
+                   check=True)
+    return out
+
+
 # -- ports and readiness ----------------------------------------------------------------------
 
 def free_port() -> int:

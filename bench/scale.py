@@ -16,7 +16,8 @@ The agent-scale run (each stream held like a long agent turn, then released):
 The idle window is longer than a quarter of the shorter relay timeout (the stream watcher's
 wake-up period, 15 s on defaults), so watcher wake-ups show in the idle CPU. A path
 ``trioproxy+TRIOPROXY_NAME=VALUE`` is trioproxy with that setting, measured in the same run
-(e.g. ``trioproxy+TRIOPROXY_WRITE_STALL_TIMEOUT=600`` wakes the watcher 10x less often).
+(e.g. ``trioproxy+TRIOPROXY_WRITE_STALL_TIMEOUT=600`` wakes the watcher 10x less often), and
+``trioproxy@REV`` is that git revision's ``trioproxy/`` (a before/after in one run).
 
 Reported: streams opened and completed (within 60 s of the release; 30 s quick), time to
 open them all and to drain them after the release, proxy RSS per open stream (RSS with them
@@ -206,6 +207,9 @@ def main() -> None:
                 env["TRIOPROXY_MAX_CONNECTIONS"] = args.max_connections
             base, *extra = path.split("+")  # trioproxy+TRIOPROXY_X=1: a variant, same run
             env.update(e.split("=", 1) for e in extra)
+            base, _, rev = base.partition("@")  # trioproxy@REV: that revision's code
+            if rev:
+                env["PYTHONPATH"] = common.export_revision(rev)
             proc = procs.proxy(base, up.port, trioproxy_env=env)
             targets[path] = common.Target(path, proc.port, proc)
             if path.startswith("trioproxy"):

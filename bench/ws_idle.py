@@ -13,7 +13,12 @@ keeps a compressor and a decompressor per socket). The upstream is
 ``trioproxy.testing_ws.FakeResponsesWS`` in its own process (core 0), the clients are raw
 wsproto over trio in this process (core 0); the proxy runs on core 1.
 
+``--create-kb N`` pads each ``response.create`` with N KB of instructions (Codex's bodies are
+tens of KB: the whole context). ``--old REV`` runs every mode on that git revision's
+``trioproxy/`` too (exported with ``git archive``), old and new in turn, in the same run.
+
     python bench/ws_idle.py [--sockets 1000] [--idle 20] [--modes plain,deflate]
+                            [--create-kb 40] [--old REV]
 """
 
 from __future__ import annotations
@@ -33,8 +38,16 @@ from wsproto.extensions import PerMessageDeflate
 
 AUTH = [(b"authorization", b"Bearer sk-bench-ws"),
         (b"openai-beta", b"responses_websockets=2026-02-06")]
-CREATE = json.dumps({"type": "response.create", "model": "gpt-5-codex", "input": [
-    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]})
+
+
+def create_frame(pad_kb: int) -> str:
+    return json.dumps({"type": "response.create", "model": "gpt-5-codex",
+                       "instructions": "You are a coding agent. " * (pad_kb * 1024 // 24),
+                       "input": [{"type": "message", "role": "user", "content": [
+                           {"type": "input_text", "text": "hi"}]}]})
+
+
+CREATE = create_frame(0)
 UPSTREAM = (
     "import sys, trio\n"
     "from trio_websocket import serve_websocket\n"
@@ -48,9 +61,10 @@ UPSTREAM = (
 class Client:
     """One WebSocket to the proxy: handshake, one turn, then idle until closed."""
 
-    def __init__(self, deflate: bool) -> None:
+    def __init__(self, deflate: bool, frame: str = CREATE) -> None:
         self.conn = WSConnection(ConnectionType.CLIENT)
         self.deflate = deflate
+        self.frame = frame
         self.stream: trio.SocketStream | None = None
 
     async def _until(self, wanted: type) -> Any:
@@ -73,7 +87,7 @@ class Client:
             host=HOST, target="/v1/responses", extra_headers=AUTH,
             extensions=[PerMessageDeflate()] if self.deflate else [])))
         await self._until(AcceptConnection)
-        await self.stream.send_all(self.conn.send(TextMessage(data=CREATE)))
+        await self.stream.send_all(self.conn.send(TextMessage(data=self.frame)))
         await self._until(TextMessage)
 
     async def close(self) -> None:
@@ -88,10 +102,11 @@ class Client:
         await self.stream.aclose()
 
 
-async def drive(port: int, n: int, deflate: bool, on_open: Any, wait_idle: Any) -> dict[str, Any]:
+async def drive(port: int, n: int, deflate: bool, frame: str, on_open: Any, wait_idle: Any
+                ) -> dict[str, Any]:
     """Open n sockets (64 at a time), a turn each; call ``wait_idle()`` (in a thread) while
     they idle; close them all. Returns counts and timings."""
-    clients = [Client(deflate) for _ in range(n)]
+    clients = [Client(deflate, frame) for _ in range(n)]
     failures: list[str] = []
     limit = trio.CapacityLimiter(64)
 
@@ -139,11 +154,14 @@ def ledger_rows(db: Any, want: int, wait_s: float = 30.0) -> dict[str, Any]:
 
 
 def run_mode(procs: Procs, up_port: int, mode: str, n: int, idle_s: float,
-             progress: Progress) -> dict[str, Any]:
-    data = procs.logdir / f"data-ws-{mode}"
+             progress: Progress, frame: str, rev: str = "new", src: str | None = None
+             ) -> dict[str, Any]:
+    data = procs.logdir / f"data-ws-{mode}-{rev}"
     data.mkdir()
-    proc = procs.proxy("trioproxy", up_port, trioproxy_env={
-        "TRIOPROXY_ACCOUNTING": "true", "XDG_DATA_HOME": str(data)})
+    env = {"TRIOPROXY_ACCOUNTING": "true", "XDG_DATA_HOME": str(data)}
+    if src is not None:
+        env["PYTHONPATH"] = src
+    proc = procs.proxy("trioproxy", up_port, trioproxy_env=env)
     sampler = proc.sampler()
     time.sleep(1.0)
     rss0, worker0 = sampler.rss(), sampler.worker_rss()
@@ -161,11 +179,11 @@ def run_mode(procs: Procs, up_port: int, mode: str, n: int, idle_s: float,
         return {"rss_open_mb": rss / 2**20, "worker_rss_open_mb": worker / 2**20, "fds": fds,
                 "cpu_idle_cores": cpu}
 
-    out = trio.run(drive, proc.port, n, mode == "deflate", on_open, wait_idle)
+    out = trio.run(drive, proc.port, n, mode == "deflate", frame, on_open, wait_idle)
     out.update(ledger_rows(data / "trioproxy" / "usage.db", out["opened"]))
     procs.stop(proc)
     opened = out["opened"] or 1
-    return {"mode": mode, "sockets": n, "rss_base_mb": rss0 / 2**20,
+    return {"mode": mode, "rev": rev, "sockets": n, "rss_base_mb": rss0 / 2**20,
             "worker_rss_base_mb": worker0 / 2**20,
             "kb_per_socket": (out["rss_open_mb"] * 2**20 - rss0) / opened / 1024,
             "worker_kb_per_socket": (out["worker_rss_open_mb"] * 2**20 - worker0) / opened / 1024,
@@ -178,7 +196,13 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=20.0)
     ap.add_argument("--modes", default="plain,deflate")
     ap.add_argument("--name", default="ws_idle")
+    ap.add_argument("--create-kb", type=int, default=0)
+    ap.add_argument("--old", default=None, help="also run this git revision, in turn")
     args = ap.parse_args()
+    frame = create_frame(args.create_kb)
+    revs: list[tuple[str, str | None]] = [("new", None)]
+    if args.old:
+        revs = [(args.old, common.export_revision(args.old)), ("new", None)]
     common.banner(args.name, False)
     common.check_trioproxy_imports()
     nofile = common.raise_nofile()[0]
@@ -189,19 +213,21 @@ def main() -> None:
         port = common.free_port()
         up = procs.spawn("ws-upstream", [PY, "-c", UPSTREAM, str(port)], port=port,
                          core=common.LOAD_CORE)
-        for mode in args.modes.split(","):
-            row = run_mode(procs, up.port, mode, args.sockets, args.idle, progress)
+        for mode, (rev, src) in [(m, r) for m in args.modes.split(",") for r in revs]:
+            row = run_mode(procs, up.port, mode, args.sockets, args.idle, progress, frame, rev,
+                           src)
             rows.append(row)
-            progress(f"{mode}: {fmt(row['kb_per_socket'], ' KB', 1)}/socket, idle cpu "
+            progress(f"{mode} {rev}: {fmt(row['kb_per_socket'], ' KB', 1)}/socket, idle cpu "
                      f"{fmt(row['cpu_idle_cores'], '', 4)}, records {row['records']}", force=True)
-    print(table(["mode", "open", "open s", "RSS base MB", "RSS open MB", "KB/socket",
+    print(table(["mode", "rev", "open", "open s", "RSS base MB", "RSS open MB", "KB/socket",
                  "idle cpu", "fds", "records", "failures"],
-                [[r["mode"], r["opened"], fmt(r["open_seconds"], "", 1),
+                [[r["mode"], r["rev"], r["opened"], fmt(r["open_seconds"], "", 1),
                   fmt(r["rss_base_mb"], "", 1), fmt(r["rss_open_mb"], "", 1),
                   fmt(r["kb_per_socket"], "", 1), fmt(r["cpu_idle_cores"], "", 4), r["fds"],
                   r["records"], len(r["failures"])] for r in rows]))
     out = common.write_result(args.name, False, {
         "config": {"sockets": args.sockets, "idle_s": args.idle, "modes": args.modes,
+                   "create_kb": args.create_kb, "old": args.old,
                    "rlimit_nofile": nofile, "max_handshaking": 64},
         "rows": rows, "run_seconds": time.monotonic() - t_start})
     print(f"wrote {out} in {time.monotonic() - t_start:.0f} s")
