@@ -157,6 +157,35 @@ def get(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
+def check_one_credential(headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Raise ClientRequestError (400) when a request carries more than one credential: two
+    ``authorization`` or two ``x-api-key`` fields, or an ``x-api-key`` beside a bearer token.
+    Which key would pay is then the upstream's choice, and the ledger could bill another one.
+    Headers named in ``Connection`` do not count (they are never forwarded). The message names
+    the headers, never their values."""
+    headers = headers if isinstance(headers, list) else list(headers)
+    authorization = api_keys = bearer = 0
+    for name, value in headers:
+        if name == b"authorization":
+            authorization += 1
+            bearer += value.strip().partition(b" ")[0].lower() == b"bearer"
+        elif name == b"x-api-key":
+            api_keys += 1
+    if authorization + api_keys < 2:
+        return  # the common case: no Connection header to look at
+    hop = connection_tokens(headers)
+    if b"authorization" in hop:
+        authorization = bearer = 0
+    if b"x-api-key" in hop:
+        api_keys = 0
+    if authorization > 1 or api_keys > 1 or (api_keys and bearer):
+        raise ClientRequestError(
+            "the request carries more than one credential (authorization: "
+            f"{authorization}, x-api-key: {api_keys}); send exactly one", 400,
+            "invalid_request",
+        )
+
+
 UPSTREAM_REQUEST_ID_HEADERS = (b"request-id", b"x-request-id", b"anthropic-request-id")
 
 
