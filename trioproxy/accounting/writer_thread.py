@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .record import UsageRecord
+from .redact import redact_dsn
 from .spill import append_spill, take_spill
 from .store import Store
 
@@ -233,10 +234,10 @@ class WriterThread:
         if first:
             self._log.warning(
                 "usage store unavailable (%s: %s); %d records pending, retrying every %gs",
-                type(exc).__name__, exc, pending, self._retry_interval,
+                type(exc).__name__, redact_dsn(str(exc)), pending, self._retry_interval,
             )
         else:
-            self._log.debug("usage store still unavailable: %s", exc)
+            self._log.debug("usage store still unavailable: %s", redact_dsn(str(exc)))
 
     def _recovered(self) -> None:
         with self._lock:
