@@ -69,7 +69,8 @@ class WriterThread:
 
     def _run(self) -> None:
         """The thread: its loop, restarted every ``retry_interval`` after a crash (a bug);
-        readiness reads :attr:`running` meanwhile. Records in flight go back to the queue."""
+        meanwhile ``statistics().writer_running`` is False (readiness fails). Records in
+        flight go back to the queue."""
         store: Store | None = None
         done = False
         try:
@@ -98,12 +99,6 @@ class WriterThread:
             if self._crashes:
                 self._came_back()
         return store
-
-    @property
-    def running(self) -> bool:
-        """False while the thread's loop keeps crashing, or once it ended unasked."""
-        with self._lock:
-            return not self._crashes and not self._stopped_early
 
     def _crashed(self, exc: Exception) -> None:
         """One ERROR (with the traceback) per run of crashes, however long it lasts."""
