@@ -57,3 +57,32 @@ async def test_the_ledger_logs_no_password_given_in_the_query_string(
     said = [r.getMessage() for r in caplog.records]
     assert any("usage ledger:" in m for m in said)
     assert not [m for m in said if SECRET in m]
+
+
+async def test_a_keyword_value_dsn_is_a_postgresql_store_not_a_file_named_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from trioproxy.accounting.locations import open_store
+
+    from .test_store import count_rows, make_record
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.chdir(tmp_path)  # a DSN read as a SQLite path would create a file here
+    for url in _postgres_schema_url():
+        dsn = make_conninfo(**conninfo_to_dict(url), password=SECRET)
+        store = open_store(dsn, data_home=tmp_path)
+        try:
+            store.migrate()
+            store.insert_many([make_record(1)])
+        finally:
+            store.close()
+        assert count_rows(url) == 1
+        settings = Settings(database_url=dsn, data_home=str(tmp_path))
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(open_ledger, settings)
+                nursery.cancel_scope.cancel()
+    assert not [p for p in tmp_path.rglob("*") if "host=" in p.name or SECRET in p.name]
+    assert not [r for r in caplog.records if SECRET in r.getMessage()]
