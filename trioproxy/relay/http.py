@@ -46,6 +46,7 @@ from ..protocol.usage_wire import (
     TRAILER_ANNOUNCE,
     UsageChunkStripper,
     as_headers,
+    server_timing_value,
     timing_values,
     usage_values,
 )
@@ -290,7 +291,7 @@ class HttpRelay:
         if start is not None:
             body = handed_over(items, ex) if items else b""
             start["headers"].extend(as_headers(self._usage(ex)))
-            start["headers"].extend(as_headers(timing_values(ex.latency())))
+            hdr.merge_server_timing(start["headers"], server_timing_value(ex.latency()))
             ex.life.answered(resp.status)
             plan.last = [start, {"type": "http.response.body", "body": body, "more_body": False}]
 
