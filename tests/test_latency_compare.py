@@ -17,6 +17,8 @@ import pytest
 from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.record import UsageRecord
 from trioproxy.cli import main
+from trioproxy.protocol.gapsketch import GapSketch
+from trioproxy.protocol.latency import percentile
 
 from .test_store import T0, database_url, make_record
 
@@ -26,15 +28,18 @@ METRICS = ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "tokens_per_s")
 
 
 def paced(i: int, rng: random.Random, ttft: float, itl: float, **fields: Any) -> UsageRecord:
-    """A streamed request of 51 tokens: TTFT and ITL drawn around ``ttft`` / ``itl`` ms."""
+    """A streamed request of 51 tokens: TTFT and its 50 gaps drawn around ``ttft`` / ``itl``
+    ms, with the gaps' summary and sketch as the proxy stores them."""
     first = ttft * rng.lognormvariate(0.0, 0.25)
-    p50 = itl * rng.lognormvariate(0.0, 0.1)
-    tpot = p50 * 1.1
-    e2e = first + tpot * 50
+    pace = itl * rng.lognormvariate(0.0, 0.1)
+    gaps = sorted(pace * rng.lognormvariate(0.0, 0.3) for _ in range(50))
+    e2e = first + sum(gaps) + 5.0
     return make_record(
-        i, status=200, end_reason="complete", output_tokens=51, ttft_ms=first, itl_p50_ms=p50,
-        itl_p90_ms=p50 * 1.5, itl_p99_ms=p50 * 2, itl_max_ms=p50 * 2.5, itl_count=50,
-        tpot_ms=tpot, e2e_ms=e2e, tokens_per_s=50 / (e2e - first) * 1000, **fields)
+        i, status=200, end_reason="complete", output_tokens=51, ttft_ms=first,
+        itl_p50_ms=percentile(gaps, 50), itl_p90_ms=percentile(gaps, 90),
+        itl_p99_ms=percentile(gaps, 99), itl_max_ms=gaps[-1], itl_count=50,
+        itl_sketch=GapSketch.from_ms(gaps).encode(), tpot_ms=sum(gaps) / 50, e2e_ms=e2e,
+        tokens_per_s=50 / (e2e - first) * 1000, **fields)
 
 
 def ledger(url: str) -> None:
@@ -233,3 +238,19 @@ def test_pooled_itl_interval_covers_the_truth_of_one_distribution() -> None:
     assert itl["a"]["value"] == pytest.approx(pooled, abs=1e-3)
     lo, hi = itl["a"]["ci"]
     assert lo < 25.0 < hi and hi - lo < 5.0 and math.isfinite(itl["diff_pct"])
+
+
+def test_pooled_itl_agrees_with_the_report_from_the_gap_sketches(
+    sqlite_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = compare(sqlite_db, capsys, "provider", "anthropic", "openai", "--until", UNTIL)
+    assert main(["latency", "--database-url", sqlite_db, "--by", "provider", "--json",
+                 "--until", UNTIL]) == 0
+    groups = {g["group"]: g["metrics"]["itl_ms"] for g in
+              json.loads(capsys.readouterr().out)["groups"]}
+    found = lines(report)
+    for q in ("p50", "p90"):
+        line = found["itl_ms", q]
+        assert line["a"]["value"] == pytest.approx(groups["anthropic"][q], abs=1e-3)
+        assert line["b"]["value"] == pytest.approx(groups["openai"][q], abs=1e-3)
+    assert found["itl_ms", "p50"]["b"]["gaps"] == groups["openai"]["count"] == 3000

@@ -8,9 +8,10 @@ interval of that ratio, from the same resamples), and whether the two groups' in
 - TTFT, TPOT, e2e and tokens/s: one value per request; resampling draws requests with
   replacement and takes the percentile of each resample (numpy, vectorised).
 - ITL pools the gaps of all requests; gaps within a request are not independent, so resampling
-  draws *requests* (a cluster bootstrap) and pools their gaps. Each request's gaps are its stored
-  summary (p50/p90/p99/max, weighted by its gap count; the same model as ``trioproxy latency``,
-  see :mod:`trioproxy.latency_report`), laid on a shared grid of at most :data:`ITL_GRID` points.
+  draws *requests* (a cluster bootstrap) and pools their gaps: their gap sketches (every gap,
+  within 1 %; :mod:`trioproxy.protocol.gapsketch`) or, for records stored before sketches, their
+  stored p50/p90/p99/max weighted by their gap counts (the estimate ``trioproxy latency`` makes,
+  see :mod:`trioproxy.latency_report`) laid on a shared grid of at most :data:`ITL_GRID` points.
 
 Too few samples: a group with fewer than :data:`MIN_REQUESTS` requests is refused (exit 2);
 a p50 needs :data:`MIN_SAMPLES` ``["p50"]`` values per side, a p90 ``["p90"]``, else the line
@@ -134,6 +135,87 @@ def _scalar_side(rows: Sequence[dict[str, Any]], field: str, qs: list[float], rn
 
 def _itl_side(rows: Sequence[dict[str, Any]], qs: list[float], rng: Any,
               resamples: int) -> dict[str, Any]:
+    sketches = _sketches(rows)
+    if sketches is not None:
+        return _sketch_side(sketches, qs, rng, resamples)
+    return _summary_side(rows, qs, rng, resamples)
+
+
+def _sketches(rows: Sequence[dict[str, Any]]) -> list[Any] | None:
+    """Each request's gap sketch; None when a request with ITL figures has none (recorded
+    before sketches were stored): then only the per-request summaries can be pooled."""
+    from .latency_report import pooled_gaps
+    from .protocol.gapsketch import GapSketch
+
+    if pooled_gaps(rows) is None:
+        return None
+    out = [GapSketch.decode(text) for r in rows if (text := r.get("itl_sketch")) is not None]
+    return [s for s in out if s]
+
+
+def _resampled(mass: Any, values: Any, qs: list[float], rng: Any, resamples: int,
+               quantiles: Any) -> Any:
+    """Cluster bootstrap: draw requests (rows of ``mass``) with replacement, pool their mass
+    over ``values`` and read ``quantiles(pooled, values, qs)``."""
+    import numpy as np
+
+    n = mass.shape[0]
+    reps = np.empty((resamples, len(qs)))
+    step = max(1, _CELLS_PER_CHUNK // max(n, values.size))
+    for start in range(0, resamples, step):
+        stop = min(resamples, start + step)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start)
+        reps[start:stop] = quantiles(counts @ mass, values, qs)
+    return reps
+
+
+def _sketch_side(sketches: list[Any], qs: list[float], rng: Any,
+                 resamples: int) -> dict[str, Any]:
+    """Pooled ITL from the requests' gap sketches (within 1 % of the exact gaps)."""
+    import numpy as np
+
+    from .protocol.gapsketch import merge_sketches
+
+    if not sketches:
+        return {"n": 0, "gaps": 0}
+    items = [s.items() for s in sketches]
+    values = np.unique(np.fromiter((v for it in items for v, _ in it), dtype=float))
+    mass = np.zeros((len(items), values.size))
+    for i, it in enumerate(items):
+        mass[i, np.searchsorted(values, [v for v, _ in it])] = [c for _, c in it]
+    most = int(max(32, _ITL_FLOPS / (resamples * len(items))))
+    if values.size > most:  # a huge group: neighbouring buckets share a column
+        width = -(-values.size // most)
+        cols = np.arange(values.size) // width
+        mass = np.add.reduceat(mass, np.flatnonzero(np.diff(cols, prepend=-1)), axis=1)
+        values = values[::width]
+    pooled = merge_sketches(sketches)
+    reps = _resampled(mass, values, qs, rng, resamples, _rank_quantiles)
+    return {"n": len(sketches), "gaps": pooled.count, "values": pooled.percentiles(qs),
+            "reps": reps, "ci": _interval(reps)}
+
+
+def _rank_quantiles(counts: Any, values: Any, qs: list[float]) -> Any:
+    """Percentiles (linear between closest ranks, as numpy's default) of multisets given as
+    counts per value (rows)."""
+    import numpy as np
+
+    cum = np.cumsum(counts, axis=1)
+    total = cum[:, -1]
+    out = np.empty((counts.shape[0], len(qs)))
+    for i, q in enumerate(qs):
+        pos = (total - 1) * q / 100.0
+        lo = np.floor(pos)
+        hi = np.minimum(lo + 1, total - 1)
+        at_lo = values[np.argmax(cum > lo[:, None], axis=1)]
+        at_hi = values[np.argmax(cum > hi[:, None], axis=1)]
+        out[:, i] = at_lo + (at_hi - at_lo) * (pos - lo)
+    return out
+
+
+def _summary_side(rows: Sequence[dict[str, Any]], qs: list[float], rng: Any,
+                  resamples: int) -> dict[str, Any]:
+    """Pooled ITL from the requests' stored p50/p90/p99/max (records without a sketch)."""
     import numpy as np
 
     summaries = [(c if (c := _number(r.get("itl_count"))) and c > 0 else 1.0, k)
@@ -150,15 +232,9 @@ def _itl_side(rows: Sequence[dict[str, Any]], qs: list[float], rng: Any,
     steps = np.arange(len(_FRACTIONS)) * 1e-9  # ties become steep steps, in order
     cdf = np.array([np.interp(grid, k + steps, _FRACTIONS) for k in knots])
     mass = np.diff(cdf, axis=1, prepend=0.0) * weights[:, None]
-    reps = np.empty((resamples, len(qs)))
-    step = max(1, _CELLS_PER_CHUNK // max(n, grid.size))
-    for start in range(0, resamples, step):
-        stop = min(resamples, start + step)
-        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start)
-        reps[start:stop] = _grid_quantiles(counts @ mass, grid, qs)
-    values = mixture_quantiles(summaries, qs)
-    return {"n": n, "gaps": int(weights.sum()), "values": values, "reps": reps,
-            "ci": _interval(reps)}
+    reps = _resampled(mass, grid, qs, rng, resamples, _grid_quantiles)
+    return {"n": n, "gaps": int(weights.sum()), "values": mixture_quantiles(summaries, qs),
+            "reps": reps, "ci": _interval(reps)}
 
 
 def _grid_quantiles(mass: Any, grid: Any, qs: list[float]) -> Any:
@@ -311,18 +387,32 @@ def plot_comparison(a_rows: Sequence[dict[str, Any]], b_rows: Sequence[dict[str,
     for ax, metric in zip(fig.subplots(1, len(METRICS)), METRICS, strict=True):
         for rows, name in ((a_rows, f"A: {names[0]}"), (b_rows, f"B: {names[1]}")):
             if metric == "itl_ms":
-                summaries = [(c if (c := _number(r.get("itl_count"))) else 1.0, k)
-                             for r in rows if (k := _itl_knots(r)) is not None]
-                if summaries:
-                    ax.plot(mixture_quantiles(summaries, grid), [q / 100 for q in grid],
-                            label=name)
+                ax.plot(*_itl_cdf(rows, grid), label=name)
                 continue
             xs = sorted(v for r in rows if (v := _number(r.get(_FIELD[metric]))) is not None)
             ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=name)
         ax.set_title(metric.replace("_ms", " (ms)").replace("tokens_per_s", "tokens/s"))
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    fig.axes[0].set_ylabel("fraction (ITL: of gaps)")
+    fig.axes[0].set_ylabel("fraction (ITL: of all gaps)")
     fig.axes[0].legend(fontsize="small")
     fig.savefig(path, dpi=100)
 
+
+
+def _itl_cdf(rows: Sequence[dict[str, Any]], grid: list[float]) -> tuple[list, list]:
+    """(x, fraction) of the pooled gaps: from the sketches, else the summaries' estimate."""
+    from .latency_report import pooled_gaps
+
+    pooled = pooled_gaps(rows)
+    if pooled is not None:
+        seen, xs, fs = 0, [], []
+        for value, n in pooled.items():
+            seen += n
+            xs.append(value)
+            fs.append(seen / pooled.count)
+        return xs, fs
+    summaries = [(c if (c := _number(r.get("itl_count"))) else 1.0, k)
+                 for r in rows if (k := _itl_knots(r)) is not None]
+    xs = mixture_quantiles(summaries, grid) if summaries else []
+    return xs, [q / 100 for q in grid][:len(xs)]
