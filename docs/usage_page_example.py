@@ -23,9 +23,9 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 sys.path.insert(0, str(Path(__file__).parent))
-from latency_example import run  # noqa: E402 - the same paced traffic, recorded
+from latency_example import run  # the same paced traffic, recorded
 
-from trioproxy import Settings, TrioProxy  # noqa: E402
+from trioproxy import Settings, TrioProxy
 
 DAY = 86400.0
 
@@ -52,7 +52,7 @@ def screenshot(url: str, out: Path) -> None:
                                     {"width": 390, "height": 844})):
                 page = browser.new_page(viewport=viewport)
                 page.goto(url)
-                page.wait_for_function("Object.keys(window.trioproxyCharts || {}).length === 5")
+                page.wait_for_selector("body[data-charts]", state="attached")
                 page.screenshot(path=str(path), full_page=True)
                 page.close()
                 print(f"wrote {path}")

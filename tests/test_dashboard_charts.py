@@ -120,7 +120,7 @@ def look(url: str) -> dict:
                     m.text))
                 page.goto(url)
                 page.wait_for_selector("#content:not([hidden])")
-                page.wait_for_function("Object.keys(window.trioproxyCharts).length === 5")
+                page.wait_for_selector("body[data-charts]", state="attached")
                 out[name] = {"charts": page.evaluate(probe, list(CHARTS)), "errors": errors,
                              "note": page.text_content("#waterfall-note"),
                              "overflow": page.evaluate(

@@ -166,4 +166,6 @@ window.addEventListener("resize", () => {
 function showCharts(data) {
   lastData = data;
   renderCharts(data);
+  // how many times they were drawn (for tests and screenshots: wait for body[data-charts])
+  document.body.dataset.charts = String(Number(document.body.dataset.charts || 0) + 1);
 }
