@@ -17,7 +17,7 @@ import pytest
 from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.record import UsageRecord
 from trioproxy.cli import main
-from trioproxy.protocol.gapsketch import GapSketch
+from trioproxy.protocol.gapsketch import GapSketch, merge_sketches
 from trioproxy.protocol.latency import percentile
 
 from .test_store import T0, database_url, make_record
@@ -254,3 +254,27 @@ def test_pooled_itl_agrees_with_the_report_from_the_gap_sketches(
         assert line["a"]["value"] == pytest.approx(groups["anthropic"][q], abs=1e-3)
         assert line["b"]["value"] == pytest.approx(groups["openai"][q], abs=1e-3)
     assert found["itl_ms", "p50"]["b"]["gaps"] == groups["openai"]["count"] == 3000
+
+
+def test_a_huge_group_shares_columns_and_keeps_its_interval_around_the_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the work bound, neighbouring sketch buckets share a column (at least 32): the
+    interval still brackets the pooled value, which stays exact."""
+    import trioproxy.latency_compare as lc
+
+    rng = random.Random(5)
+    rows = [{"itl_sketch": r.itl_sketch, "itl_p50_ms": r.itl_p50_ms, "itl_p90_ms": r.itl_p90_ms,
+             "itl_p99_ms": r.itl_p99_ms, "itl_max_ms": r.itl_max_ms, "itl_count": 50}
+            for r in (paced(i, rng, 350.0, 25.0) for i in range(60))]
+    import numpy as np
+
+    assert len(merge_sketches(r["itl_sketch"] for r in rows).items()) > 2 * 32  # to share
+    full = lc._itl_side(rows, [50.0, 90.0], np.random.default_rng(0), 400)
+    monkeypatch.setattr(lc, "_ITL_FLOPS", 1.0)  # as if the group were enormous
+    coarse = lc._itl_side(rows, [50.0, 90.0], np.random.default_rng(0), 400)
+    assert list(coarse["values"]) == list(full["values"])
+    for i in (0, 1):
+        lo, hi = coarse["ci"][i]
+        assert lo <= coarse["values"][i] <= hi * 1.03
+        assert abs(lo - full["ci"][i][0]) < 0.1 * full["values"][i]
