@@ -118,19 +118,29 @@ def _interval(reps: Any) -> Any:
 
 def _scalar_side(rows: Sequence[dict[str, Any]], field: str, qs: list[float], rng: Any,
                  resamples: int) -> dict[str, Any]:
+    """One value per request: resample requests; a resample is its count of each value."""
     import numpy as np
 
-    x = np.array([v for r in rows if (v := _number(r.get(field))) is not None], dtype=float)
+    x = np.sort([v for r in rows if (v := _number(r.get(field))) is not None]).astype(float)
     if x.size == 0:
         return {"n": 0}
     reps = np.empty((resamples, len(qs)))
-    step = max(1, _CELLS_PER_CHUNK // x.size)
-    for start in range(0, resamples, step):
-        stop = min(resamples, start + step)
-        drawn = x[rng.integers(0, x.size, size=(stop - start, x.size))]
-        reps[start:stop] = np.percentile(drawn, qs, axis=1).T
+    for start, counts in _draws(rng, x.size, resamples, x.size):
+        reps[start:start + len(counts)] = _rank_quantiles(counts, x, qs)
     return {"n": int(x.size), "values": np.percentile(x, qs), "reps": reps,
             "ci": _interval(reps)}
+
+
+def _draws(rng: Any, n: int, resamples: int, width: int) -> Any:
+    """(first replicate, counts) blocks: ``counts[b, i]`` is how often item ``i`` of ``n`` was
+    drawn (with replacement, ``n`` draws) in replicate ``b``; blocks bound the memory."""
+    import numpy as np
+
+    step = max(1, _CELLS_PER_CHUNK // max(n, width))
+    for start in range(0, resamples, step):
+        rows = min(step, resamples - start)
+        picks = rng.integers(0, n, size=(rows, n)) + (np.arange(rows) * n)[:, None]
+        yield start, np.bincount(picks.ravel(), minlength=rows * n).reshape(rows, n)
 
 
 def _itl_side(rows: Sequence[dict[str, Any]], qs: list[float], rng: Any,
@@ -159,13 +169,9 @@ def _resampled(mass: Any, values: Any, qs: list[float], rng: Any, resamples: int
     over ``values`` and read ``quantiles(pooled, values, qs)``."""
     import numpy as np
 
-    n = mass.shape[0]
     reps = np.empty((resamples, len(qs)))
-    step = max(1, _CELLS_PER_CHUNK // max(n, values.size))
-    for start in range(0, resamples, step):
-        stop = min(resamples, start + step)
-        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start)
-        reps[start:stop] = quantiles(counts @ mass, values, qs)
+    for start, counts in _draws(rng, mass.shape[0], resamples, values.size):
+        reps[start:start + len(counts)] = quantiles(counts @ mass, values, qs)
     return reps
 
 
