@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from trioproxy.extensions import Extension
-from trioproxy.testing import Abort, FakeUpstream, Pause, Reply, anthropic_sse
+from trioproxy.testing import FakeUpstream, Pause, Reply, anthropic_sse
 
 from .conftest import RawClient, proxy_settings, start_proxy
 from .test_relay import ANTHROPIC, MESSAGES_STREAM, body_bytes
@@ -148,7 +148,7 @@ class _RelayTasks(trio.abc.Instrument):
 class _FailingStart(Extension):
     name = "failing-start"
 
-    async def on_response_start(self, ctx, status, headers):  # noqa: ANN001, ANN201
+    async def on_response_start(self, ctx, status, headers):
         raise RuntimeError("refused")
 
 
