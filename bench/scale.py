@@ -104,7 +104,7 @@ def run_path(eng: loadgen.Engine, up: common.Proc, t: common.Target, p: dict[str
     sampler = t.sampler() if t.proc else up.sampler()  # direct: the upstream's own cost
     rss0 = sampler.rss()
     cpu_base = idle_cpu(sampler, p["baseline_s"], eng)
-    group = f"scale-{t.path}"
+    group = "scale-" + "".join(c if c.isalnum() else "_" for c in t.path)  # URL-safe
     opened = [0]
     body = loadgen.stream_body(events=4, interval=0.01, hold=group, hold_max=p["hold_max_s"])
     reqs = [loadgen.Req("POST", "/v1/messages", body, stamps=True,
