@@ -126,6 +126,9 @@ class Metrics:
                                **live)
         self.draining = Gauge("trioproxy_draining", "1 while the process drains before exit",
                               registry=reg, multiprocess_mode="livemax")
+        self.restarts = Gauge("trioproxy_worker_restarts",
+                              "Worker processes trioproxy serve restarted after they died",
+                              registry=reg, multiprocess_mode="livemax")
         self.conns = Gauge("trioproxy_upstream_connections",
                            "Upstream connections per origin: in use or idle (kept alive)",
                            ("origin", "state"), registry=reg, **live)
@@ -143,6 +146,9 @@ class Metrics:
         self.store_up = Gauge("trioproxy_usage_store_up",
                               "1 when the last usage-store attempt succeeded", registry=reg,
                               multiprocess_mode="livemin")
+        self.outage = Gauge("trioproxy_usage_store_outage_seconds",
+                            "Seconds the usage store has been unavailable (0 while it is up)",
+                            registry=reg, multiprocess_mode="livemax")
         self.spilled = Counter("trioproxy_usage_records_spilled",
                                "Usage records written to the spill file", registry=reg)
 
@@ -201,12 +207,13 @@ class Metrics:
 
     def refresh(
         self, *, in_flight: int, draining: bool, pool: Mapping[str, Mapping[str, int]],
-        writer: Any = None,
+        writer: Any = None, worker_restarts: int = 0,
     ) -> None:
         """Set the figures that live elsewhere: ``pool`` is ``UpstreamPool.origin_statistics()``,
         ``writer`` a ``WriterStatistics`` (None without accounting)."""
         self.in_flight.set(in_flight)
         self.draining.set(1 if draining else 0)
+        self.restarts.set(worker_restarts)
         for origin, stats in pool.items():
             self.conns.labels(origin, "in_use").set(stats["in_use"])
             self.conns.labels(origin, "idle").set(stats["idle"])
@@ -215,6 +222,7 @@ class Metrics:
         if writer is not None and hasattr(self, "queue"):
             self.queue.set(writer.pending)
             self.store_up.set(1 if writer.store_available else 0)
+            self.outage.set(writer.outage_seconds)
             self._advance(self.spilled, ("spilled",), writer.spilled)
 
     def _advance(self, counter: Any, key: tuple[str, ...], total: float) -> None:
