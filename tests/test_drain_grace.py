@@ -6,15 +6,20 @@ records wait in memory, then in the spill file), a spill file that cannot be wri
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import signal
+from functools import partial
 
 import httpx
+import pytest
 import trio
+import trio_websocket as tws
 
 from trioproxy.testing import FakeUpstream, anthropic_sse, openai_chat_sse
+from trioproxy.testing_ws import Turn
 
 from .conftest import proxy_settings, start_proxy
 from .test_health_drain import (
@@ -148,3 +153,56 @@ async def test_readiness_fails_when_the_store_is_down_and_records_cannot_be_kept
         assert (status, body["status"]) == (503, "ledger_unavailable")
         assert body["store"]["available"] is False and body["store"]["spill_ok"] is False
     await proxy.stop()
+
+
+async def test_websockets_finish_their_response_then_close_with_1012(nursery) -> None:
+    """After the grace period a Responses WebSocket closes with 1012 (service restart) as soon
+    as no response is in flight: an idle one at once, a busy one once its response ended. So
+    the drain does not wait the whole graceful timeout for sockets Codex keeps open."""
+    from .test_websocket import connect, create, start_fake, start_proxy, turn
+
+    fake = await start_fake(nursery, turns=[Turn(), Turn(gaps=0.4)])
+    proxy = await start_proxy(nursery, fake.base_url)
+    runtime = proxy.app.runtime
+    with trio.fail_after(20):
+        async with connect(proxy) as idle, connect(proxy) as busy:
+            assert (await turn(idle, create()))[-1]["type"] == "response.completed"
+            await busy.send_message(create())
+            assert json.loads(await busy.get_message())["type"] == "response.created"
+            remaining: list[float] = []
+
+            async def drain() -> None:
+                remaining.append(await runtime.drain(30.0, grace=0.2))
+
+            nursery.start_soon(drain)
+            events = []
+            while not events or events[-1]["type"] != "response.completed":
+                events.append(json.loads(await busy.get_message()))  # the response goes on
+            for ws in (idle, busy):
+                with pytest.raises(tws.ConnectionClosed):
+                    await ws.get_message()
+                assert ws.closed.code == 1012
+            while not remaining:
+                await trio.sleep(0.01)
+    assert remaining[0] > 25  # the drain ended with the sockets, not at the timeout
+    await proxy.app.runtime.pool.aclose()
+
+
+async def test_a_websocket_busy_at_the_graceful_timeout_is_closed_with_1012(nursery) -> None:
+    from .test_websocket import connect, create, start_fake, start_proxy
+
+    fake = await start_fake(nursery, turns=[Turn(gaps=5.0)])
+    proxy = await start_proxy(nursery, fake.base_url)
+    with trio.fail_after(20):
+        async with connect(proxy) as ws:
+            await ws.send_message(create())
+            assert json.loads(await ws.get_message())["type"] == "response.created"
+            started = trio.current_time()
+            nursery.start_soon(partial(proxy.app.runtime.drain, 2.0, grace=0.2))
+            with pytest.raises(tws.ConnectionClosed):
+                while True:
+                    await ws.get_message()
+            assert ws.closed.code == 1012
+            assert 0.8 < trio.current_time() - started < 2.0  # before Hypercorn would cut it
+        rows = await proxy.wait_records(1)
+    assert rows[0][0].end_reason == "aborted"

@@ -21,6 +21,9 @@ from .upstream import UpstreamPool
 log = logging.getLogger("trioproxy")
 
 Finisher = Callable[[Exchange], Awaitable[None]]
+# Seconds before the graceful timeout at which WebSockets still busy are closed with 1012
+# (service restart) rather than cut by Hypercorn without a close frame.
+WS_CLOSE_MARGIN = 1.0
 
 
 @dataclass(eq=False)
@@ -40,6 +43,8 @@ class Runtime:
     unready: bool = False  # draining: readiness fails (new requests may still be served)
     draining: bool = False  # draining past the grace period: new requests get 503
     drain_started: float | None = None  # trio time the drain began
+    refusing: trio.Event = field(default_factory=trio.Event)  # set with ``draining``
+    ws_close_at: float = float("inf")  # trio time: WebSockets still busy then are closed
     refused: int = 0  # requests refused while draining
     worker_restarts: Callable[[], int] | None = None  # trioproxy serve: workers restarted
 
@@ -69,17 +74,21 @@ class Runtime:
         1. for ``grace`` seconds readiness fails but new requests are still served, so a load
            balancer's health check takes this instance out before any client is refused;
         2. then new requests get 503 (``Connection: close``, ``retry-after``) until nothing
-           is in flight and at least ``notice`` seconds have passed.
+           is in flight and at least ``notice`` seconds have passed. Each Responses WebSocket
+           closes with 1012 (service restart) once no response is in flight on it, or
+           ``WS_CLOSE_MARGIN`` before the timeout whatever runs.
 
         Logs one line when it starts, one when refusing starts, one when it ends. Returns the
         seconds left of ``timeout`` (what in-flight streams still get)."""
         start, busy = trio.current_time(), self.busy()
         self.drain_started, self.unready = start, True
         deadline = start + timeout
+        self.ws_close_at = deadline - min(WS_CLOSE_MARGIN, timeout / 2)
         log.warning("draining: readiness fails; new requests are served for %gs more, then get "
                     "503; %d in flight, waiting up to %gs for them", grace, busy, timeout)
         await _sleep_until(min(start + grace, deadline), hurry)
         self.draining = True
+        self.refusing.set()  # WebSockets close (1012) once their response in flight ended
         refusing, busy = trio.current_time(), self.busy()
         if grace:
             log.warning("drain: grace period over, new requests get 503; %d in flight", busy)
