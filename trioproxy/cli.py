@@ -44,8 +44,9 @@ Hypercorn's h11_max_incomplete_size), nor a drain: on SIGTERM `trioproxy serve` 
 at once but still serves new requests for --drain-grace seconds (a load balancer's health
 check takes it out meanwhile), then answers them 503 (Connection: close, retry-after) for at
 least --drain-notice seconds and until in-flight streams end (at most --graceful-timeout from
-the signal), then stops; a second signal stops at once. A worker that dies is restarted. --workers auto starts one worker per CPU this process may run on; with more than one,
-every worker is counted once in GET /metrics. Use `trioproxy serve` in production.
+the signal), then stops; a second signal stops at once. A worker that dies is restarted.
+--workers auto starts one worker per CPU this process may run on; with more than one, every
+worker is counted once in GET /metrics. Use `trioproxy serve` in production.
 """
 
 log = logging.getLogger("trioproxy")
