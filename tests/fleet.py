@@ -186,7 +186,6 @@ class HAProxy(Process):
             assert text.count(old) == 1, f"contrib/haproxy.cfg changed: {old!r}"
             text = text.replace(old, new)
         self.config.write_text(text)
-        self.state.write_text("")
 
     async def launch(self, nursery: trio.Nursery) -> None:
         await self.start(nursery, ["haproxy", "-W", "-db", "-f", str(self.config)])

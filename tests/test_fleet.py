@@ -147,6 +147,8 @@ async def test_rolling_restart_behind_haproxy_loses_no_request_and_no_record(
         for proc in (haproxy, *instances):
             if proc is not None:
                 await proc.stop()
+    reloaded = haproxy.text.split("Reloading HAProxy", 1)[1]  # with the saved health states
+    assert "Loading success" in reloaded and "server state file" not in reloaded, reloaded
     assert tally.failures == []
     assert tally.streams >= 15 and tally.buffered >= 20 and tally.ws_responses >= 10
     # sockets open across a restart were closed with 1012 (service restart) and reconnected

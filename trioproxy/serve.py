@@ -81,7 +81,7 @@ def run_workers(config: Any, workers: int) -> int:
         pool.extend(spawn() for _ in range(workers))
         for name in ("SIGINT", "SIGTERM"):
             signal.signal(getattr(signal, name), on_signal)
-        failed = _supervise(pool, spawn, shutdown, restarts)
+        failed = _supervise(pool, spawn, shutdown, restarts, metrics_dir)
         for worker in pool:
             worker.proc.join()
         return failed or next((w.proc.exitcode for w in pool if w.proc.exitcode), 0)
@@ -102,7 +102,8 @@ class Worker:
         self.proc, self.ready, self.started = proc, ready, started
 
 
-def _supervise(pool: list[Worker], spawn: Any, shutdown: Event, restarts: Any) -> int:
+def _supervise(pool: list[Worker], spawn: Any, shutdown: Event, restarts: Any,
+               metrics_dir: str | None) -> int:
     """Until shutdown: restart a worker that died after start-up; stop everything (and
     return its exit code) when one died during start-up."""
     while not shutdown.is_set():
@@ -117,6 +118,10 @@ def _supervise(pool: list[Worker], spawn: Any, shutdown: Event, restarts: Any) -
                 shutdown.set()
                 return code or 1
             log.error("worker %d died (exit code %s); starting a new one", worker.proc.pid, code)
+            if metrics_dir is not None:  # its live gauges (in flight, queue) no longer count
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(worker.proc.pid, metrics_dir)
             with restarts.get_lock():
                 restarts.value += 1
             if time.monotonic() - worker.started < RESTART_PAUSE:  # no busy crash loop

@@ -191,9 +191,7 @@ class WriterThread:
             self._spill(waiting, "waited out a usage-store outage", quiet=True)
             raise _StillDown
         self._spill([r for _, c in chunks for r in c] + waiting,
-                    "waited out a usage-store outage", quiet=True)
-        with self._lock:
-            self._inflight = []
+                    "waited out a usage-store outage", quiet=True, inflight=True)
         return True
 
     def _duplicates(self, n: int, of: int, *, expected: bool) -> None:
@@ -261,7 +259,17 @@ class WriterThread:
     # -- the spill and quarantine files ----------------------------------------------------
 
     def _drain_spill(self, store: Store | None) -> Store | None:
-        """Stream spill files into the store, fresh records first; keep the file if stopped."""
+        """Stream spill files into the store, fresh records first; keep the file if stopped.
+        During a long outage (a retry): connect first, and leave the files alone if that fails."""
+        with self._lock:
+            retrying = self._spill_due()
+        if retrying and store is None:
+            began = time.monotonic()
+            try:
+                store = self._connect()
+            except Exception as exc:  # noqa: BLE001 - still down: the next retry will tell
+                self._failure(exc, began)
+                return None
         with self._lock:
             self._spill_dirty, self._draining = False, True
         try:
@@ -323,8 +331,10 @@ class WriterThread:
                 self._done += 1
         self._notify_progress()
 
-    def _spill(self, records: list[UsageRecord], why: str, *, quiet: bool = False) -> None:
-        """Append records to the spill file (any thread); log them if even that fails."""
+    def _spill(self, records: list[UsageRecord], why: str, *, quiet: bool = False,
+               inflight: bool = False) -> None:
+        """Append records to the spill file (any thread); log them if even that fails.
+        ``inflight``: they are the batch in flight, which is then done."""
         if not records:
             return
         try:
@@ -341,6 +351,8 @@ class WriterThread:
                 self._log.critical("usage record: %s",
                                    json.dumps(r.sanitised().to_dict(), default=str))
         with self._lock:
+            if inflight:
+                self._inflight = []
             self._spilled += len(records)
             self._done += len(records)
             self._spill_dirty = True
