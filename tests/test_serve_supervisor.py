@@ -8,6 +8,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+from functools import partial
 
 import httpx
 import trio
@@ -118,3 +120,24 @@ async def test_sigterm_during_the_final_flush_does_not_lose_records(
         assert b"trioproxy stopped" in server.stderr
     finally:
         await server.stop()
+
+
+async def test_a_worker_failing_at_start_up_stops_serve_instead_of_a_restart_loop(
+    nursery, upstream
+) -> None:
+    server = Spawned()
+    env = server_env(upstream, TRIOPROXY_EXTENSIONS="no_such_module_here:Extension")
+    with trio.fail_after(30):
+        proc = await nursery.start(partial(
+            trio.run_process, [*SERVE, "--workers", "2"], env=env, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, check=False, start_new_session=True))
+        server.proc = proc
+        try:
+            err = b""
+            async for chunk in proc.stderr:
+                err += chunk
+            assert await proc.wait() != 0
+        finally:
+            await server.stop()
+    assert b"during start-up; stopping" in err
+    assert b"starting a new one" not in err

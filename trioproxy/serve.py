@@ -143,10 +143,10 @@ def _worker(config: Any, sockets: Any, shutdown: Event, hurry: Event, ready: Eve
         sock.listen(config.backlog)
     wrapped = wrap_app(app, config.wsgi_max_body_size, None)
 
-    async def trigger() -> None:  # Hypercorn calls it once lifespan start-up is complete
-        if app.runtime is not None:
+    async def trigger() -> None:  # Hypercorn calls it once lifespan start-up has ended
+        if app.runtime is not None:  # None: start-up failed (the worker exits with it)
             app.runtime.worker_restarts = lambda: restarts.value
-        ready.set()
+            ready.set()
         await drain_trigger(app, config, shutdown, hurry)
 
     async def main() -> None:
