@@ -206,3 +206,22 @@ async def test_a_websocket_busy_at_the_graceful_timeout_is_closed_with_1012(nurs
             assert 0.8 < trio.current_time() - started < 2.0  # before Hypercorn would cut it
         rows = await proxy.wait_records(1)
     assert rows[0][0].end_reason == "aborted"
+
+
+async def test_ctrl_c_skips_the_grace_period(nursery, upstream) -> None:
+    """SIGINT (a terminal's Ctrl-C) has no load balancer to wait for: refuse at once."""
+    server = Spawned()
+    await server.start(nursery, [os.path.join(BIN, "trioproxy"), "serve", "--port", "0",
+                                 "--drain-notice", "0.5"], server_env(upstream))
+    try:
+        with trio.fail_after(20):
+            signalled = trio.current_time()
+            server.proc.send_signal(signal.SIGINT)
+            while b"draining: " not in server.stderr:
+                await trio.sleep(0.02)
+            assert_refused(await refused_request(server.port, "/v1/chat/completions", CHAT),
+                           "openai")
+            assert await server.proc.wait() == 0
+            assert trio.current_time() - signalled < 10  # not the 15 s default grace
+    finally:
+        await server.stop()

@@ -4,7 +4,8 @@ Hypercorn stops accepting the moment its shutdown trigger fires, so a load balan
 refused or hanging connections, never a "draining" answer. Here the parent process turns
 SIGTERM / SIGINT into a shared event; each worker (Hypercorn's own ``worker_serve``) then drains
 first (:meth:`trioproxy.runtime.Runtime.drain`: readiness 503 at once, new requests still
-served for ``drain_grace`` seconds, then 503 with ``Connection: close`` and ``retry-after``;
+served for ``drain_grace`` seconds (not after SIGINT: Ctrl-C has no load balancer to wait
+for), then 503 with ``Connection: close`` and ``retry-after``;
 in-flight streams go on), and only then lets Hypercorn shut down, with what is left of the
 graceful timeout. A second signal cuts the drain short. A worker that gets SIGTERM itself
 (systemd signals the whole control group) drains the same way; its handler stays installed
@@ -57,13 +58,15 @@ def run_workers(config: Any, workers: int) -> int:
         os.environ[MULTIPROC_ENV] = metrics_dir
     sockets = config.create_sockets()
     ctx = get_context("spawn")
-    shutdown, hurry = ctx.Event(), ctx.Event()
+    shutdown, hurry, interactive = ctx.Event(), ctx.Event(), ctx.Event()
     restarts = ctx.Value("i", 0)
     signals = 0
 
-    def on_signal(*_: object) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
         nonlocal signals
         signals += 1
+        if signum == signal.SIGINT and not shutdown.is_set():
+            interactive.set()  # Ctrl-C: no balancer to wait for, no grace period
         (hurry if signals > 1 else shutdown).set()
         shutdown.set()
 
@@ -71,7 +74,8 @@ def run_workers(config: Any, workers: int) -> int:
         ready = ctx.Event()
         proc = ctx.Process(target=_worker, kwargs={
             "config": config, "sockets": sockets, "shutdown": shutdown, "hurry": hurry,
-            "ready": ready, "restarts": restarts, "parent": os.getpid()})
+            "interactive": interactive, "ready": ready, "restarts": restarts,
+            "parent": os.getpid()})
         proc.start()
         return Worker(proc, ready, time.monotonic())
 
@@ -130,8 +134,8 @@ def _supervise(pool: list[Worker], spawn: Any, shutdown: Event, restarts: Any,
     return 0
 
 
-def _worker(config: Any, sockets: Any, shutdown: Event, hurry: Event, ready: Event,
-            restarts: Any, parent: int) -> None:
+def _worker(config: Any, sockets: Any, shutdown: Event, hurry: Event, interactive: Event,
+            ready: Event, restarts: Any, parent: int) -> None:
     """One worker process: Hypercorn's trio worker, with the drain as its shutdown trigger."""
     die_with_parent(parent)
     from hypercorn.trio.run import worker_serve
@@ -147,7 +151,7 @@ def _worker(config: Any, sockets: Any, shutdown: Event, hurry: Event, ready: Eve
         if app.runtime is not None:  # None: start-up failed (the worker exits with it)
             app.runtime.worker_restarts = lambda: restarts.value
             ready.set()
-        await drain_trigger(app, config, shutdown, hurry)
+        await drain_trigger(app, config, shutdown, hurry, interactive)
 
     async def main() -> None:
         # SIGTERM is handled from here to the end of the lifespan shutdown (the writer's flush)
@@ -173,17 +177,18 @@ def die_with_parent(parent: int) -> None:
         sys.exit(1)
 
 
-async def drain_trigger(app: Any, config: Any, shutdown: Event, hurry: Event) -> None:
-    """Return once this worker has drained: wait for the shutdown event, drain, and leave
-    Hypercorn the rest of the graceful timeout."""
+async def drain_trigger(app: Any, config: Any, shutdown: Event, hurry: Event,
+                        interactive: Event) -> None:
+    """Return once this worker has drained: wait for the shutdown event, drain (without the
+    grace period after a Ctrl-C), and leave Hypercorn the rest of the graceful timeout."""
     while not shutdown.is_set():
         await trio.sleep(POLL)
     runtime = app.runtime
     if runtime is not None:  # None: lifespan start-up failed
         settings = runtime.settings
         config.graceful_timeout = await runtime.drain(
-            config.graceful_timeout, grace=settings.drain_grace, notice=settings.drain_notice,
-            hurry=hurry.is_set)
+            config.graceful_timeout, notice=settings.drain_notice, hurry=hurry.is_set,
+            grace=0.0 if interactive.is_set() else settings.drain_grace)
 
 
 async def _on_sigterm(signals: Any, shutdown: Event, hurry: Event, parent: int) -> None:
