@@ -141,3 +141,17 @@ async def test_a_worker_failing_at_start_up_stops_serve_instead_of_a_restart_loo
             await server.stop()
     assert b"during start-up; stopping" in err
     assert b"starting a new one" not in err
+
+
+def test_a_worker_starts_while_a_sibling_is_creating_its_metrics_file(
+    tmp_path, monkeypatch
+) -> None:
+    """Workers start together: one may find another's multiprocess metrics file just created,
+    still empty. That must not fail its start-up (it did, one start in a few dozen)."""
+    from trioproxy.metrics import Metrics
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    (tmp_path / "counter_999999.db").write_bytes(b"")  # a sibling's file, not written yet
+    metrics = Metrics(multiprocess=True)  # raised struct.error reading the empty file
+    (tmp_path / "counter_999999.db").unlink()  # by scrape time it is a real file (or gone)
+    assert metrics.render()[1].startswith("text/plain")

@@ -80,7 +80,9 @@ class Metrics:
                  accounting: bool = True) -> None:
         """``accounting``: there is a usage writer (its queue and store figures are shown)."""
         self.multiprocess = multiprocess_mode() if multiprocess is None else multiprocess
-        self.registry = CollectorRegistry(auto_describe=True)
+        # Multiprocess: no collect at registration; it read every worker's file, and one that a
+        # worker starting beside this one had just created (still empty) failed the start-up.
+        self.registry = CollectorRegistry(auto_describe=not self.multiprocess)
         if self.multiprocess:
             from prometheus_client.multiprocess import MultiProcessCollector
 
