@@ -41,14 +41,18 @@ def is_operational(path: bytes) -> bool:
 
 
 def readiness(runtime: Runtime) -> tuple[int, dict[str, Any]]:
-    """Whether this instance should get traffic: 503 while draining, or while the usage store
-    is down *and* the spill file cannot take the records (accounting would be lost); a store
-    that is merely down is reported, not a reason (the records wait in memory, then on disk)."""
-    store = None if runtime.writer is None else store_state(runtime.writer.statistics())
+    """Whether this instance should get traffic: 503 while draining, while the usage writer
+    thread keeps crashing, or while the usage store is down *and* the spill file cannot take
+    the records (accounting would be lost); a store that is merely down is reported, not a
+    reason (the records wait in memory, then on disk)."""
+    stats = runtime.writer.statistics() if runtime.writer is not None else None
+    store = None if stats is None else store_state(stats)
     extra: dict[str, Any] = {"store_available": True} if store is None else \
         {"store_available": store["available"], "store": store}
     if runtime.unready:
         return 503, {"status": "draining", **extra}
+    if stats is not None and not stats.writer_running:
+        return 503, {"status": "usage_writer_failed", **extra}
     if store is not None and not store["available"] and not store["spill_ok"]:
         return 503, {"status": "ledger_unavailable", **extra}
     return 200, {"status": "ready", **extra}

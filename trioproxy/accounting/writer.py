@@ -18,7 +18,11 @@ What happens to a record, in every case (none is lost; the store never holds one
   if the store still refuses it (while it accepts a plain record) it goes to the quarantine file
   next to the spill file, with one log line naming its request id; the others flow on;
 - at shutdown the queue is flushed within ``shutdown_timeout``; what is left is appended to the
-  spill file, which the next writer to start streams into the store.
+  spill file, which the next writer to start streams into the store (with one INFO line naming
+  the file and its record count);
+- if the writer thread's loop dies (a bug), it logs one ERROR, puts the batch in flight back in
+  the queue and restarts every ``retry_interval``; ``statistics().writer_running`` is False
+  (readiness fails) until a unit of work completes again.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class WriterStatistics:
     store_available: bool  # the last store attempt succeeded
     outage_seconds: float = 0.0  # how long the store has been unavailable (0 while available)
     spill_ok: bool = True  # the last append to the spill file worked
+    writer_running: bool = True  # the writer thread is not crashing (readiness fails if so)
 
 
 class UsageWriter(WriterThread):
@@ -132,6 +137,7 @@ class UsageWriter(WriterThread):
                 outage_seconds=0.0 if self._outage is None
                 else time.monotonic() - self._outage[0],
                 spill_ok=self._spill_error is None,
+                writer_running=not self._crashes and not self._stopped_early,
             )
 
     async def flush(self, timeout: float = 10.0) -> bool:
