@@ -155,3 +155,15 @@ def test_a_worker_starts_while_a_sibling_is_creating_its_metrics_file(
     metrics = Metrics(multiprocess=True)  # raised struct.error reading the empty file
     (tmp_path / "counter_999999.db").unlink()  # by scrape time it is a real file (or gone)
     assert metrics.render()[1].startswith("text/plain")
+
+
+def test_a_scrape_while_a_worker_is_creating_its_metrics_file_answers(
+    tmp_path, monkeypatch
+) -> None:
+    """A restarted worker creates its files while another worker answers a scrape."""
+    from trioproxy.metrics import Metrics
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    metrics = Metrics(multiprocess=True)
+    (tmp_path / "gauge_livesum_999998.db").write_bytes(b"")  # created, not yet sized
+    assert metrics.render()[1].startswith("text/plain")  # raised struct.error

@@ -19,6 +19,8 @@ that old.
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,6 +71,27 @@ def label_model(ex: Exchange, usage: Any) -> str | None:
     return ex.model_requested if ex.status is not None and 200 <= ex.status < 300 else None
 
 
+def _files_collector() -> type:
+    """prometheus_client's multiprocess collector, skipping a file another worker has just
+    created and not sized yet (empty: reading it raised, failing that scrape)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    class FilesCollector(MultiProcessCollector):
+        def collect(self) -> Any:
+            files = [f for f in glob.glob(os.path.join(self._path, "*.db"))
+                     if _size(f) > 0]
+            return self.merge(files, accumulate=True)
+
+    return FilesCollector
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # removed meanwhile (a worker marked dead)
+        return 0
+
+
 def status_class(status: int | None) -> str:
     return f"{status // 100}xx" if status else "none"
 
@@ -84,9 +107,7 @@ class Metrics:
         # worker starting beside this one had just created (still empty) failed the start-up.
         self.registry = CollectorRegistry(auto_describe=not self.multiprocess)
         if self.multiprocess:
-            from prometheus_client.multiprocess import MultiProcessCollector
-
-            MultiProcessCollector(self.registry)
+            _files_collector()(self.registry)
             reg = None  # the instruments write files; the collector reads every worker's
         else:
             from prometheus_client.process_collector import ProcessCollector
