@@ -62,7 +62,7 @@ async def test_new_requests_are_served_during_the_grace_period(
         status, body = await get_json(proxy.url + "/_trioproxy/readyz")
         assert (status, body["status"]) == (503, "draining")  # the balancer stops sending...
         assert await served(proxy.port) == 200  # ...but what it still sends is served
-        while trio.current_time() < runtime.drain_started + 0.7:
+        while trio.current_time() < runtime.drain_state.started + 0.7:
             await trio.sleep(0.05)
         assert_refused(await refused_request(proxy.port, "/v1/messages", MESSAGES), "anthropic")
         await client.read_body(stream)  # the stream opened before SIGTERM runs to its end

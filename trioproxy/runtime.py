@@ -27,6 +27,16 @@ WS_CLOSE_MARGIN = 1.0
 
 
 @dataclass(eq=False)
+class DrainState:
+    """Where this process's drain is: serving (``started`` None), the grace period (readiness
+    fails, requests are served), refusing (``refusing`` set: new requests get 503)."""
+
+    started: float | None = None  # trio time the drain began
+    refusing: trio.Event = field(default_factory=trio.Event)
+    ws_close_at: float = float("inf")  # trio time: WebSockets still busy then are closed
+
+
+@dataclass(eq=False)
 class Runtime:
     """Resources that live from lifespan start-up to shutdown (owned by the lifespan task)."""
 
@@ -40,13 +50,24 @@ class Runtime:
     metrics: Any = None  # metrics.Metrics when /metrics is on
     reader: Any = None  # dashboard.UsageReader when accounting is on
     sockets: int = 0  # open WebSocket connections
-    unready: bool = False  # draining: readiness fails (new requests may still be served)
-    draining: bool = False  # draining past the grace period: new requests get 503
-    drain_started: float | None = None  # trio time the drain began
-    refusing: trio.Event = field(default_factory=trio.Event)  # set with ``draining``
-    ws_close_at: float = float("inf")  # trio time: WebSockets still busy then are closed
+    drain_state: DrainState = field(default_factory=lambda: DrainState())
     refused: int = 0  # requests refused while draining
     worker_restarts: Callable[[], int] | None = None  # trioproxy serve: workers restarted
+
+    @property
+    def unready(self) -> bool:
+        """Draining: readiness fails (new requests are still served in the grace period)."""
+        return self.drain_state.started is not None
+
+    @property
+    def draining(self) -> bool:
+        """Draining past the grace period: new requests get 503."""
+        return self.drain_state.refusing.is_set()
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        assert value, "a drain is not undone"
+        self.drain_state.refusing.set()
 
     async def observe(self, ex: Exchange) -> None:
         """Finisher: the exchange's metrics."""
@@ -81,14 +102,12 @@ class Runtime:
         Logs one line when it starts, one when refusing starts, one when it ends. Returns the
         seconds left of ``timeout`` (what in-flight streams still get)."""
         start, busy = trio.current_time(), self.busy()
-        self.drain_started, self.unready = start, True
-        deadline = start + timeout
-        self.ws_close_at = deadline - min(WS_CLOSE_MARGIN, timeout / 2)
+        state, deadline = self.drain_state, start + timeout
+        state.started, state.ws_close_at = start, deadline - min(WS_CLOSE_MARGIN, timeout / 2)
         log.warning("draining: readiness fails; new requests are served for %gs more, then get "
                     "503; %d in flight, waiting up to %gs for them", grace, busy, timeout)
         await _sleep_until(min(start + grace, deadline), hurry)
-        self.draining = True
-        self.refusing.set()  # WebSockets close (1012) once their response in flight ended
+        state.refusing.set()  # and WebSockets close (1012) once their response in flight ended
         refusing, busy = trio.current_time(), self.busy()
         if grace:
             log.warning("drain: grace period over, new requests get 503; %d in flight", busy)

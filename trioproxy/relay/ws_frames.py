@@ -181,10 +181,10 @@ class FramePumps:
                               done: trio.CancelScope) -> None:
         """Once the process refuses new requests (its drain's grace period is over): close
         with 1012 (service restart) as soon as no response is in flight, so the client
-        reconnects elsewhere; a response still running at ``Runtime.ws_close_at`` is cut."""
-        runtime = self.runtime
-        await runtime.refusing.wait()  # no wake-ups at all while serving
-        while self.ledger.unfinished and trio.current_time() < runtime.ws_close_at:
+        reconnects elsewhere; a response still running at ``DrainState.ws_close_at`` is cut."""
+        state = self.runtime.drain_state
+        await state.refusing.wait()  # no wake-ups at all while serving
+        while self.ledger.unfinished and trio.current_time() < state.ws_close_at:
             await trio.sleep(DRAIN_POLL)
         if self.ledger.unfinished:
             log.warning("websocket: %d response(s) still running at the graceful timeout: "
