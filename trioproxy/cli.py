@@ -41,10 +41,12 @@ TCP_USER_TIMEOUT (--tcp-user-timeout) is set on the listening socket, so a clien
 reading is dropped by the kernel after that many seconds instead of pinning its request forever.
 Plain `hypercorn` has no flag for this, nor for the request-head limit (--max-header-bytes sets
 Hypercorn's h11_max_incomplete_size), nor a drain: on SIGTERM `trioproxy serve` fails readiness
-and answers new requests 503 (Connection: close, retry-after) for --drain-notice seconds and
-until in-flight streams end (at most --graceful-timeout), then stops; a second signal stops at
-once. --workers auto starts one worker per CPU this process may run on; with more than one,
-every worker is counted once in GET /metrics. Use `trioproxy serve` in production.
+at once but still serves new requests for --drain-grace seconds (a load balancer's health
+check takes it out meanwhile), then answers them 503 (Connection: close, retry-after) for at
+least --drain-notice seconds and until in-flight streams end (at most --graceful-timeout from
+the signal), then stops; a second signal stops at once. A worker that dies is restarted.
+--workers auto starts one worker per CPU this process may run on; with more than one, every
+worker is counted once in GET /metrics. Use `trioproxy serve` in production.
 """
 
 log = logging.getLogger("trioproxy")
