@@ -137,6 +137,11 @@ class FakeUpstream:
             await nursery.start(trio.serve_listeners, self._handle, listeners)
             task_status.started(self)
 
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted connection (for a server that accepts connections itself, e.g.
+        ``trioproxy fake-upstream``, which also hands WebSocket upgrades elsewhere)."""
+        await self._handle(stream)
+
     async def _handle(self, stream: trio.abc.Stream) -> None:
         info = ConnInfo(len(self.connections) + 1, trio.current_time())
         self.connections.append(info)

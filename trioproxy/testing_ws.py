@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -158,8 +158,10 @@ class FakeResponsesWS:
         reject: Rejection | None = None,
         accept_headers: Headers | None = None,
         max_message_size: int = 64 * MiB,
+        turn_factory: Callable[[dict[str, Any]], Turn] | None = None,
     ) -> None:
         self.turns: deque[Turn] = deque(turns)
+        self.turn_factory = turn_factory  # makes the turn of a create frame once turns run out
         self.reject = reject
         self.accept_headers = list(DEFAULT_ACCEPT_HEADERS if accept_headers is None else accept_headers)
         self.max_message_size = max_message_size
@@ -200,6 +202,11 @@ class FakeResponsesWS:
             )
             self.port = server.port
             task_status.started(self)
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        """Answer one upgrade request (for a server that accepts connections itself, e.g.
+        ``trioproxy fake-upstream``, which serves HTTP on the same port)."""
+        await self._handle(request)
 
     async def _handle(self, request: WebSocketRequest) -> None:
         seen = SeenSocket(request.path, list(request.headers), request.proposed_subprotocols)
@@ -242,7 +249,12 @@ class FakeResponsesWS:
         base = {"id": rid, "object": "response", "created_at": 1_700_000_000 + n,
                 "model": frame.get("model"), "previous_response_id": frame.get("previous_response_id")}
         seq = _Seq()
-        turn = self.turns[0] if self.turns and frame.get("generate") is not False else Turn()
+        if frame.get("generate") is False:  # a warm-up: answered at once, consumes no turn
+            turn = Turn()
+        elif self.turns:
+            turn = self.turns.popleft()
+        else:
+            turn = self.turn_factory(frame) if self.turn_factory is not None else Turn()
         if turn.before_created:
             await trio.sleep(turn.before_created)
         await ws.send_message(seq.event("response.created", response={**base, "status": "in_progress",
@@ -251,7 +263,6 @@ class FakeResponsesWS:
             await ws.send_message(seq.event("response.completed", response={
                 **base, "status": "completed", "output": [], "usage": dict(ZERO_USAGE)}))
             return "completed"
-        turn = self.turns.popleft() if self.turns else Turn()
         deltas = list(turn.deltas) + (["x" * turn.big_delta_bytes] if turn.big_delta_bytes else [])
         for i, delta in enumerate(deltas):
             if turn.gap(i):
