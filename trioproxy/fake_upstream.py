@@ -94,7 +94,15 @@ def _event_gaps(pauses: list[float], before: int, after: int) -> list[float]:
 
 
 def paced_reply(req: RecordedRequest, pacing: Pacing) -> Reply:
-    """The reply to one HTTP request: paced for the generation APIs, else the fake's default."""
+    """The reply to one HTTP request: paced for the generation APIs, else the fake's default.
+    Paced replies keep a schedule from the request's arrival (``Reply.scheduled``): token k
+    is sent at TTFT + the first k - 1 gaps, however late the previous one went out."""
+    reply = _paced_reply(req, pacing)
+    reply.scheduled = True
+    return reply
+
+
+def _paced_reply(req: RecordedRequest, pacing: Pacing) -> Reply:
     p, post = req.path.rstrip("/"), req.method == "POST"
     if req.method == "GET" and p == "/health":
         return Reply(200, _headers("openai", "application/json"), [b'{"status":"ok"}'],
@@ -145,7 +153,7 @@ def paced_turn(frame: dict[str, Any], pacing: Pacing) -> Turn:
     usage = {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
              "output_tokens": n, "output_tokens_details": {"reasoning_tokens": 0},
              "total_tokens": inp + n}
-    return Turn(deltas=tuple(pacing.text()), gaps=pauses, usage=usage)
+    return Turn(deltas=tuple(pacing.text()), gaps=pauses, usage=usage, scheduled=True)
 
 
 class _Prefixed(trio.abc.Stream):

@@ -246,9 +246,14 @@ class FakeUpstream:
             reason = b"Overloaded" if reply.status == 529 else b""
         await stream.send_all(conn.send(h11.Response(
             status_code=reply.status, headers=headers, reason=reason)))
+        due = req.received_at + reply.before_headers  # reply.scheduled: pauses end on time
         for part in reply.body if req.method != "HEAD" else []:
             if isinstance(part, Pause):
-                await trio.sleep(part.seconds)
+                due += part.seconds
+                if reply.scheduled:
+                    await trio.sleep_until(due)
+                else:
+                    await trio.sleep(part.seconds)
             elif isinstance(part, Abort):
                 raise _Closed("abort")
             elif part:

@@ -94,6 +94,9 @@ class Turn:
     before_created: float = 0  # seconds (trio time) before response.created
     gaps: float | Sequence[float] = 0  # before each delta: one value, or one per delta
     before_end: float = 0  # seconds before the terminal event
+    # True: each gap ends at a fixed time from the create frame's arrival (the sum of the
+    # gaps so far), so late wake-ups do not add up (a calibration upstream's schedule)
+    scheduled: bool = False
 
     def gap(self, i: int) -> float:
         """The pause before delta ``i``."""
@@ -245,6 +248,7 @@ class FakeResponsesWS:
     async def _respond(self, ws: WebSocketConnection, frame: dict[str, Any], seen: SeenSocket) -> End:
         self._responses += 1
         n = self._responses
+        due = trio.current_time()
         rid = f"resp_fake_{n}"
         base = {"id": rid, "object": "response", "created_at": 1_700_000_000 + n,
                 "model": frame.get("model"), "previous_response_id": frame.get("previous_response_id")}
@@ -266,7 +270,11 @@ class FakeResponsesWS:
         deltas = list(turn.deltas) + (["x" * turn.big_delta_bytes] if turn.big_delta_bytes else [])
         for i, delta in enumerate(deltas):
             if turn.gap(i):
-                await trio.sleep(turn.gap(i))
+                due += turn.gap(i)
+                if turn.scheduled:
+                    await trio.sleep_until(due)
+                else:
+                    await trio.sleep(turn.gap(i))
             await ws.send_message(seq.event("response.output_text.delta", item_id=f"msg_{n}",
                                             output_index=0, content_index=0, delta=delta))
             if turn.end in ("stop", "close", "drop") and i == 0:
