@@ -31,11 +31,11 @@ import trio_websocket
 
 from .testing import FakeUpstream, RecordedRequest, Reply, default_reply
 from .testing_replies import (
-    _headers,
     anthropic_json,
     anthropic_sse,
     openai_chat_json,
     openai_chat_sse,
+    openai_headers,
     openai_responses_json,
     openai_responses_sse,
 )
@@ -105,8 +105,7 @@ def paced_reply(req: RecordedRequest, pacing: Pacing) -> Reply:
 def _paced_reply(req: RecordedRequest, pacing: Pacing) -> Reply:
     p, post = req.path.rstrip("/"), req.method == "POST"
     if req.method == "GET" and p == "/health":
-        return Reply(200, _headers("openai", "application/json"), [b'{"status":"ok"}'],
-                     chunked=False)
+        return Reply(200, openai_headers(), [b'{"status":"ok"}'], chunked=False)
     try:
         body = json.loads(req.body) if req.body else {}
     except ValueError:
@@ -165,7 +164,8 @@ class _Prefixed(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
-            data, self._prefix = self._prefix, b""
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
             return data
         return await self.transport_stream.receive_some(max_bytes)
 
