@@ -42,6 +42,11 @@ _STATIC = {
     b"": ("dashboard.html", b"text/html; charset=utf-8"),
     b"dashboard.js": ("dashboard.js", b"text/javascript; charset=utf-8"),
     b"dashboard.css": ("dashboard.css", b"text/css; charset=utf-8"),
+    # the charts: uPlot (MIT, vendored from the npm registry with its licence) and their code
+    b"dashboard_charts.js": ("dashboard_charts.js", b"text/javascript; charset=utf-8"),
+    b"uPlot.iife.min.js": ("uPlot.iife.min.js", b"text/javascript; charset=utf-8"),
+    b"uPlot.min.css": ("uPlot.min.css", b"text/css; charset=utf-8"),
+    b"uPlot.LICENSE.txt": ("uPlot.LICENSE.txt", b"text/plain; charset=utf-8"),
 }
 _PAGE_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"),
@@ -92,6 +97,7 @@ class UsageReader:
 
 def usage_summary(store: Store, since: float, now: float) -> dict[str, Any]:
     """The page's data from ``store`` over ``[since, now)``."""
+    from .dashboard_charts import chart_data
     from .latency_report import summarize_latency
 
     latency = summarize_latency(store.latency_rows(since, None), "model")["groups"]
@@ -106,6 +112,7 @@ def usage_summary(store: Store, since: float, now: float) -> dict[str, Any]:
             "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
             "cost_usd": r.cost_usd, "duration_ms": r.duration_ms,
         } for r in store.recent(RECENT, since)],
+        "charts": chart_data(store, since, now),
     }
 
 

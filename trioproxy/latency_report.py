@@ -326,6 +326,7 @@ Examples:
   trioproxy latency --since 24h
   trioproxy latency --by hour --since today --csv > latency.csv
   trioproxy latency --since 7d --plot latency.png
+  trioproxy latency --since 7d --compare provider anthropic openai --plot cdf.png
 """
 
 
@@ -346,12 +347,22 @@ def add_latency_parser(subparsers: Any) -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print JSON instead of a table")
     out.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     p.add_argument("--plot", metavar="FILE.png", help="also draw CDFs and a TTFT time series")
+    p.add_argument("--compare", nargs=3, metavar=("BY", "A", "B"),
+                   help="put groups A and B side by side (BY: provider, model, key, hour) with "
+                        "95%% bootstrap intervals (needs numpy: trioproxy[compare])")
+    p.add_argument("--seed", type=int, default=0, help="--compare's resampling seed (default 0)")
+    p.add_argument("--resamples", type=int, default=2000, metavar="N",
+                   help="--compare's bootstrap resamples (default 2000)")
     return p
 
 
 def run_latency(args: argparse.Namespace, rows: Iterable[dict[str, Any]] | None = None) -> int:
     """Run ``trioproxy latency`` on ``rows`` (default: the store's ``latency_rows``).
     0: ok, 1: store unreachable or plot failed, 2: bad arguments or matplotlib missing."""
+    if getattr(args, "compare", None):
+        from .latency_compare import run_compare
+
+        return run_compare(args, rows)
     try:
         since = parse_when(args.since) if args.since else None
         until = parse_when(args.until) if args.until else None
