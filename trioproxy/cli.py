@@ -1,5 +1,5 @@
-"""``trioproxy`` command line: ``serve`` (Hypercorn tuned for long streams), ``usage`` and
-``latency``."""
+"""``trioproxy`` command line: ``serve`` (Hypercorn tuned for long streams), ``usage``,
+``latency`` and ``fake-upstream`` (a paced calibration upstream)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from . import __version__
 from .config import CONFIG_ENV, SPECS, ConfigError, Settings
 from .configspec import add_flags, flag_text, flags_as_environment, from_flags, markdown_table
+from .fake_upstream import add_fake_upstream_parser, run_fake_upstream
 from .log import setup_logging
 from .protocol.headers import hypercorn_head_limit
 
@@ -209,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
     _add_config(sub)
+    add_fake_upstream_parser(sub)
     try:
         from .latency_report import add_latency_parser, run_latency
         from .usage_cli import add_usage_parser, run_usage
@@ -223,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "config":
         return run_config(args)
+    if args.command == "fake-upstream":
+        return run_fake_upstream(args)
     if args.command == "usage" and run_usage is not None:
         return run_usage(args)
     if args.command == "latency" and run_latency is not None:

@@ -8,7 +8,9 @@ None of these is forwarded upstream or recorded as usage: the app finalises them
 - ``GET /_trioproxy/readyz``: readiness, 503 while the process drains, or while the usage store
   is unreachable and the spill file cannot be written (its body says which, and the store's
   state);
-- ``GET /metrics``: Prometheus text format (see :mod:`trioproxy.metrics`).
+- ``GET /metrics``: Prometheus text format (see :mod:`trioproxy.metrics`);
+- ``GET /health``: the readiness answer at the path benchmark clients probe before they start
+  (vLLM's convention: AIPerf, vLLM ``bench serve``...). No provider API has this path.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from .relay.responses import (
 from .runtime import Runtime
 
 METRICS_PATH = b"/metrics"
+HEALTH_PATH = b"/health"  # what benchmark clients probe (vLLM's convention)
 
 
 def is_operational(path: bytes) -> bool:
     """The path is the proxy's own (never an upstream's)."""
-    return path == METRICS_PATH or path.startswith(PREFIX) or path == PREFIX.rstrip(b"/")
+    return (path in (METRICS_PATH, HEALTH_PATH) or path.startswith(PREFIX)
+            or path == PREFIX.rstrip(b"/"))
 
 
 def readiness(runtime: Runtime) -> tuple[int, dict[str, Any]]:
@@ -78,7 +82,8 @@ async def answer_operational(
         body, content_type = runtime.metrics.render()
         await send_all(send, ex, answer(ex, 200, body, content_type.encode()))
         return
-    if path in (PREFIX + b"healthz", PREFIX + b"readyz") and ex.method in ("GET", "HEAD"):
+    if path in (PREFIX + b"healthz", PREFIX + b"readyz", HEALTH_PATH) and \
+            ex.method in ("GET", "HEAD"):
         status, obj = (200, {"status": "alive"}) if path.endswith(b"healthz") \
             else readiness(runtime)
         if status != 200:
