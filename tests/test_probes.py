@@ -15,7 +15,7 @@ from trioproxy.testing import FakeUpstream
 from .conftest import proxy_settings, start_proxy
 from .test_metrics import samples, scrape, value
 
-PROBES = ["/_trioproxy/healthz", "/_trioproxy/readyz"]
+PROBES = ["/_trioproxy/healthz", "/_trioproxy/readyz", "/health"]
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -55,7 +55,7 @@ async def test_probe_access_lines_come_back_with_log_probes(
     with trio.fail_after(20):
         await probe_then_proxy(proxy.url, probes=2)
         await proxy.wait_exchanges(1)
-    each_round = [PROBES[0], PROBES[0], PROBES[1], PROBES[1]]  # GET and HEAD of each
+    each_round = [p for p in PROBES for _ in ("GET", "HEAD")]
     assert access_paths(caplog) == [*each_round * 2, "/v1/chat/completions"]
     await proxy.stop()
 
@@ -66,7 +66,8 @@ async def test_a_failing_readiness_probe_is_still_not_a_request(
     """A draining instance answers its probes 503 many times a second: not logged either."""
     caplog.set_level(logging.INFO, logger="trioproxy.access")
     proxy = await start_proxy(nursery, proxy_settings(upstream))
-    proxy.app.runtime.draining = True  # what SIGTERM sets (the drain itself is tested elsewhere)
+    proxy.app.runtime.drain_state.started = trio.current_time()  # what SIGTERM starts (the
+    # drain itself is tested elsewhere): readiness fails from then on
     with trio.fail_after(20):
         async with httpx.AsyncClient() as client:
             for _ in range(5):
@@ -84,7 +85,7 @@ async def test_probes_are_not_counted_as_requests_in_the_metrics(
         await probe_then_proxy(proxy.url)
         async with httpx.AsyncClient() as client:
             text = await scrape(client, proxy.url)
-    assert value(text, "trioproxy_requests_total") == 1  # the proxied request, not 40 probes
+    assert value(text, "trioproxy_requests_total") == 1  # the proxied request, not 60 probes
     assert not [s for s in samples(text) if "trioproxy" in json.dumps(s[1])]  # no own labels
     assert value(text, "trioproxy_streams_in_flight") == 0
     await proxy.stop()
