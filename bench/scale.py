@@ -42,12 +42,15 @@ from common import Procs, Progress, fmt, table
 REQUEST_ID = b"x-trioproxy-request-id"
 
 
-def plan(quick: bool, streams: int | None = None, idle: float | None = None) -> dict[str, Any]:
+def plan(quick: bool, streams: int | None = None, idle: float | None = None,
+         settle: float = 1.0) -> dict[str, Any]:
     p = _plan(quick)
     if streams:
         p["streams"] = streams
     if idle:
         p["idle_s"] = idle
+    p["settle_s"] = settle
+    p["hold_max_s"] += settle
     # held until released: opening (~3 ms of proxy CPU each), the idle window, the sampling
     p["hold_max_s"] = max(p["hold_max_s"], p["streams"] * 0.01 + p["idle_s"] + 90)
     return p
@@ -127,7 +130,7 @@ def run_path(eng: loadgen.Engine, up: common.Proc, t: common.Target, p: dict[str
     cpu_open = sampler.cpu() - c_open0
     gen_open = common.self_cpu() - gen0
     progress(f"{t.path}: {opened[0]} open in {open_s:.1f} s ({done[0]} ended early)", force=True)
-    eng.run(lambda: False, time.monotonic() + 1.0)  # settle
+    eng.run(lambda: False, time.monotonic() + p["settle_s"])  # settle
     rss_open = sampler.rss()
     worker_rss_open = sampler.worker_rss()
     fds = sampler.fds()
@@ -179,6 +182,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--streams", type=int, default=None)
     ap.add_argument("--idle", type=float, default=None, help="seconds the streams idle open")
+    ap.add_argument("--settle", type=float, default=1.0,
+                    help="seconds between the last stream opening and the idle measurement "
+                         "(over 60: each watcher's one wake-up after the first event's send "
+                         "is past, so the idle CPU is the steady state of a long silence)")
     ap.add_argument("--paths", default="direct,trioproxy,trioproxy_ka,streaming")
     ap.add_argument("--max-connections", default=None,
                     help="trioproxy's TRIOPROXY_MAX_CONNECTIONS (default: its own, auto)")
@@ -186,7 +193,7 @@ def main() -> None:
     args = ap.parse_args()
     common.banner(args.name, args.quick)
     common.check_trioproxy_imports()
-    p = plan(args.quick, args.streams, args.idle)
+    p = plan(args.quick, args.streams, args.idle, args.settle)
     paths = args.paths.split(",")
     progress = Progress("scale")
     t_start = time.monotonic()
