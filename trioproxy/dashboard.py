@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 
 import trio
 
+from .access import refusal
 from .accounting.locations import open_store
 from .accounting.store import Store
 from .config import Settings
@@ -38,6 +39,7 @@ from .runtime import Runtime
 COOKIE = "trioproxy_admin"
 DAY = 86400.0
 RECENT = 25  # last requests shown
+MIN_DAYS, MAX_DAYS = 1 / 24, 366.0  # the page's window: an hour to a year
 _STATIC = {
     b"": ("dashboard.html", b"text/html; charset=utf-8"),
     b"dashboard.js": ("dashboard.js", b"text/javascript; charset=utf-8"),
@@ -140,6 +142,31 @@ def _loopback(scope: dict[str, Any]) -> bool:
         return False
 
 
+def _refused(runtime: Runtime, ex: Exchange, scope: dict[str, Any]) -> list | None:
+    """The answer for a client that may not read the page's data, else None. Without an
+    admin token the peer's address is all there is: then the Host must name this proxy too
+    (see :mod:`trioproxy.access`)."""
+    token = runtime.settings.admin_token
+    why = refusal(ex.request_headers, scope, runtime.settings, check_host=not token)
+    status = 403
+    if why is None and not may_read(runtime, ex, scope):
+        why, status = ("admin token required", 401) if token else ("loopback only", 403)
+    if why is None:
+        return None
+    ex.fail(End.REJECTED, f"usage page: {why}")
+    return json_answer(ex, status, {"error": why})
+
+
+def _days(scope: dict[str, Any]) -> float | None:
+    """``?days=N`` (default 7): a number of days from an hour to 366; None when it is not."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    try:
+        days = float(query.get("days", ["7"])[0])
+    except ValueError:
+        return None
+    return days if MIN_DAYS <= days <= MAX_DAYS else None  # NaN compares False
+
+
 def _cookies(headers: list[tuple[bytes, bytes]], name: str) -> list[str]:
     found = []
     for key, value in headers:
@@ -180,18 +207,17 @@ async def answer_dashboard(
 
 
 async def _usage_json(runtime: Runtime, ex: Exchange, scope: dict[str, Any]) -> list:
-    if not may_read(runtime, ex, scope):
-        why = "admin token required" if runtime.settings.admin_token else "loopback only"
-        ex.fail(End.REJECTED, f"usage page: {why}")
-        return json_answer(ex, 401 if runtime.settings.admin_token else 403, {"error": why})
+    refused = _refused(runtime, ex, scope)
+    if refused is not None:
+        return refused
     if runtime.reader is None:
         ex.fail(End.REJECTED, "usage page: accounting is off")
         return json_answer(ex, 404, {"error": "accounting is off: nothing is recorded"})
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    try:
-        days = min(max(float(query.get("days", ["7"])[0]), 1 / 24), 366.0)
-    except ValueError:
-        days = 7.0
+    days = _days(scope)
+    if days is None:
+        ex.fail(End.REJECTED, "usage page: bad days")
+        return json_answer(ex, 400, {"error": f"days must be a number from {MIN_DAYS:.4g} "
+                                              f"(an hour) to {MAX_DAYS:g}"})
     try:
         data = await runtime.reader.summary(days)
     except Exception as exc:  # noqa: BLE001 - the store is down, or slow: say so, stay up
