@@ -40,6 +40,7 @@ COOKIE = "trioproxy_admin"
 DAY = 86400.0
 RECENT = 25  # last requests shown
 MIN_DAYS, MAX_DAYS = 1 / 24, 366.0  # the page's window: an hour to a year
+CLOSE_WAIT = 2.0  # seconds shutdown gives the page's store connection to let go
 _STATIC = {
     b"": ("dashboard.html", b"text/html; charset=utf-8"),
     b"dashboard.js": ("dashboard.js", b"text/javascript; charset=utf-8"),
@@ -54,12 +55,15 @@ _PAGE_HEADERS = [
 
 class UsageReader:
     """The page's own store connection: opened on first use in a worker thread, one call at a
-    time, closed by :meth:`aclose` (the app's lifespan)."""
+    time, closed by :meth:`aclose` (the app's lifespan). Every query is bounded by the store's
+    own timeout (``store_timeout``); :meth:`aclose` interrupts a running one and never waits
+    for it."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._store: Store | None = None
         self._limiter = trio.CapacityLimiter(1)
+        self._closed = False
 
     async def summary(self, days: float) -> dict[str, Any]:
         """Spend and tokens by model and by day, latency by model, the last requests."""
@@ -71,6 +75,8 @@ class UsageReader:
 
     def _summary(self, since: float, now: float) -> dict[str, Any]:
         try:
+            if self._closed:
+                raise RuntimeError("the usage page's reader is closed")
             store = self._store = self._store or open_store(
                 self._settings.database_url, data_home=self._settings.data_home,
                 timeout=self._settings.store_timeout)
@@ -88,20 +94,25 @@ class UsageReader:
                 pass
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+        """Interrupt a running query, then close; bounded (a thread that does not let go is
+        left behind: the process is stopping)."""
+        self._closed = True
+        store = self._store
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_WAIT):
+            if store is not None:  # SQLite: at once; PostgreSQL: a cancel request
+                await trio.to_thread.run_sync(store.interrupt, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(self._close, limiter=self._limiter,
+                                          abandon_on_cancel=True)
 
 
 def usage_summary(store: Store, since: float, now: float) -> dict[str, Any]:
-    """The page's data from ``store`` over ``[since, now)``."""
-    from .latency_report import summarize_latency
-
-    latency = summarize_latency(store.latency_rows(since, None), "model")["groups"]
+    """The page's data from ``store`` over ``[since, now)``: every figure is aggregated by the
+    database (nothing here grows with the number of rows)."""
     return {
         "object": "trioproxy.usage_page", "since": since, "generated_at": now,
         "by_model": [_totals(g) for g in store.aggregate("model", since)],
         "by_day": [_totals(g) for g in store.aggregate("day", since)],
-        "latency": latency,
+        "latency": store.latency_summary(since, None),
         "recent": [{
             "started_at": r.started_at, "model": r.model or r.model_requested, "api": r.api,
             "status": r.status, "end_reason": r.end_reason, "streamed": r.streamed,

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = ["SQLiteBackend"]
 # open, lock protocol, not a database. SQLITE_ERROR (syntax, no such table/column), CONSTRAINT,
 # MISMATCH, TOOBIG and RANGE are permanent.
 _TRANSIENT_CODES = frozenset({5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 26})
+_PROGRESS_STEPS = 10_000  # virtual machine steps between two looks at a read's deadline
 
 
 class SQLiteBackend:
@@ -79,8 +80,20 @@ class SQLiteBackend:
 
     @contextmanager
     def cursor(self) -> Iterator[Any]:
-        with closing(self.conn.cursor()) as cur:
-            yield cur
+        """A cursor for reads, bounded like every call: past ``busy_timeout`` seconds the
+        statement fails ("interrupted"), however much it still has to read."""
+        deadline = time.monotonic() + self.busy_timeout
+        self.conn.set_progress_handler(lambda: time.monotonic() > deadline, _PROGRESS_STEPS)
+        try:
+            with closing(self.conn.cursor()) as cur:
+                yield cur
+        finally:
+            with suppress(sqlite3.ProgrammingError):  # closed meanwhile (interrupt, shutdown)
+                self.conn.set_progress_handler(None, 0)
+
+    def interrupt(self) -> None:
+        with suppress(sqlite3.ProgrammingError):  # already closed: nothing runs on it
+            self.conn.interrupt()
 
     def close(self) -> None:
         self.conn.close()
