@@ -17,14 +17,23 @@ import trio
 
 from trioproxy import Settings
 from trioproxy.accounting.locations import open_store
+from trioproxy.accounting.page_query import SAMPLE_PER_MODEL
 from trioproxy.accounting.record import UsageRecord
 from trioproxy.accounting.store import SQLStore
 from trioproxy.dashboard import UsageReader, usage_summary
 from trioproxy.latency_report import summarize_latency
 
-from .test_store import store, store_url  # noqa: F401 - fixtures: SQLite and PostgreSQL
+from .test_store import store_url  # noqa: F401 - the fixture: SQLite and PostgreSQL
 
 NOW = 1_790_000_000.0
+
+
+@pytest.fixture
+def ledger(store_url: str) -> Iterator[Any]:  # noqa: F811
+    store = open_store(store_url)
+    store.migrate()
+    yield store
+    store.close()
 MODELS = ("claude-sonnet-4-5", "gpt-4o-mini", None)
 
 
@@ -45,9 +54,11 @@ def records(n: int, seed: int = 7) -> Iterator[UsageRecord]:
         )
 
 
-def fill(store: Any, n: int) -> None:
+def fill(store: Any, n: int, first: int = 0) -> None:
     batch: list[UsageRecord] = []
-    for record in records(n):
+    ids = random.Random(first)  # the proxy's request ids: time, then 20 random hex digits
+    for record in records(n, seed=first + 7):
+        record.request_id = f"tp_{first + int(record.request_id[1:]):011x}{ids.getrandbits(80):020x}"
         batch.append(record)
         if len(batch) == 2000:
             store.insert_many(batch)
@@ -55,42 +66,72 @@ def fill(store: Any, n: int) -> None:
     store.insert_many(batch)
 
 
-def test_page_data_memory_does_not_grow_with_the_ledger(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path / "u.db"))
-    store.migrate()
-    fill(store, 20_000)
+def page_peak(store: Any) -> int:
     tracemalloc.start()
     try:
         data = usage_summary(store, NOW - 86400, NOW)
-        peak = tracemalloc.get_traced_memory()[1]
+        return tracemalloc.get_traced_memory()[1] if data["latency"] else 0
     finally:
         tracemalloc.stop()
-        store.close()
-    assert sum(g["requests"] for g in data["latency"]) == 20_000
-    # the rows themselves would be ~20 MB of dicts; the buckets and sums are small
-    assert peak < 4 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
 
 
-def test_page_latency_agrees_with_trioproxy_latency(store: Any) -> None:  # noqa: F811
-    fill(store, 3000)
-    page = {g["group"]: g for g in usage_summary(store, NOW - 86400, NOW)["latency"]}
-    exact = {g["group"]: g for g in summarize_latency(store.latency_rows(NOW - 86400, NOW))
-             ["groups"]}
+def test_page_data_memory_does_not_grow_with_the_ledger(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "u.db"))
+    store.migrate()
+    fill(store, 10_000)
+    small = page_peak(store)
+    fill(store, 30_000, first=10_000)
+    big = page_peak(store)
+    (n,) = [sum(g["requests"] for g in usage_summary(store, NOW - 86400, NOW)["latency"])]
+    store.close()
+    assert n == 40_000
+    # loading the rows would take four times the memory for four times the rows
+    assert big < 1.3 * small, f"{small / 1e6:.1f} MB for 10,000 rows, {big / 1e6:.1f} for 40,000"
+
+
+def exact_latency(store: Any) -> dict[str, Any]:
+    rows = store.latency_rows(NOW - 86400, NOW)
+    return {g["group"]: g for g in summarize_latency(rows)["groups"]}
+
+
+def page_latency(store: Any) -> dict[str, Any]:
+    return {g["group"]: g for g in usage_summary(store, NOW - 86400, NOW)["latency"]}
+
+
+def test_page_latency_is_trioproxy_latencys_when_models_have_few_requests(
+    ledger: Any,
+) -> None:
+    store = ledger
+    fill(store, 3 * SAMPLE_PER_MODEL)
+    page, exact = page_latency(store), exact_latency(store)
     assert page.keys() == exact.keys() == {"claude-sonnet-4-5", "gpt-4o-mini", "asked-for"}
     for name, want in exact.items():
         got = page[name]
         assert got["requests"] == want["requests"]
-        for metric in ("ttft_ms", "tpot_ms", "e2e_ms", "tokens_per_s"):
-            g, w = got["metrics"][metric], want["metrics"][metric]
-            assert g["count"] == w["count"]
+        for metric, w in want["metrics"].items():
+            g = got["metrics"][metric]
             assert g["mean"] == pytest.approx(w["mean"], rel=1e-6)
-            for q in ("p50", "p90", "p99"):
-                assert g[q] == pytest.approx(w[q], rel=0.01), (name, metric, q)
-        g, w = got["metrics"]["itl_ms"], want["metrics"]["itl_ms"]
-        assert g["count"] == w["count"]
-        assert g["mean"] == pytest.approx(w["mean"], rel=1e-6)
-        for q in ("p50", "p90", "p99"):  # the same pooled estimate, read off buckets
-            assert g[q] == pytest.approx(w[q], rel=0.01), (name, q)
+            assert {k: g[k] for k in ("count", "p50", "p90", "p99")} == \
+                {k: w[k] for k in ("count", "p50", "p90", "p99")}, (name, metric)
+
+
+def test_page_latency_is_estimated_from_a_bounded_sample_beyond_that(
+    ledger: Any,
+) -> None:
+    store = ledger
+    fill(store, 9 * SAMPLE_PER_MODEL)
+    page, exact = page_latency(store), exact_latency(store)
+    for name, want in exact.items():
+        got = page[name]
+        assert got["requests"] == want["requests"] == 3 * SAMPLE_PER_MODEL
+        for metric, w in want["metrics"].items():
+            g = got["metrics"][metric]
+            assert g["count"] == w["count"]  # exact: counted by the database
+            assert g["mean"] == pytest.approx(w["mean"], rel=1e-6)
+            assert g["p50"] == pytest.approx(w["p50"], rel=0.08), (name, metric)
+            assert g["p90"] == pytest.approx(w["p90"], rel=0.1), (name, metric)
+            assert g["p99"] == pytest.approx(w["p99"], rel=0.2), (name, metric)
+    assert page == page_latency(store)  # the same sample at every refresh
 
 
 def test_one_request_gives_back_its_own_figures(tmp_path: Path) -> None:

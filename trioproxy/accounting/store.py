@@ -293,7 +293,7 @@ class SQLStore(Store):
         where, params = _time_filter(since, until)
         where = f"{where} AND {_LATENCY_ROWS}" if where else f" WHERE {_LATENCY_ROWS}"
         with self._cursor() as cur:
-            return latency_summary(cur, self._sql, where, params)
+            return latency_summary(cur, self._sql, where, params, _LATENCY_SELECT)
 
 
 # ``trioproxy latency`` rows: (key, SQL) in latency_report.ROW_KEYS order, over the responses a
