@@ -79,7 +79,7 @@ class UsageReader:
                 raise RuntimeError("the usage page's reader is closed")
             store = self._store = self._store or open_store(
                 self._settings.database_url, data_home=self._settings.data_home,
-                timeout=self._settings.store_timeout)
+                timeout=self._settings.store_timeout, bound_reads=True)
             return usage_summary(store, since, now)
         except Exception:
             self._close()

@@ -32,9 +32,11 @@ class SQLiteBackend:
 
     day_expr = "date(started_at, 'unixepoch')"
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0,
+                 read_timeout: float | None = None) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        self.read_timeout = read_timeout
         self.conn = self._connect()
         # bound parameters one statement may have (SQLStore.insert_many sizes its INSERTs by it)
         self.max_parameters = self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
@@ -80,9 +82,13 @@ class SQLiteBackend:
 
     @contextmanager
     def cursor(self) -> Iterator[Any]:
-        """A cursor for reads, bounded like every call: past ``busy_timeout`` seconds the
-        statement fails ("interrupted"), however much it still has to read."""
-        deadline = time.monotonic() + self.busy_timeout
+        """A cursor for reads; with ``read_timeout``, past that many seconds the statement
+        fails ("interrupted"), however much it still has to read."""
+        if self.read_timeout is None:
+            with closing(self.conn.cursor()) as cur:
+                yield cur
+            return
+        deadline = time.monotonic() + self.read_timeout
         self.conn.set_progress_handler(lambda: time.monotonic() > deadline, _PROGRESS_STEPS)
         try:
             with closing(self.conn.cursor()) as cur:
