@@ -118,6 +118,7 @@ def test_partial_chunks_are_handed_out_as_they_arrive() -> None:
     b"0\r\nx: a\x00b\r\n\r\n",  # NUL in a trailer value
     b"5;a\nb\r\nhello\r\n0\r\n\r\n",  # a bare LF inside a chunk extension
     b"0\r\nx: y\r\r\n\r\n",  # a CR left in a trailer value
+    b"0\r\nx: a\r\n folded\r\r\n\r\n",  # ... or in a folded trailer line
     b"0\r\ncontent-length: abc\r\n\r\n",  # framing fields in trailers are checked too
     b"0\r\ntransfer-encoding: gzip\r\n\r\n",
 ])
@@ -164,3 +165,10 @@ def test_a_size_line_dripped_byte_by_byte_is_decoded() -> None:
         dec.feed(raw[i:i + 1])
         out += dec.take()
     assert dec.done and out == b"hello" and dec.trailers == [(b"x-a", b"1")]
+
+
+def test_a_folded_trailer_is_joined_as_h11_joins_it() -> None:
+    raw = b"1\r\na\r\n0\r\nx-a: one\r\n two\n\tthree\r\nx-b: 2\r\n\r\n"
+    dec, out = decode(raw, [])
+    assert out == b"a" and dec.trailers == h11_body(HEAD_CHUNKED, raw)[1]
+    assert dec.trailers == [(b"x-a", b"one two three"), (b"x-b", b"2")]

@@ -21,6 +21,7 @@ from trioproxy.cli import main
 from trioproxy.exchange import Exchange
 from trioproxy.extensions import Extension
 from trioproxy.ledger import build_record
+from trioproxy.protocol.gapsketch import GapSketch
 from trioproxy.testing import (
     FakeUpstream,
     Pause,
@@ -52,7 +53,7 @@ EXPECTED: dict[str, float | int] = {
     "tokens_per_s": 38.095,  # (5 - 1) / (0.705 - 0.600)
     "duration_ms": 705.0, "upstream_head_ms": 200.0, "proxy_request_ms": 0.0,
     "proxy_relay_ms": 0.0, "proxy_relay_max_ms": 0.0, "proxy_overhead_ms": 0.0,
-    "content_events": 4,
+    "content_events": 4, "last_token_ms": 670.0,  # the last content event (600 + 70)
 }
 TIMING = {"upstream": 200.0, "ttft": 600.0, "itl": 20.0, "tpot": 17.5, "proxy": 0.0,
           "total": 705.0}
@@ -128,9 +129,12 @@ async def test_stream_figures_to_the_millisecond_in_trailers_record_and_log(
     record = build_record(ex, b"s" * 32)
     stored = {f: getattr(record, f) for f in LATENCY_FIELDS}
     public = record.to_public_json()["latency"]
-    expected = {f: EXPECTED[attr] for f, attr in LATENCY_FIELDS.items()}
+    expected = {f: EXPECTED[attr] for f, attr in LATENCY_FIELDS.items() if f != "itl_sketch"}
     assert_figures(stored, expected)
     assert_figures(public, expected)
+    gaps = GapSketch.decode(record.itl_sketch)  # every gap, within 1 %: 10, 20 and 40 ms
+    assert gaps.count == 3 and public["itl_sketch"] == record.itl_sketch
+    assert gaps.percentiles([0, 50, 100]) == pytest.approx([10.0, 20.0, 40.0], rel=0.01)
     (line,) = [r.access for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
     assert_figures(line, {"ttft_ms": 600.0, "itl_p50_ms": 20.0, "itl_p99_ms": 39.6,
                           "tpot_ms": 17.5, "tokens_per_s": 38.095, "e2e_ms": 705.0,

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from trioproxy.testing import FakeUpstream, anthropic_sse, openai_chat_json
+from trioproxy.testing import FakeUpstream, anthropic_sse
 
 from .conftest import ProxyServer, proxy_settings, start_proxy
 
@@ -37,12 +37,12 @@ async def _lookup(server: ProxyServer, http: httpx.AsyncClient, rid: str,
 async def test_openai_record_belongs_to_the_bearer_key_not_a_stray_x_api_key(
     upstream: FakeUpstream, ledger_proxy: ProxyServer,
 ) -> None:
-    upstream.enqueue(openai_chat_json())
     with trio.fail_after(20):
         async with httpx.AsyncClient(base_url=ledger_proxy.url) as http:
             resp = await http.post("/v1/chat/completions", json={"model": "gpt-4o-mini"},
                                    headers={"authorization": f"Bearer {REAL}", "x-api-key": DECOY})
-            assert resp.status_code == 200
+            assert resp.status_code == 400  # two credentials: refused, nothing forwarded
+            assert upstream.requests == []
             rid = resp.headers["x-trioproxy-request-id"]
             # OpenAI bills the bearer key: its owner sees the record, the decoy's holder does not
             assert await _lookup(ledger_proxy, http, rid, {"authorization": f"Bearer {REAL}"}) == 200

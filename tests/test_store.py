@@ -101,7 +101,7 @@ def test_migrate_is_idempotent_and_versioned(store: Any) -> None:
     store.migrate()
     with store._cursor() as cur:
         cur.execute("SELECT version FROM schema_migrations")
-        assert sorted(row[0] for row in cur.fetchall()) == [1, 2, 3]
+        assert sorted(row[0] for row in cur.fetchall()) == [v for v, _ in MIGRATIONS]
 
 
 def test_a_version_1_database_is_migrated_and_its_old_rows_still_found(store_url: str) -> None:

@@ -175,3 +175,22 @@ async def test_a_status_under_100_is_an_error_never_skipped_to_a_forged_answer(s
         after = await _call(pool, base, b"GET")
     assert "invalid status line" in err.value.message
     assert after == (200, b"ok") and server.connections == 2
+
+
+@pytest.mark.parametrize("scripted", [[
+    [(b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\ntransfer-encoding: chunked\r\n\r\n"
+      b"5\r\nhello\r\n0\r\n\r\n")],
+    OK_2,
+]], indirect=True)
+async def test_chunked_with_a_content_length_loses_the_length_and_its_connection(scripted) -> None:
+    server, pool, base = scripted
+    with trio.fail_after(10):
+        resp = await pool.send_request(base, b"GET", b"/", [(b"host", base.host_header)], b"")
+        async with resp:
+            body = b""
+            while (chunk := await resp.receive_chunk()) is not None:
+                body += chunk
+        after = await _call(pool, base, b"GET")
+    assert body == b"hello"
+    assert b"content-length" not in dict(resp.headers)  # never forwarded beside chunked
+    assert after == (200, b"ok") and server.connections == 2  # that connection is not reused

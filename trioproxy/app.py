@@ -234,6 +234,8 @@ class TrioProxy:
                     404,
                     "unknown_path",
                 )
+            ex.provider = ex.route.provider  # refusals below answer in the route's shape
+            hdr.check_one_credential(ex.request_headers)
         except ClientRequestError as exc:
             await drain_body(receive, ex)  # keep the connection usable for the next request
             await send_all(send, ex, error_messages(ex, exc))

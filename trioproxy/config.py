@@ -200,6 +200,10 @@ class Settings:
     sse_keepalive: float | None = setting(
         None, "seconds of upstream SSE silence before a ': keepalive' comment ('off': never)",
         example="15", shown_default="off", metavar="SECONDS")
+    stream_buffer: int = setting(
+        256 * 1024, "bytes of a streamed body held between its upstream reader and the client "
+        "writer; when full the upstream read waits (backpressure)", example="65536",
+        check=_positive)
     include_usage: bool = setting(True, "inject stream_options.include_usage into streamed "
                                   "Chat Completions requests", example="false")
     bypass_headers: str = setting("x-trioproxy-bypass", "comma list of header names whose "

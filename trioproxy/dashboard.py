@@ -45,6 +45,11 @@ _STATIC = {
     b"": ("dashboard.html", b"text/html; charset=utf-8"),
     b"dashboard.js": ("dashboard.js", b"text/javascript; charset=utf-8"),
     b"dashboard.css": ("dashboard.css", b"text/css; charset=utf-8"),
+    # the charts: uPlot (MIT, vendored from the npm registry with its licence) and their code
+    b"dashboard_charts.js": ("dashboard_charts.js", b"text/javascript; charset=utf-8"),
+    b"uPlot.iife.min.js": ("uPlot.iife.min.js", b"text/javascript; charset=utf-8"),
+    b"uPlot.min.css": ("uPlot.min.css", b"text/css; charset=utf-8"),
+    b"uPlot.LICENSE.txt": ("uPlot.LICENSE.txt", b"text/plain; charset=utf-8"),
 }
 _PAGE_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"),
@@ -108,6 +113,8 @@ class UsageReader:
 def usage_summary(store: Store, since: float, now: float) -> dict[str, Any]:
     """The page's data from ``store`` over ``[since, now)``: every figure is aggregated by the
     database (nothing here grows with the number of rows)."""
+    from .dashboard_charts import chart_data
+
     return {
         "object": "trioproxy.usage_page", "since": since, "generated_at": now,
         "by_model": [_totals(g) for g in store.aggregate("model", since)],
@@ -119,6 +126,7 @@ def usage_summary(store: Store, since: float, now: float) -> dict[str, Any]:
             "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
             "cost_usd": r.cost_usd, "duration_ms": r.duration_ms,
         } for r in store.recent(RECENT, since)],
+        "charts": chart_data(store, since, now),
     }
 
 

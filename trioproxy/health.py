@@ -42,10 +42,14 @@ def is_operational(path: bytes) -> bool:
 
 
 def readiness(runtime: Runtime) -> tuple[int, dict[str, Any]]:
-    """503 while draining or while the usage store is unreachable, else 200."""
-    store_ok = runtime.writer is None or runtime.writer.statistics().store_available
+    """503 while draining, while the usage writer thread keeps crashing, or while the usage
+    store is unreachable, else 200."""
+    stats = runtime.writer.statistics() if runtime.writer is not None else None
+    store_ok = stats is None or stats.store_available
     if runtime.draining:
         return 503, {"status": "draining", "store_available": store_ok}
+    if stats is not None and not stats.writer_running:
+        return 503, {"status": "usage_writer_failed", "store_available": store_ok}
     if not store_ok:
         return 503, {"status": "store_unavailable", "store_available": False}
     return 200, {"status": "ready", "store_available": store_ok}

@@ -7,15 +7,18 @@ figures of :class:`trioproxy.protocol.latency.Latency` plus the record's identit
   ``session_id``: what rows are grouped by (``--by hour`` uses the UTC hour of ``started_at``);
 - ``ttft_ms``, ``tpot_ms``, ``duration_ms``, ``tokens_per_s``, ``output_tokens``;
 - ``itl_p50_ms``, ``itl_p90_ms``, ``itl_p99_ms``, ``itl_max_ms`` and ``itl_count`` (the
-  number of gaps; optional): the request's own inter-token latency summary.
+  number of gaps; optional): the request's own inter-token latency summary;
+- ``itl_sketch`` (optional): every gap of the request, as
+  :class:`trioproxy.protocol.gapsketch.GapSketch` text; ``last_token_ms`` (optional).
 
 Any figure may be None (not streamed, cut short...): the row then counts for the others only.
 The store provides them as ``store.latency_rows(since, until)``.
 
 TTFT, TPOT, e2e and tokens/s percentiles are exact over the requests' values (linear
 interpolation, as numpy and vLLM compute them). ITL percentiles pool the gaps of all requests
-(as vLLM ``bench serve`` does) but only per-request summaries are stored, so they are
-*estimated*: each request stands for a distribution whose CDF runs linearly through
+(as vLLM ``bench serve`` does): from the requests' merged gap sketches (:func:`pooled_gaps`),
+within 1 % of the exact percentile of all the gaps. When a request in the group was recorded
+without a sketch (before they were stored), they are *estimated* instead: each request stands for a distribution whose CDF runs linearly through
 (lo, 0), (p50, 0.5), (p90, 0.9), (p99, 0.99), (max, 1), where lo = p50 - 1.25 (p90 - p50)
 (at least 0) mirrors the density between p50 and p90 below p50, as no minimum is stored;
 the requests are mixed in proportion
@@ -39,6 +42,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .accounting.query import parse_when
+from .protocol.gapsketch import GapSketch
 from .protocol.latency import percentile
 from .textsafe import for_csv, for_terminal
 
@@ -50,6 +54,7 @@ __all__ = [
     "format_csv",
     "format_table",
     "mixture_quantiles",
+    "pooled_gaps",
     "run_latency",
     "summarize_latency",
 ]
@@ -57,7 +62,7 @@ __all__ = [
 ROW_KEYS = (
     "started_at", "model", "provider", "api", "key_fingerprint", "session_id", "ttft_ms",
     "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "itl_max_ms", "itl_count", "tpot_ms",
-    "tokens_per_s", "duration_ms", "output_tokens",
+    "tokens_per_s", "duration_ms", "output_tokens", "last_token_ms", "itl_sketch",
 )
 GROUP_BY = ("model", "provider", "api", "key", "session", "hour")
 _GROUP_FIELD = {"key": "key_fingerprint", "session": "session_id"}
@@ -140,14 +145,42 @@ def mixture_quantiles(
     return out
 
 
+def pooled_gaps(rows: Iterable[dict[str, Any]]) -> GapSketch | None:
+    """The merged gap sketch of ``rows`` (their ``itl_sketch``): every gap of every request,
+    within 1 %. None when a row with ITL figures has no readable sketch (recorded before
+    sketches were stored): then only the estimate from the per-request summaries is possible."""
+    pooled = GapSketch()
+    for row in rows:
+        text = row.get("itl_sketch")
+        if text is None:
+            if _itl_knots(row) is not None:
+                return None
+            continue
+        try:
+            pooled.merge(GapSketch.decode(text))
+        except (ValueError, TypeError, AttributeError):
+            return None
+    return pooled
+
+
 def _itl_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    pooled = pooled_gaps(rows)
+    if pooled is not None:  # exact within 1 %: every gap of every request
+        values = pooled.percentiles([q for _, q in _QUANTILES])
+        samples = pooled.count
+        out: dict[str, Any] = {"count": samples}
+        for (name, _), value in zip(_QUANTILES, values, strict=True):
+            enough = value is not None and samples >= MIN_SAMPLES[name]
+            out[name] = round(value, 3) if enough else None  # type: ignore[arg-type]
+        out["mean"] = _itl_mean(r for r in rows if _itl_knots(r) is not None) if samples else None
+        return out
     with_itl = [(row, knots) for row in rows if (knots := _itl_knots(row)) is not None]
     counts = [_number(row.get("itl_count")) for row, _ in with_itl]
     weighted = all(c is not None and c > 0 for c in counts)
     samples = int(sum(counts)) if weighted and with_itl else len(with_itl)  # type: ignore[arg-type]
     summaries = [((c if weighted else 1.0), knots) for (_, knots), c in zip(with_itl, counts)]
     pooled = mixture_quantiles(summaries, [q for _, q in _QUANTILES])  # type: ignore[arg-type]
-    out: dict[str, Any] = {"count": samples}
+    out = {"count": samples}
     for (name, _), value in zip(_QUANTILES, pooled or [None] * 3, strict=True):
         out[name] = round(value, 3) if value is not None and samples >= MIN_SAMPLES[name] else None
     out["mean"] = _itl_mean(row for row, _ in with_itl) if weighted else None
@@ -292,6 +325,7 @@ Examples:
   trioproxy latency --since 24h
   trioproxy latency --by hour --since today --csv > latency.csv
   trioproxy latency --since 7d --plot latency.png
+  trioproxy latency --since 7d --compare provider anthropic openai --plot cdf.png
 """
 
 
@@ -312,12 +346,22 @@ def add_latency_parser(subparsers: Any) -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print JSON instead of a table")
     out.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     p.add_argument("--plot", metavar="FILE.png", help="also draw CDFs and a TTFT time series")
+    p.add_argument("--compare", nargs=3, metavar=("BY", "A", "B"),
+                   help="put groups A and B side by side (BY: provider, model, key, hour) with "
+                        "95%% bootstrap intervals (needs numpy: trioproxy[compare])")
+    p.add_argument("--seed", type=int, default=0, help="--compare's resampling seed (default 0)")
+    p.add_argument("--resamples", type=int, default=2000, metavar="N",
+                   help="--compare's bootstrap resamples (default 2000)")
     return p
 
 
 def run_latency(args: argparse.Namespace, rows: Iterable[dict[str, Any]] | None = None) -> int:
     """Run ``trioproxy latency`` on ``rows`` (default: the store's ``latency_rows``).
     0: ok, 1: store unreachable or plot failed, 2: bad arguments or matplotlib missing."""
+    if getattr(args, "compare", None):
+        from .latency_compare import run_compare
+
+        return run_compare(args, rows)
     try:
         since = parse_when(args.since) if args.since else None
         until = parse_when(args.until) if args.until else None

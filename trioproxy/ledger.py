@@ -18,6 +18,7 @@ import trio
 from .accounting.keys import extract_api_key, fingerprint, load_or_create_secret
 from .accounting.locations import open_store, resolve_database_url, secret_path_for, spill_path_for
 from .accounting.record import TOKEN_FIELDS, UsageRecord, latency_columns
+from .accounting.redact import redact_dsn
 from .accounting.store import StoreUnavailable
 from .accounting.writer import UsageWriter, open_usage_writer
 from .config import Settings
@@ -154,17 +155,13 @@ def _migrate(url: str, timeout: float) -> None:
 
 
 def _safe_error(exc: Exception, url: str) -> str:
-    """An error's text without the database URL's password."""
-    return str(exc).replace(url, _safe_url(url))
+    """An error's text without the database URL's credentials."""
+    return redact_dsn(str(exc).replace(url, redact_dsn(url)))
 
 
 def _safe_url(url: str) -> str:
-    """A database URL without its password, for logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
+    """A database URL without its credentials, for logs (every form libpq accepts)."""
+    return redact_dsn(url)
 
 
 def usage_request_id(path: bytes) -> str | None:

@@ -1,8 +1,10 @@
 """THE FLOOR -- a lower bound for the bench, not a product.
 
 The thinnest *correct* HTTP relay the stack allows: a raw ASGI app on Hypercorn's trio worker,
-an h11 client connection to the upstream (kept alive, a small pool), one disconnect-watcher
-task per request, no parsing, no accounting, no timeouts, no extensions, no error shaping.
+an h11 client connection to the upstream (kept alive, a small pool), the design's task shape
+(per request one nursery: a disconnect watcher, an upstream reader task and the request's own
+task as the client writer, joined by a memory channel bounded in bytes), no parsing, no
+accounting, no timeouts, no extensions, no error shaping.
 
     UPSTREAM=http://127.0.0.1:9000 hypercorn floor.relay:app --worker-class trio --bind ...
 
@@ -11,8 +13,10 @@ nothing more:
 - the request body is read whole, then sent upstream with its own Content-Length;
 - status and headers are forwarded minus hop-by-hop ones (and minus ``date``/``server``, which
   Hypercorn adds itself);
-- body bytes are forwarded as they arrive, everything one upstream read returned in one ASGI
-  ``send()`` (coalescing only what is already there, never waiting to batch);
+- body bytes are forwarded as they arrive: the reader puts each upstream read into the channel
+  (without a checkpoint while fewer than ``CHANNEL_BYTES`` are held), the writer gives all that
+  waits to one ASGI ``send()`` (coalescing only what is already there, never waiting to batch);
+  the bytes that arrived with the end of the message travel with it, in the last ``send()``;
 - the response ends with ``more_body: False`` once the upstream message is complete; the
   watcher is cancelled *before* that last ``send()`` (cancelling Hypercorn inside its last
   ``send()`` leaks the client connection, see design.md);
@@ -45,6 +49,7 @@ HOP_BY_HOP = frozenset({
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 READ_SIZE = 65536
+CHANNEL_BYTES = 256 * 1024  # trioproxy's default stream_buffer
 IDLE_KEEP = 256  # idle upstream connections kept for reuse
 
 
@@ -148,7 +153,7 @@ class FloorRelay:
                 nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
                 try:
                     await _relay(conn, scope["method"].encode(), target, headers, body, send,
-                                 state)
+                                 state, nursery)
                 except (OSError, h11.ProtocolError, trio.BrokenResourceError):
                     pass  # upstream failure: handled below by what was already sent
                 nursery.cancel_scope.cancel()  # stop watching before the last send()
@@ -169,39 +174,96 @@ async def _watch_disconnect(receive: Any, scope: trio.CancelScope) -> None:
             return
 
 
+class _Channel:
+    """A memory channel bounded in bytes: put while fewer than CHANNEL_BYTES are held."""
+
+    def __init__(self) -> None:
+        self.tx, self.rx = trio.open_memory_channel(float("inf"))
+        self.held = 0
+        self.room: trio.Event | None = None
+
+    async def put(self, data: bytes, end: bool) -> None:
+        while self.held >= CHANNEL_BYTES:
+            self.room = self.room or trio.Event()
+            await self.room.wait()
+        self.held += len(data)
+        self.tx.send_nowait((data, end))
+
+    def sent(self, size: int) -> None:
+        self.held -= size
+        if self.room is not None and self.held < CHANNEL_BYTES:
+            self.room.set()
+            self.room = None
+
+
 async def _relay(conn: UpstreamConn, method: bytes, target: bytes,
                  headers: list[tuple[bytes, bytes]], body: bytes, send: Any,
-                 state: dict[str, Any]) -> None:
-    """Send the request, forward the head and the body; the last piece is left in
-    ``state["tail"]`` for the caller's final send (after the watcher has stopped)."""
+                 state: dict[str, Any], nursery: trio.Nursery) -> None:
+    """Send the request, forward the head, then relay the body: a reader task and this task
+    as the writer. The last piece is left in ``state["tail"]`` for the caller's final send
+    (after the watcher has stopped)."""
     h = conn.h11
     out = h.send(h11.Request(method=method, target=target, headers=headers))
     out += h.send(h11.Data(data=body)) if body else b""
     out += h.send(h11.EndOfMessage())
     await conn.stream.send_all(out)
+    while True:
+        ev = h.next_event()
+        if ev is h11.NEED_DATA:
+            h.receive_data(await conn.stream.receive_some(READ_SIZE))
+        elif isinstance(ev, h11.Response):
+            break
+        elif isinstance(ev, h11.ConnectionClosed):
+            raise trio.BrokenResourceError("upstream closed before the response")
+    await send({"type": "http.response.start", "status": ev.status_code,
+                "headers": [(k, v) for k, v in ev.headers if k not in RESPONSE_DROP]})
+    state["started"] = True
+    channel = _Channel()
+    nursery.start_soon(_read, h, conn.stream, channel)
+    async for data, end in channel.rx:
+        pending = [data]
+        while not end:
+            try:
+                data, end = channel.rx.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            pending.append(data)
+        joined = b"".join(pending)
+        if end:
+            state["tail"] = joined
+            state["done"] = True
+            return
+        await send({"type": "http.response.body", "body": joined, "more_body": True})
+        channel.sent(len(joined))
+
+
+async def _read(h: h11.Connection, stream: trio.SocketStream, channel: _Channel) -> None:
+    """The upstream reader: one item per read (all the Data events it completed). A failure
+    closes the channel without the end: the writer leaves the response unfinished."""
+    with channel.tx:
+        try:
+            await _read_events(h, stream, channel)
+        except (OSError, h11.ProtocolError, trio.BrokenResourceError):
+            pass
+
+
+async def _read_events(h: h11.Connection, stream: trio.SocketStream, channel: _Channel) -> None:
     pending: list[bytes] = []
     while True:
         ev = h.next_event()
         if ev is h11.NEED_DATA:
-            if pending and state["started"]:
-                await send({"type": "http.response.body", "body": b"".join(pending),
-                            "more_body": True})
+            if pending:
+                await channel.put(b"".join(pending), False)
                 pending.clear()
-            data = await conn.stream.receive_some(READ_SIZE)
+            data = await stream.receive_some(READ_SIZE)
             h.receive_data(data)  # b"" is EOF: h11 raises or gives ConnectionClosed next
-            continue
-        if isinstance(ev, h11.Response):
-            await send({"type": "http.response.start", "status": ev.status_code,
-                        "headers": [(k, v) for k, v in ev.headers if k not in RESPONSE_DROP]})
-            state["started"] = True
         elif isinstance(ev, h11.Data):
             pending.append(bytes(ev.data))
         elif isinstance(ev, h11.EndOfMessage):
-            state["tail"] = b"".join(pending)
-            state["done"] = True
+            await channel.put(b"".join(pending), True)
             return
         elif isinstance(ev, h11.ConnectionClosed):
-            raise trio.BrokenResourceError("upstream closed mid-response")
+            return
         # InformationalResponse (1xx): nothing to forward
 
 

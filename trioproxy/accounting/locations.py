@@ -2,7 +2,7 @@
 and ``open_store(url)``.
 
 Database URLs: a plain path, ``sqlite:///abs/path``, ``sqlite:relative/path``, or
-``postgresql://…`` / ``postgres://…``. The default is SQLite at ``<data home>/trioproxy/usage.db``,
+``postgresql://…`` / ``postgres://…`` / a libpq keyword/value string (``host=… dbname=…``). The default is SQLite at ``<data home>/trioproxy/usage.db``,
 where the data home is ``$XDG_DATA_HOME`` as read by the settings (``~/.local/share`` when unset).
 Nothing here reads the environment. Back ends are imported when a store is opened.
 """
@@ -10,6 +10,7 @@ Nothing here reads the environment. Back ends are imported when a store is opene
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .store import SQLStore, Store
@@ -53,8 +54,16 @@ def resolve_database_url(
     return url or default_database_url(data_home)
 
 
+# A libpq keyword/value connection string starts with one of its keywords and "=" (a SQLite
+# file path practically never does): such a string is PostgreSQL, never a file to create.
+_KEYWORD_DSN = re.compile(
+    r"\s*(?:host|hostaddr|port|dbname|user|password|passfile|service|sslmode|options|"
+    r"application_name|connect_timeout|target_session_attrs|sslrootcert)\s*=")
+
+
 def is_postgres_url(url: str) -> bool:
-    return url.startswith(("postgresql://", "postgres://"))
+    """``postgresql://…``, ``postgres://…`` or a keyword/value string (``host=… dbname=…``)."""
+    return url.startswith(("postgresql://", "postgres://")) or bool(_KEYWORD_DSN.match(url))
 
 
 def sqlite_path(url: str) -> Path:

@@ -31,6 +31,7 @@ LATENCY_FIELDS: dict[str, str] = {
     "upstream_head_ms": "upstream_head_ms", "proxy_request_ms": "proxy_request_ms",
     "proxy_relay_ms": "proxy_relay_ms", "proxy_relay_max_ms": "proxy_relay_max_ms",
     "proxy_overhead_ms": "proxy_overhead_ms", "content_events": "content_events",
+    "last_token_ms": "last_token_ms", "itl_sketch": "itl_sketch",
 }
 _JSON_FIELDS = frozenset({"raw_usage", "extra"})
 
@@ -93,6 +94,8 @@ class UsageRecord:
     proxy_relay_max_ms: float | None = None
     proxy_overhead_ms: float | None = None  # proxy_request_ms + proxy_relay_ms
     content_events: int | None = None
+    last_token_ms: float | None = None  # request received -> last content event
+    itl_sketch: str | None = None  # every gap, as trioproxy.protocol.gapsketch.GapSketch text
 
     def to_row(self) -> tuple[Any, ...]:
         """Values in :data:`COLUMNS` order, ready for a parameterised INSERT: text without NUL

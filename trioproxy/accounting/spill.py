@@ -9,7 +9,9 @@ writer that stopped or crashed half-way: the next writer adopts it. Inserts are
 ``ON CONFLICT DO NOTHING``, so re-reading records already stored never duplicates them.
 
 Records the store refuses for good, even sanitised, go to the quarantine file (same format) for
-an operator to inspect; nothing reads it back.
+an operator to inspect; nothing reads it back. A spill line that is no record (torn, not JSON,
+JSON that is not a record object, nested too deep to decode) goes to ``<spill>.corrupt``.
+Every one of these files is created, or brought back to, mode 0600: they hold records.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -50,13 +53,35 @@ def _open_locked(path: Path, flags: int) -> int | None:
             return None
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            st = os.fstat(fd)
+            if os.stat(path).st_ino == st.st_ino:
+                if flags & os.O_CREAT:
+                    _private(fd, st)
                 return fd
         except FileNotFoundError:
             pass
         os.close(fd)  # a reader took that file over meanwhile: open the new one
         if not flags & os.O_CREAT:
             return None
+
+
+def _private(fd: int, st: os.stat_result) -> None:
+    """Mode 0600 for a file that holds records (one left by an older version may be 0644)."""
+    if stat.S_IMODE(st.st_mode) != PRIVATE:
+        os.fchmod(fd, PRIVATE)
+
+
+PRIVATE = 0o600
+
+
+def _record(line: bytes) -> UsageRecord | None:
+    """The record on a spill line, or None when it holds none: torn or not JSON, JSON that is
+    no object (``null``, ``[]``, ``1``), an object that is no record, nesting too deep."""
+    try:
+        data = json.loads(line)
+        return UsageRecord.from_dict(data) if isinstance(data, dict) else None
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def append_spill(path: Path, records: Iterable[UsageRecord]) -> None:
@@ -77,8 +102,9 @@ def append_spill(path: Path, records: Iterable[UsageRecord]) -> None:
 class TakenSpill:
     """A spill file taken over by this process (the lock is held until :meth:`close`)."""
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int, path: Path, origin: Path | None = None) -> None:
         self.fd, self.path = fd, path
+        self.origin = origin or path  # the name it had before it was taken over
 
     def batches(self, size: int, log: logging.Logger = LOG) -> Iterator[list[UsageRecord]]:
         """Its records, ``size`` at a time, read line by line; bad lines go to ``.corrupt``."""
@@ -86,11 +112,11 @@ class TakenSpill:
         os.lseek(self.fd, 0, os.SEEK_SET)
         with open(os.dup(self.fd), "rb") as f:
             for line in f:
-                try:
-                    batch.append(UsageRecord.from_dict(json.loads(line)))
-                except (ValueError, TypeError):
+                record = _record(line)
+                if record is None:
                     self._set_aside(line, log)
                     continue
+                batch.append(record)
                 if len(batch) >= size:
                     yield batch
                     batch = []
@@ -102,9 +128,20 @@ class TakenSpill:
             return
         base = self.path.name.split(".draining-", 1)[0]
         corrupt = self.path.with_name(base + ".corrupt")
-        with open(corrupt, "ab") as f:
+        fd = os.open(corrupt, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE)
+        with open(fd, "ab") as f:
+            _private(fd, os.fstat(fd))
             f.write(line.rstrip(b"\n") + b"\n")
         log.error("usage: an unreadable line in a spill file was moved to %s", corrupt)
+
+    def count(self) -> int:
+        """Its lines (records, and any unreadable line): one read through, 1 MiB at a time."""
+        n, last = 0, b"\n"
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        while block := os.read(self.fd, 1 << 20):
+            n += block.count(b"\n")
+            last = block[-1:]
+        return n + (last != b"\n")
 
     def remove(self) -> None:
         """Everything in it is stored: delete it (then release the lock)."""
@@ -140,7 +177,7 @@ def take_spill(path: Path) -> Iterator[TakenSpill]:
     except BaseException:
         os.close(fd)
         raise
-    yield TakenSpill(fd, draining)
+    yield TakenSpill(fd, draining, path)
 
 
 def _adopt(path: Path) -> TakenSpill | None:

@@ -305,6 +305,7 @@ _LATENCY_SELECT = (
     ("itl_p90_ms", "itl_p90_ms"), ("itl_p99_ms", "itl_p99_ms"), ("itl_max_ms", "itl_max_ms"),
     ("itl_count", "itl_count"), ("tpot_ms", "tpot_ms"), ("tokens_per_s", "tokens_per_s"),
     ("duration_ms", "e2e_ms"), ("output_tokens", "output_tokens"),
+    ("last_token_ms", "last_token_ms"), ("itl_sketch", "itl_sketch"),
 )
 _LATENCY_ROWS = (
     "e2e_ms IS NOT NULL AND end_reason = 'complete' AND status >= 200 AND status < 300 "

@@ -18,7 +18,11 @@ What happens to a record, in every case (none is lost; the store never holds one
   if the store still refuses it (while it accepts a plain record) it goes to the quarantine file
   next to the spill file, with one log line naming its request id; the others flow on;
 - at shutdown the queue is flushed within ``shutdown_timeout``; what is left is appended to the
-  spill file, which the next writer to start streams into the store.
+  spill file, which the next writer to start streams into the store (with one INFO line naming
+  the file and its record count);
+- if the writer thread's loop dies (a bug), it logs one ERROR, puts the batch in flight back in
+  the queue and restarts every ``retry_interval``; ``statistics().writer_running`` is False
+  (readiness fails) until a unit of work completes again.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class WriterStatistics:
     sanitised: int  # records the store took only once sanitised
     quarantined: int  # records the store refused even sanitised (in the quarantine file)
     store_available: bool  # the last store attempt succeeded
+    writer_running: bool = True  # the writer thread is not crashing (readiness fails if so)
 
 
 class UsageWriter(WriterThread):
@@ -124,6 +129,7 @@ class UsageWriter(WriterThread):
                 pending=len(self._queue) + len(self._inflight), spilled=self._spilled,
                 overflowed=self._overflowed, reloaded=self._reloaded, sanitised=self._sanitised,
                 quarantined=self._quarantined, store_available=self._outage is None,
+                writer_running=not self._crashes and not self._stopped_early,
             )
 
     async def flush(self, timeout: float = 10.0) -> bool:

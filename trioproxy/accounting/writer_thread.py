@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .record import UsageRecord
+from .redact import redact_dsn
 from .spill import append_spill, take_spill
 from .store import Store
 
@@ -56,6 +57,9 @@ class WriterThread:
         self._overflowed = self._spilled = self._reloaded = 0
         self._sanitised = self._quarantined = 0
         self._outage: tuple[float, int] | None = None  # (since, failed attempts at start)
+        self._crashes = 0  # the thread's loop died this many times in a row (0: healthy)
+        self._stopped_early = False  # the thread ended without being asked to (a bug)
+        self._startup_drain = True  # the first spill drain re-queues an earlier run's file
 
     def _notify_progress(self) -> None:
         raise NotImplementedError
@@ -64,18 +68,59 @@ class WriterThread:
         raise NotImplementedError
 
     def _run(self) -> None:
+        """The thread: its loop, restarted every ``retry_interval`` after a crash (a bug);
+        meanwhile ``statistics().writer_running`` is False (readiness fails). Records in
+        flight go back to the queue."""
         store: Store | None = None
+        done = False
         try:
-            while (work := self._next_work()) is not None:
-                if work:
-                    store = self._write(store, work)
-                else:
-                    store = self._drain_spill(store)
-        except Exception:  # noqa: BLE001 - a bug must not strand the queue: the closer spills it
-            self._log.exception("usage writer thread crashed")
+            while not done:
+                try:
+                    store = self._loop(store)
+                    done = True
+                except Exception as exc:  # noqa: BLE001 - a bug must not strand the queue
+                    close_quietly(store)
+                    store = None
+                    self._crashed(exc)
+                    done = self._abandon.wait(self._retry_interval)
         finally:
             close_quietly(store)
+            with self._lock:
+                if not done:  # died another way: submit() spills directly from now on
+                    self._stopped_early = self._thread_done = True
             self._notify_stopped()
+
+    def _loop(self, store: Store | None) -> Store | None:
+        while (work := self._next_work()) is not None:
+            if work:
+                store = self._write(store, work)
+            else:
+                store = self._drain_spill(store)
+            if self._crashes:
+                self._came_back()
+        return store
+
+    def _crashed(self, exc: Exception) -> None:
+        """One ERROR (with the traceback) per run of crashes, however long it lasts."""
+        with self._lock:
+            self._crashes += 1
+            first = self._crashes == 1
+            if self._inflight and not self._inflight_reloaded:  # a reloaded batch stays in
+                self._queue.extendleft(reversed(self._inflight))  # its spill file
+            self._inflight, self._inflight_reloaded = [], False
+            self._spill_dirty = True  # a drain it cut short: look again
+            pending = len(self._queue)
+        if first:
+            self._log.error("usage writer thread crashed (%s); %d records kept in memory, "
+                            "restarting it every %gs; readiness fails until it writes again",
+                            type(exc).__name__, pending, self._retry_interval, exc_info=exc)
+        else:
+            self._log.debug("usage writer thread crashed again: %r", exc)
+
+    def _came_back(self) -> None:
+        with self._lock:
+            crashes, self._crashes = self._crashes, 0
+        self._log.warning("usage writer thread works again after %d crashes", crashes)
 
     def _next_work(self) -> list[UsageRecord] | None:
         """A batch from the queue; ``[]`` to stream the spill file in; None to stop."""
@@ -184,10 +229,10 @@ class WriterThread:
         if first:
             self._log.warning(
                 "usage store unavailable (%s: %s); %d records pending, retrying every %gs",
-                type(exc).__name__, exc, pending, self._retry_interval,
+                type(exc).__name__, redact_dsn(str(exc)), pending, self._retry_interval,
             )
         else:
-            self._log.debug("usage store still unavailable: %s", exc)
+            self._log.debug("usage store still unavailable: %s", redact_dsn(str(exc)))
 
     def _recovered(self) -> None:
         with self._lock:
@@ -203,9 +248,13 @@ class WriterThread:
         """Stream spill files into the store, fresh records first; keep the file if stopped."""
         with self._lock:
             self._spill_dirty, self._draining = False, True
+            startup, self._startup_drain = self._startup_drain, False
         try:
             for taken in take_spill(self.spill_path):
                 try:
+                    if startup:
+                        self._log.info("usage: re-queuing %d records from a spill file left by "
+                                       "an earlier run: %s", taken.count(), taken.origin)
                     for records in taken.batches(self._batch_size, self._log):
                         store = self._write_queue_first(store)
                         if self._stopping():

@@ -4,13 +4,21 @@ Forward every end-to-end header in both directions. Drop only:
 - the hop-by-hop headers of RFC 9110 section 7.6.1 (plus the proxy-auth pair, which is meant
   for a proxy, and ``expect``, which the proxy has already answered by reading the body);
 - any header named in ``Connection``;
-- the proxy's own control headers ``x-trioproxy-*`` (never sent upstream);
+- the proxy's own control headers ``x-trioproxy-*`` (never sent upstream, and an upstream's
+  never reach the client);
 - ``host`` and ``content-length`` upstream (set from the configured upstream and actual body);
-- ``date`` and ``server`` downstream, which the ASGI server always adds itself.
+- ``date`` and ``server`` downstream, which the ASGI server always adds itself;
+- downstream, the usage headers the proxy writes itself (``x-usage-*``, ``x-request-model``):
+  an upstream's (another proxy's, or a forged count) never reach the client, so the proxy's
+  are the only ones, whether or not it adds its own to this response;
+- downstream, ``Server-Timing`` entries named like the proxy's own metrics (``upstream``,
+  ``ttft``, ``itl``, ``tpot``, ``proxy``, ``total``); the upstream's other entries are kept,
+  in one field, that the proxy's entries are merged into (:func:`merge_server_timing`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -77,8 +85,68 @@ def sanitize_upstream(headers: Iterable[tuple[bytes, bytes]], body_length: int |
 
 
 def client_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-    """Upstream response headers -> headers sent to the client."""
-    return _filter(headers, _RESPONSE_DROP)
+    """Upstream response headers -> headers sent to the client: no usage header of the
+    upstream's, its ``Server-Timing`` in one field without the proxy's metric names."""
+    out = _filter(headers, _RESPONSE_DROP)
+    if not any(k.startswith(_USAGE_PREFIX) or k in _OWN_RESPONSE for k, _ in out):
+        return out  # the common case: one pass, nothing to remove
+    timing = [v for k, v in out if k == SERVER_TIMING]
+    out = [(k, v) for k, v in out
+           if not k.startswith(_USAGE_PREFIX) and k not in _OWN_RESPONSE]
+    entries = [e for v in timing for e in server_timing_entries(v)
+               if timing_name(e) not in PROXY_TIMING_NAMES]
+    if entries:
+        out.append((SERVER_TIMING, b", ".join(entries)))
+    return out
+
+
+# -- Server-Timing (W3C): the proxy's metric names are its own --------------------------------
+
+SERVER_TIMING = b"server-timing"
+PROXY_TIMING_NAMES = frozenset({b"upstream", b"ttft", b"itl", b"tpot", b"proxy", b"total"})
+_USAGE_PREFIX = b"x-usage-"
+_OWN_RESPONSE = frozenset({b"x-request-model", SERVER_TIMING})
+_TIMING_SPECIAL = re.compile(rb'[,"\\]')
+
+
+def server_timing_entries(value: bytes) -> list[bytes]:
+    """The comma-separated entries of a ``Server-Timing`` value (a comma inside a quoted
+    ``desc`` does not split), stripped, empty ones left out. Linear time."""
+    if b'"' not in value:
+        parts = value.split(b",")
+    else:
+        parts, start, quoted, skip = [], 0, False, -1
+        for m in _TIMING_SPECIAL.finditer(value):
+            i = m.start()
+            if i == skip:
+                continue  # the byte a backslash escapes
+            c = value[i]
+            if c == 0x22:  # "
+                quoted = not quoted
+            elif c == 0x5C:  # backslash
+                skip = i + 1 if quoted else -1
+            elif not quoted:
+                parts.append(value[start:i])
+                start = i + 1
+        parts.append(value[start:])
+    return [e for p in parts if (e := p.strip(b" \t"))]
+
+
+def timing_name(entry: bytes) -> bytes:
+    """An entry's metric name (lower-cased: compared case-insensitively)."""
+    return entry.split(b";", 1)[0].strip(b" \t").lower()
+
+
+def merge_server_timing(headers: Headers, value: bytes) -> None:
+    """Add the proxy's ``Server-Timing`` entries (``value``) to ``headers`` in place: into
+    the field already there (the upstream's other entries first), else as a new field."""
+    if not value:
+        return
+    for i, (name, old) in enumerate(headers):
+        if name == SERVER_TIMING:
+            headers[i] = (name, old + b", " + value)
+            return
+    headers.append((SERVER_TIMING, value))
 
 
 def get(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -87,6 +155,35 @@ def get(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
         if k == name:
             return v
     return None
+
+
+def check_one_credential(headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Raise ClientRequestError (400) when a request carries more than one credential: two
+    ``authorization`` or two ``x-api-key`` fields, or an ``x-api-key`` beside a bearer token.
+    Which key would pay is then the upstream's choice, and the ledger could bill another one.
+    Headers named in ``Connection`` do not count (they are never forwarded). The message names
+    the headers, never their values."""
+    headers = headers if isinstance(headers, list) else list(headers)
+    authorization = api_keys = bearer = 0
+    for name, value in headers:
+        if name == b"authorization":
+            authorization += 1
+            bearer += value.strip().partition(b" ")[0].lower() == b"bearer"
+        elif name == b"x-api-key":
+            api_keys += 1
+    if authorization + api_keys < 2:
+        return  # the common case: no Connection header to look at
+    hop = connection_tokens(headers)
+    if b"authorization" in hop:
+        authorization = bearer = 0
+    if b"x-api-key" in hop:
+        api_keys = 0
+    if authorization > 1 or api_keys > 1 or (api_keys and bearer):
+        raise ClientRequestError(
+            "the request carries more than one credential (authorization: "
+            f"{authorization}, x-api-key: {api_keys}); send exactly one", 400,
+            "invalid_request",
+        )
 
 
 UPSTREAM_REQUEST_ID_HEADERS = (b"request-id", b"x-request-id", b"anthropic-request-id")

@@ -27,10 +27,18 @@ Figures (ours, then the GenAI-Perf / AIPerf and vLLM ``bench serve`` names):
 - ``proxy_overhead_ms`` = ``proxy_request_ms`` + ``proxy_relay_ms``: what the proxy adds to the
   arrival of a token, on average.
 
+- ``last_token_ms``: last content event − request received: the end to end time of a client
+  that stops at the last content chunk (vLLM ``bench serve``'s ``e2el`` and GenAI-Perf's
+  request latency stop at the last chunk they read; ``duration_ms`` runs on to the last byte,
+  after the finish, usage and ``[DONE]`` chunks).
+- ``itl_sketch``: every gap of the response, as the stored text of a
+  :class:`~trioproxy.protocol.gapsketch.GapSketch` (1 % log buckets): sketches of many
+  responses merge, so percentiles of the gaps pooled over many responses are known within 1 %.
+
 Memory is bounded: the first :data:`EXACT_GAPS` gaps are kept exactly (an ``array('d')``, 8 bytes
-each, so percentiles are exact for ordinary responses); past that every gap goes to a log-bucket
-histogram (ratio :data:`BUCKET_RATIO`, so percentiles keep a relative error under 0.5 %; sparse,
-so a few hundred buckets at most). The maximum stays exact.
+each, so percentiles are exact for ordinary responses); past that every gap goes to the gap
+sketch (1 % log buckets; sparse, so a few hundred buckets at most), and the percentiles are read
+from it (within 1 %). The maximum stays exact.
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from .gapsketch import GapSketch
+
 __all__ = [
-    "BUCKET_RATIO",
     "EXACT_GAPS",
     "Latency",
     "LatencyTracker",
@@ -49,10 +58,7 @@ __all__ = [
     "server_timing",
 ]
 
-EXACT_GAPS = 4096  # 32 KiB of exact gaps per response, then a histogram
-BUCKET_RATIO = 1.01
-_LOG_RATIO = math.log(BUCKET_RATIO)
-_BUCKET_FLOOR = 1e-6  # gaps under 1 µs (same chunk: 0) share bucket 0
+EXACT_GAPS = 4096  # 32 KiB of exact gaps per response, then the gap sketch
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -87,6 +93,8 @@ class Latency:
     proxy_relay_max_ms: float | None = None
     proxy_overhead_ms: float | None = None
     content_events: int = 0
+    last_token_ms: float | None = None
+    itl_sketch: str | None = None
 
     def as_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -101,9 +109,9 @@ class LatencyTracker:
     """
 
     __slots__ = (
-        "_buckets",
         "_gaps",
         "_max_gap",
+        "_overflow",
         "_relay_count",
         "_relay_max",
         "_relay_sum",
@@ -125,7 +133,7 @@ class LatencyTracker:
         self.last_content: float | None = None
         self.content_events = 0
         self._gaps = array("d")
-        self._buckets: dict[int, int] | None = None  # only once EXACT_GAPS is exceeded
+        self._overflow: GapSketch | None = None  # only once EXACT_GAPS is exceeded
         self._max_gap = 0.0
         self._relay_sum = 0.0
         self._relay_count = 0
@@ -163,7 +171,10 @@ class LatencyTracker:
         if len(self._gaps) < EXACT_GAPS:
             self._gaps.append(gap)
         else:
-            self._bucket(gap)
+            overflow = self._overflow
+            if overflow is None:
+                overflow = self._overflow = GapSketch()
+            overflow.add(gap * 1000.0)
 
     def on_relay(self, read_at: float, handed_at: float) -> None:
         """A chunk read from upstream at ``read_at`` was handed to the client's send at
@@ -174,31 +185,32 @@ class LatencyTracker:
         if delay > self._relay_max:  # noqa: PLR1730 - per chunk: a compare, not a call
             self._relay_max = delay
 
-    def _bucket(self, gap: float) -> None:
-        buckets = self._buckets
-        if buckets is None:
-            buckets = self._buckets = {}
-        key = _bucket_key(gap)
-        buckets[key] = buckets.get(key, 0) + 1
+    def _summary(self) -> tuple[tuple[float, float, float] | None, GapSketch | None]:
+        """(p50, p90, p99) of the gaps in seconds and the sketch of every gap; (None, None)
+        without gaps. Sorts the exact gaps once for both."""
+        if not self._gaps:
+            return None, None
+        ordered = sorted(self._gaps)
+        sketch = GapSketch()
+        sketch.add_sorted_seconds(ordered)
+        if self._overflow is None:
+            return (percentile(ordered, 50), percentile(ordered, 90),
+                    percentile(ordered, 99)), sketch
+        sketch.merge(self._overflow)
+        top = self._max_gap * 1000.0  # the maximum is exact: no estimate above it
+        p50, p90, p99 = (min(v, top) / 1000.0 for v in sketch.percentiles((50, 90, 99)))  # type: ignore[type-var]
+        return (p50, p90, p99), sketch
 
     def itl_percentiles(self) -> tuple[float, float, float] | None:
         """(p50, p90, p99) of the gaps in seconds, None without gaps."""
-        if not self._gaps:
-            return None
-        if self._buckets is None:
-            ordered = sorted(self._gaps)
-            return percentile(ordered, 50), percentile(ordered, 90), percentile(ordered, 99)
-        buckets = dict(self._buckets)  # the exact values join a copy of the histogram
-        for gap in self._gaps:
-            key = _bucket_key(gap)
-            buckets[key] = buckets.get(key, 0) + 1
-        return _histogram_percentiles(buckets, (50, 90, 99), self._max_gap)
+        return self._summary()[0]
 
     def finish(self, ended: float, output_tokens: int | None) -> Latency:
         """The figures for a response that ended at ``ended`` with ``output_tokens``."""
         ttft = None if self.first_content is None else self.first_content - self.received
         duration = ended - self.received
-        itl = self.itl_percentiles()
+        itl, sketch = self._summary()
+        last = None if self.last_content is None else self.last_content - self.received
         n = output_tokens if isinstance(output_tokens, int) and output_tokens >= 0 else None
         tpot = rate = None
         if n is not None and n > 1 and self.content_events > 1:
@@ -228,32 +240,9 @@ class LatencyTracker:
             proxy_relay_max_ms=_ms(self._relay_max) if self._relay_count else None,
             proxy_overhead_ms=_ms(overhead),
             content_events=self.content_events,
+            last_token_ms=_ms(last),
+            itl_sketch=sketch.encode() if sketch is not None else None,
         )
-
-
-def _bucket_key(gap: float) -> int:
-    """Bucket k >= 1 holds gaps in [floor * r**(k-1), floor * r**k); bucket 0 those < floor."""
-    return 0 if gap < _BUCKET_FLOOR else 1 + int(math.log(gap / _BUCKET_FLOOR) / _LOG_RATIO)
-
-
-def _histogram_percentiles(
-    buckets: dict[int, int], qs: Sequence[float], max_gap: float
-) -> tuple[float, ...]:
-    """Percentiles of a log-bucket histogram: the geometric middle of the bucket holding the
-    rank (nearest rank), capped at the exact maximum; bucket 0 (under 1 µs) counts as 0."""
-    total = sum(buckets.values())
-    keys = sorted(buckets)
-    out = []
-    for q in qs:
-        rank = max(1, math.ceil(total * q / 100.0))
-        seen = 0
-        for key in keys:
-            seen += buckets[key]
-            if seen >= rank:
-                mid = 0.0 if key == 0 else _BUCKET_FLOOR * BUCKET_RATIO ** (key - 0.5)
-                out.append(min(mid, max_gap))
-                break
-    return tuple(out)
 
 
 _TIMING_FIELDS = (

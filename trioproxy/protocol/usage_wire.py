@@ -81,8 +81,13 @@ def usage_values(
 def timing_values(latency: Any) -> dict[str, str]:
     """``{"server-timing": ...}`` for a :class:`~trioproxy.protocol.latency.Latency` (empty when it is
     None or knows nothing)."""
-    value = server_timing(latency) if latency is not None else b""
+    value = server_timing_value(latency)
     return {"server-timing": value.decode("ascii")} if value else {}
+
+
+def server_timing_value(latency: Any) -> bytes:
+    """The proxy's ``Server-Timing`` value for a response (b"" when nothing is known)."""
+    return server_timing(latency) if latency is not None else b""
 
 
 def as_headers(values: dict[str, str]) -> list[tuple[bytes, bytes]]:

@@ -1,15 +1,18 @@
 """The HTTP relay, the trio driver of one exchange's lifecycle.
 
-One nursery per request: the request's own task sends the request upstream and relays the
-response; a second task watches the client.
+One nursery per request: the request's own task sends the request upstream and writes the
+response to the client; a second task watches the client; for a streamed body a third, the
+upstream reader, joins them.
 
-- A streamed body is relayed in the request's task (``stream.py``): the first upstream byte is
-  written to the client at once; what arrived while a ``send()`` waited goes out in one
-  ``send()`` (never waiting in order to batch). A slow client slows the upstream read
-  (backpressure through TCP); one that reads nothing for ``write_stall_timeout`` is cut off by
-  the watcher as ``client_stalled``, its upstream connection closed and its record written.
+- A streamed body (``stream.py``): the reader reads, parses and times what the upstream sends
+  and puts it into a memory channel bounded by ``stream_buffer`` bytes; the request's task, the
+  client writer, gives everything waiting to one ``send()`` (never waiting in order to batch).
+  A slow client fills the channel, then the reader waits and backpressure reaches the upstream
+  through TCP; one that reads nothing for ``write_stall_timeout`` is cut off by the watcher as
+  ``client_stalled``, its upstream connection closed and its record written.
 - A non-streaming accounted body is read whole (usage headers need the end), in the same task.
-- ``http.disconnect`` cancels the nursery: the upstream read stops and its connection is closed.
+- ``http.disconnect`` cancels the nursery (reader and writer with it): the upstream read stops
+  and its connection is closed.
 - The response's last message is sent only after the watcher has stopped, so a disconnect
   reported while it is being sent can never cancel it half-way (that left Hypercorn's
   connection open for ever).
@@ -43,6 +46,7 @@ from ..protocol.usage_wire import (
     TRAILER_ANNOUNCE,
     UsageChunkStripper,
     as_headers,
+    server_timing_value,
     timing_values,
     usage_values,
 )
@@ -55,7 +59,7 @@ from .responses import (
     error_messages,
     proxy_headers,
 )
-from .stream import SendWatch, stream_body
+from .stream import BodyChannel, SendWatch, read_body, write_body
 
 log = logging.getLogger("trioproxy.relay")
 
@@ -121,7 +125,7 @@ class HttpRelay:
                 if resp.sent_at is not None:
                     tracker.request_sent(resp.sent_at)
                 watch.upstream = resp
-                last = await self._respond(resp, ex, send, watch)
+                last = await self._respond(resp, ex, send, watch, nursery)
             nursery.cancel_scope.cancel()  # stop the watcher before the last message
         if ex.life.failure is End.CLIENT_DISCONNECT or not last:
             return
@@ -130,7 +134,7 @@ class HttpRelay:
         ex.life.delivered()
 
     async def _respond(self, resp: UpstreamResponse, ex: Exchange, send: Send,
-                       watch: SendWatch) -> list[Message]:
+                       watch: SendWatch, nursery: trio.Nursery) -> list[Message]:
         """Relays everything but the last message(s), which it returns."""
         try:
             plan = self._on_response_head(resp, ex)
@@ -145,7 +149,7 @@ class HttpRelay:
                 return plan.last
             log.info("response body over %d bytes: streamed without usage headers", BUFFER_LIMIT)
             ex.life.overflow()
-        await self._stream(resp, ex, plan, send, watch, prefix)
+        await self._stream(resp, ex, plan, send, watch, prefix, nursery)
         return plan.last
 
     async def _read_buffered(self, resp: UpstreamResponse, ex: Exchange) -> tuple[list[Item], bool]:
@@ -196,11 +200,10 @@ class HttpRelay:
                     return
                 continue
             now, reading, since = trio.current_time(), watch.reading_since, watch.since
-            if since is None and reading is not None and watch.reads is not None \
-                    and now - reading >= read_timeout:  # never while a send() is under way
+            if reading is not None and watch.reads is not None and now - reading >= read_timeout:
                 watch.reading_since = None
-                watch.reads.cancel()  # stream_body raises UpstreamTimeout('read')
-            elif since is not None and now - since >= stall:
+                watch.reads.cancel()  # the reader raises UpstreamTimeout('read')
+            if since is not None and now - since >= stall:
                 ex.fail(End.CLIENT_STALLED, f"client read nothing for {stall:g}s")
                 log.warning("client stopped reading for %gs; closing the upstream", stall)
                 scope.cancel()
@@ -288,40 +291,43 @@ class HttpRelay:
         if start is not None:
             body = handed_over(items, ex) if items else b""
             start["headers"].extend(as_headers(self._usage(ex)))
-            start["headers"].extend(as_headers(timing_values(ex.latency())))
+            hdr.merge_server_timing(start["headers"], server_timing_value(ex.latency()))
             ex.life.answered(resp.status)
             plan.last = [start, {"type": "http.response.body", "body": body, "more_body": False}]
 
     async def _stream(self, resp: UpstreamResponse, ex: Exchange, plan: ResponsePlan,
-                      send: Send, watch: SendWatch, prefix: list[Item] | None) -> None:
-        """Sends the head, then each chunk as it arrives (``stream.stream_body``); the last
-        message is planned, not sent. ``prefix``: chunks a buffered body read before it
-        outgrew the buffer limit. Owns (and releases) the response."""
-        async with resp:
+                      send: Send, watch: SendWatch, prefix: list[Item] | None,
+                      nursery: trio.Nursery) -> None:
+        """Sends the head, then the body as it arrives: an upstream reader task (started in
+        the request's ``nursery``, it owns the response from then on) and this task as the
+        client writer, over a channel bounded by ``stream_buffer`` bytes (``stream.py``).
+        The last message is planned, not sent. ``prefix``: chunks a buffered body read
+        before it outgrew the buffer limit."""
+        try:
             start = await self._start_or_reject(resp, ex, plan)
-            if start is None:
-                return
-            if plan.stripper is not None or plan.keepalive is not None:
-                # The relayed length can differ from the upstream's (stripped chunk, comments).
-                start["headers"] = [(k, v) for k, v in start["headers"] if k != b"content-length"]
-            if plan.trailers:
-                start["trailers"] = True
-                start["headers"].append((b"trailer", TRAILER_ANNOUNCE))
-            ex.life.answered(resp.status)
-            await send(start)
-            if prefix:
-                await send({"type": "http.response.body", "body": handed_over(prefix, ex),
-                            "more_body": True})
-            try:
-                tail = await stream_body(resp, ex, send, watch, self._settings.read_timeout,
-                                         plan.keepalive, plan.stripper)
-            except UpstreamError as exc:
-                ex.fail(exc.kind, exc.message)
-                log.warning("upstream %s mid-stream: %s; cutting the client stream",
-                            exc.kind, exc.message)
-                tail = b""
+        except BaseException:
+            await resp.aclose()
+            raise
+        if start is None:
+            await resp.aclose()
+            return
+        if plan.stripper is not None or plan.keepalive is not None:
+            # The relayed length can differ from the upstream's (stripped chunk, comments).
+            start["headers"] = [(k, v) for k, v in start["headers"] if k != b"content-length"]
+        if plan.trailers:
+            start["trailers"] = True
+            start["headers"].append((b"trailer", TRAILER_ANNOUNCE))
+        channel = BodyChannel(self._settings.stream_buffer)
+        nursery.start_soon(read_body, resp, ex, channel, watch, plan.stripper,
+                           self._settings.read_timeout)
+        ex.life.answered(resp.status)
+        await send(start)
+        if prefix:
+            await send({"type": "http.response.body", "body": handed_over(prefix, ex),
+                        "more_body": True})
+        tail = await write_body(ex, channel, send, watch, plan.keepalive)
         if ex.upstream_complete or (plan.trailers and ex.life.failure is not End.CLIENT_DISCONNECT):
-            plan.last = self._last_messages(ex, plan, tail)
+            plan.last = self._last_messages(ex, plan, tail or b"")
         # Otherwise the upstream failed: no last message. Hypercorn then closes the connection
         # without the terminating chunk (HTTP/1.1) or resets the stream (HTTP/2).
 

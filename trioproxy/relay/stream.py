@@ -1,26 +1,38 @@
-"""A streamed response body, relayed in the request's own task.
+"""A streamed response body: an upstream reader and a client writer over a bounded channel.
 
-Each upstream read is handed to the client's ``send()`` at once. While that ``send()`` waits
-for a slow client nothing is read, so backpressure reaches the upstream through TCP, and what
-arrived meanwhile is taken in one read (and, when the body decoder already holds several
-chunks, in one ``send()``): coalescing without waiting in order to batch, and without a second
-task or a channel per event. ``SendWatch`` tells the disconnect watcher when the current upstream read
-and the current ``send()`` started: the watcher ends a read that waited ``read_timeout`` and
-cuts off a client that read nothing for the write-stall timeout (Hypercorn shields its socket
-writes: a cancel scope around ``send()`` would not fire).
+Both run in the request's nursery, beside the disconnect watcher (``http.py``):
+
+- The **reader** task owns the upstream response. It reads, hands what it read to the usage
+  parser and the latency tracker at arrival (so TTFT, ITL and the usage so far describe the
+  provider, not how fast the client reads), removes the injected usage chunk, and puts the
+  bytes into the channel without a checkpoint while there is room. When the channel holds
+  ``limit`` bytes it waits: backpressure then reaches the upstream through TCP. What arrived
+  together with the end of the body travels with the end, as one item.
+- The **client writer** (the request's own task) takes everything waiting at each wake-up and
+  gives it to one ``send()``: it coalesces what is already there and never waits in order to
+  batch. The last bytes come back to the caller, to be sent once the watcher has stopped.
+
+Bytes count against the bound until the ``send()`` that carries them returns, so a stream
+never holds more than ``limit`` plus one read. ``SendWatch`` tells the watcher since when the
+current upstream read and the current ``send()`` have waited: it ends a read that waited
+``read_timeout`` and cuts off a client that read nothing for the write-stall timeout (Hypercorn
+shields its socket writes: a cancel scope around ``send()`` would not fire).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import trio
 
-from ..errors import UpstreamTimeout
+from ..errors import UpstreamError, UpstreamTimeout
 from ..exchange import Exchange
 from ..protocol.usage_wire import SSE_EVENT_ENDS, UsageChunkStripper
 from ..upstream import UpstreamResponse
 from .responses import Send
+
+log = logging.getLogger("trioproxy.relay")
 
 KEEPALIVE_COMMENT = b": keepalive\n\n"
 
@@ -43,67 +55,149 @@ class SendWatch:
         """When the watcher must look again: the earliest moment a timeout could be due, and
         at least every quarter of the shorter timeout (a read or send may start meanwhile)."""
         wake = now + min(read_timeout, stall) / 4
-        if self.since is not None:  # a read that falls due meanwhile is the relay's to end
-            return min(wake, self.since + stall)
+        if self.since is not None:
+            wake = min(wake, self.since + stall)
         if self.reading_since is not None:
             wake = min(wake, self.reading_since + read_timeout)
         return wake
 
 
-async def stream_body(
-    resp: UpstreamResponse, ex: Exchange, send: Send, watch: SendWatch, read_timeout: float,
-    keepalive: float | None, stripper: UsageChunkStripper | None,
-) -> bytes:
-    """Relays the body until it ends; returns the bytes for the last message (what arrived
-    together with the end). Raises UpstreamTimeout('read') or UpstreamError on a cut.
+Item = tuple[bytes, float, bool]  # (bytes, when they were read, whether the body ended there)
 
-    ``read_timeout`` bounds each wait for upstream bytes; the watcher enforces it through
-    ``watch.reads`` (a wait for the client's ``send()`` is never an upstream timeout)."""
-    parser, tracker = ex.parser, ex.tracker
-    tail = b"\n\n"
-    read_started: float | None = None
+
+class BodyChannel:
+    """A ``trio`` memory channel from reader to writer, bounded in bytes: the reader puts
+    while fewer than ``limit`` bytes are held, the writer gives them back once sent."""
+
+    __slots__ = ("_room", "held", "limit", "receiver", "sender")
+
+    def __init__(self, limit: int) -> None:
+        self.sender, self.receiver = trio.open_memory_channel[Item](math.inf)
+        self.limit = limit
+        self.held = 0  # bytes put and not yet sent to the client
+        self._room: trio.Event | None = None  # set when the writer frees room
+
+    async def put(self, data: bytes, read_at: float, end: bool = False) -> None:
+        """Queue ``data`` (without a checkpoint while there is room)."""
+        while self.held >= self.limit:
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+        self.held += len(data)
+        self.sender.send_nowait((data, read_at, end))
+
+    def sent(self, size: int) -> None:
+        """``size`` bytes reached the client's ``send()``: their room is free again."""
+        self.held -= size
+        room = self._room
+        if room is not None and self.held < self.limit:
+            self._room = None
+            room.set()
+
+
+async def read_body(resp: UpstreamResponse, ex: Exchange, channel: BodyChannel,
+                    watch: SendWatch, stripper: UsageChunkStripper | None,
+                    read_timeout: float) -> None:
+    """The upstream reader task: owns ``resp`` (released when it returns or is cancelled)
+    and closes the channel on the way out. Puts the end of the body as an item with
+    ``end=True``; a cut or a read timeout closes the channel without it, the failure told to
+    the exchange."""
+    async with resp:
+        with channel.sender:
+            try:
+                await _read(resp, ex, channel, watch, stripper, read_timeout)
+            except UpstreamError as exc:
+                ex.fail(exc.kind, exc.message)
+                log.warning("upstream %s mid-stream: %s; cutting the client stream",
+                            exc.kind, exc.message)
+            finally:
+                watch.reading_since = None
+
+
+async def _read(resp: UpstreamResponse, ex: Exchange, channel: BodyChannel,
+                watch: SendWatch, stripper: UsageChunkStripper | None,
+                read_timeout: float) -> None:
+    parser = ex.parser
     with trio.CancelScope() as reads:
         watch.reads = reads
         while True:
-            if read_started is None:  # a keep-alive comment does not restart the wait
-                read_started = watch.reading_since = trio.current_time()
-            if keepalive is None:
-                chunk = await resp.receive_chunk(math.inf)
-            else:
-                with trio.move_on_after(keepalive) as idle:
-                    chunk = await resp.receive_chunk(math.inf)
-                if idle.cancelled_caught:
-                    if tail.endswith(SSE_EVENT_ENDS):
-                        await _send(send, watch, KEEPALIVE_COMMENT)
-                        if trio.current_time() - read_started >= read_timeout:
-                            break  # due while the comment was sent (the watcher let it be)
-                    continue
+            watch.reading_since = trio.current_time()
+            chunk = await resp.receive_chunk(math.inf)
             if reads.cancel_called:  # timed out by the watcher as these bytes came in:
                 break  # a timeout, before anything of them is counted or sent
             now = trio.current_time()
-            read_started = watch.reading_since = None
+            watch.reading_since = None
             if chunk is not None:
                 while (more := resp.receive_buffered()) is not None:
                     chunk += more
+                ex.observe_chunk(len(chunk), now)
+                if parser is not None:
+                    parser.feed(chunk, now)
+                if stripper is not None:
+                    chunk = stripper.feed(chunk)
             if chunk is None or resp.complete:
                 ex.body_ended(now)
-            if not chunk:
-                return stripper.flush() if stripper is not None else b""
-            ex.observe_chunk(len(chunk), now)
-            if parser is not None:
-                parser.feed(chunk, now)
-            if stripper is not None:
-                chunk = stripper.feed(chunk) + (stripper.flush() if resp.complete else b"")
-            if tracker is not None:
-                tracker.on_relay(now, trio.current_time())
-            if resp.complete:
-                return chunk  # goes out with the last message: one send() fewer
+                tail = (chunk or b"") + (stripper.flush() if stripper is not None else b"")
+                await channel.put(tail, now, end=True)
+                return
             if chunk:
-                if keepalive is not None:
-                    tail = (tail + chunk[-4:])[-4:]
-                await _send(send, watch, chunk)
-    watch.reading_since = None
+                await channel.put(chunk, now)
     raise UpstreamTimeout("read", read_timeout)
+
+
+async def write_body(ex: Exchange, channel: BodyChannel, send: Send, watch: SendWatch,
+                     keepalive: float | None) -> bytes | None:
+    """The client writer: sends everything waiting in one ``send()`` per wake-up. Returns the
+    bytes that arrived with the end of the body (for the last message), or None when the body
+    was cut (the reader closed the channel without its end)."""
+    receiver, tracker = channel.receiver, ex.tracker
+    tail = b"\n\n"  # the last bytes sent: keep-alive comments only between events
+    while True:
+        try:
+            items = await _take(receiver, keepalive)
+        except trio.EndOfChannel:
+            return None
+        if items is None:  # the upstream was silent for ``keepalive`` seconds
+            if tail.endswith(SSE_EVENT_ENDS):
+                await _send(send, watch, KEEPALIVE_COMMENT)
+            continue
+        data = items[0][0] if len(items) == 1 else b"".join([i[0] for i in items])
+        if tracker is not None:
+            handed = trio.current_time()
+            for _, read_at, _ in items:
+                tracker.on_relay(read_at, handed)
+        if items[-1][2]:
+            return data  # goes out with the last message: one send() fewer
+        if keepalive is not None:
+            tail = (tail + data[-4:])[-4:]
+        await _send(send, watch, data)
+        channel.sent(len(data))
+
+
+async def _take(receiver: trio.MemoryReceiveChannel[Item],
+                keepalive: float | None) -> list[Item] | None:
+    """Everything waiting (at least one item, up to the end); None after ``keepalive``
+    seconds without any. Raises EndOfChannel once the reader closed the channel."""
+    try:
+        item = receiver.receive_nowait()
+    except trio.WouldBlock:
+        if keepalive is None:
+            item = await receiver.receive()
+        else:
+            waited: Item | None = None
+            with trio.move_on_after(keepalive):
+                waited = await receiver.receive()
+            if waited is None:
+                return None
+            item = waited
+    items = [item]
+    while not item[2]:
+        try:
+            item = receiver.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        items.append(item)
+    return items
 
 
 async def _send(send: Send, watch: SendWatch, data: bytes) -> None:

@@ -116,6 +116,7 @@ class ResponsesSocket:
         base = self.runtime.settings.openai_upstream
         resource = base.prefix + route_path + (b"?" + query if query else b"")
         try:  # h11 would refuse it later, quoting the value (a credential, maybe): refuse now
+            hdr.check_one_credential(self.ledger.headers)
             build_request(b"GET", resource, [(b"host", base.host_header), *upstream_handshake_headers(
                 self.ledger.headers, self.runtime.settings.bypass_header_names)])
         except ClientRequestError as exc:

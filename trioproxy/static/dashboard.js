@@ -96,6 +96,11 @@ async function refresh() {
   }
   render(data);
   $("content").hidden = false;
+  try {
+    showCharts(data);  // dashboard_charts.js; the tables stand without it
+  } catch (err) {
+    console.error("charts:", err);
+  }
   $("status").textContent = "updated " + fmtTime(data.generated_at) + " UTC";
   document.body.dataset.loaded = String(Number(document.body.dataset.loaded || 0) + 1);
 }

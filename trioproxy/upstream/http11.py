@@ -15,6 +15,11 @@ status line as soon as it is in, and field lines parsed without h11's backtracki
   HTTP/1.1 on unless ``Connection: close``;
   Content-Length values must agree and be digits; a Transfer-Encoding must be ``chunked``, once;
   the head may not grow past ``max_size`` bytes. Bodies are ``body.BodyDecoder``'s.
+
+A response with both ``Transfer-Encoding: chunked`` and ``Content-Length`` is read as chunked
+(as h11 reads it) with its ``Content-Length`` removed, as RFC 9112 section 6.3 requires of an
+intermediary that forwards it; such framing is how responses get split, so its connection is
+never reused (``ResponseHead.close``, ``conflicting_length``).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class ResponseHead:
     length: int | None  # Content-Length, when there is one and no Transfer-Encoding
     chunked: bool
     close: bool  # the connection cannot be kept after this response
+    conflicting_length: bool = False  # a Content-Length beside chunked, removed
 
 
 def parse_response_head(data: bytes | bytearray, max_size: int = MAX_HEAD, searched: int = 0
@@ -91,21 +97,30 @@ def parse_response_head(data: bytes | bytearray, max_size: int = MAX_HEAD, searc
     lines = bytes(data[:end.start()]).split(b"\n")
     m = _status_line(lines[0])
     fields, length, chunked, close = checked_fields(parse_fields(lines[1:]))
+    conflict = chunked and length is not None
+    if conflict:  # RFC 9112 6.3: chunked wins, the length goes, the connection is suspect
+        fields = [(name, value) for name, value in fields if name != b"content-length"]
     head = ResponseHead(int(m[2]), m[3] or b"", m[1], fields, None if chunked else length,
-                        chunked, close or m[1] < b"1.1")  # keep-alive from HTTP/1.1 on, as h11
+                        chunked, close or conflict or m[1] < b"1.1",  # keep-alive from 1.1 on
+                        conflict)
     return head, end.end()
 
 
 def parse_fields(lines: list[bytes]) -> Headers:
-    """Header (or trailer) field lines, LF or CRLF stripped or not: (lower-cased name, value)."""
+    """Header (or trailer) field lines, LF or CRLF stripped or not: (lower-cased name, value).
+    Like h11, one CR is removed from the end of each physical line, before folded lines are
+    joined: a continuation line ending in a bare CR leaves that CR in the value (refused)."""
     if any(line[:1] in _FOLD for line in lines):
-        lines = _unfold(lines)
+        lines = _unfold(lines)  # each line's CR already removed
+        cr = b""
+    else:
+        cr = b"\r"
     fields: Headers = []
     token, field_value = _TOKEN.fullmatch, _VALUE.fullmatch
     for raw in lines:
         # partition and strip, not one regex: "x:" + spaces + NUL made h11's backtrack for
         # seconds; here every byte is looked at a fixed number of times
-        name, colon, value = raw.removesuffix(b"\r").partition(b":")
+        name, colon, value = raw.removesuffix(cr).partition(b":")
         value = value.strip(b" \t")
         if not colon or token(name) is None or field_value(value) is None:
             raise HeadError("invalid header field")
@@ -114,17 +129,19 @@ def parse_fields(lines: list[bytes]) -> Headers:
 
 
 def _unfold(lines: list[bytes]) -> list[bytes]:
-    """Obsolete line folding: a line starting with SP or HTAB continues the one before."""
-    folded: list[bytes] = []
+    """Obsolete line folding: a line starting with SP or HTAB continues the one before (joined
+    by one SP). Each line loses one final CR first. Linear time: the pieces of a folded field
+    are joined once, not appended to a growing bytes object."""
+    folded: list[list[bytes]] = []
     for raw in lines:
         line = raw.removesuffix(b"\r")
         if line[:1] in _FOLD:
             if not folded:
                 raise HeadError("continuation line before any field")
-            folded[-1] += b" " + line.lstrip(b" \t")
+            folded[-1] += (b" ", line.lstrip(b" \t"))
         else:
-            folded.append(line)
-    return folded
+            folded.append([line])
+    return [parts[0] if len(parts) == 1 else b"".join(parts) for parts in folded]
 
 
 def _check_status_line(data: bytes | bytearray) -> None:

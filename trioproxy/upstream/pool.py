@@ -317,4 +317,7 @@ def _parse_head(buf: bytearray, searched: int) -> tuple[ResponseHead, int] | Non
         raise UpstreamProtocolError(f"invalid upstream response: {exc}{NOT_RESENT}") from exc
     if parsed is not None and parsed[0].status == 101:
         raise UpstreamProtocolError(f"unexpected upstream response 101{NOT_RESENT}")
+    if parsed is not None and parsed[0].conflicting_length:
+        log.warning("upstream response has both Transfer-Encoding: chunked and Content-Length: "
+                    "read as chunked, Content-Length removed, connection not reused")
     return parsed
