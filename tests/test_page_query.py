@@ -241,3 +241,13 @@ async def test_shutdown_does_not_wait_for_a_running_page_query(
                 await reader.aclose()
             assert time.monotonic() - t0 < 3
     assert failed  # the request got an error (the page answers 503), not a hang
+
+
+def test_the_sample_is_bounded_in_all_however_many_models() -> None:
+    from trioproxy.accounting.page_query import SAMPLE_ROWS, _thresholds
+
+    counts = {f"model-{i}": 50_000 for i in range(40)} | {"small": 10}
+    thresholds = _thresholds(counts)
+    assert "small" not in thresholds  # every row of a small model
+    expected = 10 + sum(int(t, 16) / 16 ** 4 * counts[g] for g, t in thresholds.items())
+    assert expected <= SAMPLE_ROWS * 1.01

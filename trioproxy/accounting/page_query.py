@@ -81,13 +81,22 @@ def latency_summary(
 
 
 def _thresholds(counts: dict[Any, int]) -> dict[Any, str]:
-    """For each model with more rows than its share of the sample: the request-id suffix below
-    which a row is taken (four hex digits)."""
-    share = {g: min(n, SAMPLE_PER_MODEL) for g, n in counts.items()}
-    scale = min(1.0, SAMPLE_ROWS / max(1, sum(share.values())))
+    """For each model sampled: the request-id suffix below which a row is taken (four hex
+    digits). Each model gets up to :data:`SAMPLE_PER_MODEL` rows, all of its rows when it has
+    fewer; when that exceeds :data:`SAMPLE_ROWS` in all, the largest models give up rows first
+    (one cap for all: the smaller ones keep every row)."""
+    cap = float(SAMPLE_PER_MODEL)
+    ordered = sorted(min(n, SAMPLE_PER_MODEL) for n in counts.values())
+    budget, left = float(SAMPLE_ROWS), len(ordered)
+    for share in ordered:  # water-filling: the cap at which the shares add up to the budget
+        if share * left >= budget:
+            cap = min(cap, budget / left)
+            break
+        budget -= share
+        left -= 1
     out = {}
     for group, n in counts.items():
-        fraction = share[group] * scale / n
+        fraction = min(n, cap) / n if n else 1.0
         if fraction < 1.0 and group is not None:
             out[group] = f"{max(1, math.ceil(fraction * _KEY_SPACE)):04x}"
     return out
