@@ -251,3 +251,68 @@ def test_the_sample_is_bounded_in_all_however_many_models() -> None:
     assert "small" not in thresholds  # every row of a small model
     expected = 10 + sum(int(t, 16) / 16 ** 4 * counts[g] for g, t in thresholds.items())
     assert expected <= SAMPLE_ROWS * 1.01
+
+
+class CountingStore(SQLStore):
+    """A store that counts the page's latency queries, each taking ``delay`` seconds."""
+
+    calls = 0
+    delay = 0.0
+
+    def latency_summary(self, since: float | None = None, until: float | None = None) -> Any:
+        type(self).calls += 1
+        time.sleep(self.delay)
+        return super().latency_summary(since, until)
+
+
+def counting(monkeypatch: pytest.MonkeyPatch, delay: float) -> type[CountingStore]:
+    class Counting(CountingStore):
+        pass
+
+    Counting.delay = delay
+
+    def opener(url: str, **kwargs: Any) -> SQLStore:
+        store = open_store(url, **kwargs)
+        assert isinstance(store, SQLStore)
+        return Counting(store.backend)
+
+    monkeypatch.setattr("trioproxy.dashboard.open_store", opener)
+    return Counting
+
+
+async def test_a_slow_page_is_computed_once_for_the_refreshes_that_follow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = str(tmp_path / "u.db")
+    migrated(url)
+    store = counting(monkeypatch, delay=1.0)
+    reader = UsageReader(Settings(database_url=url))
+    with trio.fail_after(20):
+        pages: list[dict[str, Any]] = []
+
+        async def load() -> None:
+            pages.append(await reader.summary(7))
+
+        async with trio.open_nursery() as nursery:  # two browsers refresh at once
+            nursery.start_soon(load)
+            nursery.start_soon(load)
+        pages.append(await reader.summary(7))  # the next refresh
+        assert store.calls == 1
+        assert len({p["generated_at"] for p in pages}) == 1  # the page says how old it is
+        await reader.summary(1)  # another window is computed
+        assert store.calls == 2
+    await reader.aclose()
+
+
+async def test_a_fast_page_is_computed_at_every_refresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = str(tmp_path / "u.db")
+    migrated(url)
+    store = counting(monkeypatch, delay=0.0)
+    reader = UsageReader(Settings(database_url=url))
+    with trio.fail_after(20):
+        for _ in range(3):
+            await reader.summary(7)
+    assert store.calls == 3
+    await reader.aclose()

@@ -41,6 +41,8 @@ DAY = 86400.0
 RECENT = 25  # last requests shown
 MIN_DAYS, MAX_DAYS = 1 / 24, 366.0  # the page's window: an hour to a year
 CLOSE_WAIT = 2.0  # seconds shutdown gives the page's store connection to let go
+STATEMENTS = 4  # the whole page may take this many store_timeouts (each statement takes one)
+KEEP_SLOW, KEEP_MAX, KEEP_WINDOWS = 1.0, 60.0, 8  # a page that took >= 1 s is kept (see below)
 _STATIC = {
     b"": ("dashboard.html", b"text/html; charset=utf-8"),
     b"dashboard.js": ("dashboard.js", b"text/javascript; charset=utf-8"),
@@ -62,21 +64,35 @@ class UsageReader:
     """The page's own store connection: opened on first use in a worker thread, one call at a
     time, closed by :meth:`aclose` (the app's lifespan). Every query is bounded by the store's
     own timeout (``store_timeout``); :meth:`aclose` interrupts a running one and never waits
-    for it."""
+    for it. A page that took the database long (a year of a big ledger) is kept for a while,
+    and browsers refreshing meanwhile share it (its ``generated_at`` says how old it is)."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._store: Store | None = None
         self._limiter = trio.CapacityLimiter(1)
+        self._lock = trio.Lock()  # one computation at a time: the others wait for its result
+        self._kept: dict[float, tuple[float, dict[str, Any]]] = {}  # days -> (until, page)
         self._closed = False
 
     async def summary(self, days: float) -> dict[str, Any]:
         """Spend and tokens by model and by day, latency by model, the last requests."""
-        now = time.time()
-        with trio.fail_after(self._settings.store_timeout * 2):
-            return await trio.to_thread.run_sync(
-                self._summary, now - days * DAY, now, limiter=self._limiter,
-                abandon_on_cancel=True)
+        async with self._lock:
+            kept = self._kept.get(days)
+            if kept is not None and trio.current_time() < kept[0]:
+                return kept[1]
+            started = trio.current_time()
+            now = time.time()
+            with trio.fail_after(self._settings.store_timeout * STATEMENTS):
+                page = await trio.to_thread.run_sync(
+                    self._summary, now - days * DAY, now, limiter=self._limiter,
+                    abandon_on_cancel=True)
+            took = trio.current_time() - started
+            if took >= KEEP_SLOW:  # keep it three times as long as it took, a minute at most
+                if len(self._kept) >= KEEP_WINDOWS:
+                    self._kept.pop(next(iter(self._kept)))
+                self._kept[days] = (trio.current_time() + min(3 * took, KEEP_MAX), page)
+            return page
 
     def _summary(self, since: float, now: float) -> dict[str, Any]:
         try:
