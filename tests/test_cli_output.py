@@ -131,3 +131,16 @@ def test_config_takes_the_flags_its_help_says_it_validates(
     with pytest.raises(SystemExit):
         main(["config", "--help"])
     assert "--max-body-bytes" in capsys.readouterr().out
+
+
+def test_latency_compare_names_the_groups_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = hostile_ledger(tmp_path)
+    assert main(["latency", "--since", "2026-01-01", "--compare", "model", "nosuch", "other",
+                 "--database-url", url]) == 2
+    err = capsys.readouterr().err
+    assert "no requests in model" in err
+    for raw in RAW:
+        assert raw not in err, repr(raw)
+    assert "gpt\\x1b]52;c;" in err  # the groups it knows, shown escaped
