@@ -122,6 +122,30 @@ def _tracker_run(events: list[bytes]) -> None:
     tracker.finish(now, len(events))
 
 
+def _paced_trackers(n: int, gaps: int, spread: float) -> list:
+    """``n`` trackers of responses with ``gaps`` gaps each: 20 ms × (1 ± 10 %) (spread 0) or
+    log-normal with sigma ``spread`` (a real provider's wide gaps: many sketch buckets)."""
+    import random
+
+    rng = random.Random(1)
+    trackers = []
+    for _ in range(n):
+        tracker = LatencyTracker(0.0)
+        now = 0.3
+        for _ in range(gaps + 1):
+            tracker.on_content(now)
+            now += 0.02 * (rng.lognormvariate(0, spread) if spread else rng.uniform(0.9, 1.1))
+        trackers.append(tracker)
+    return trackers
+
+
+def _finish_run(trackers: list) -> None:
+    """Per response: the figures (sorted gaps, percentiles, and the gap sketch where it
+    exists) at the end of a response."""
+    for tracker in trackers:
+        tracker.finish(tracker.last_content + 0.001, 201)
+
+
 def _stripper_run(events: list[bytes]) -> None:
     s = UsageChunkStripper()
     for e in events:
@@ -214,6 +238,13 @@ def main() -> None:
             for api, events in streams.items() for how in ("arg", "attr")
         ]
         cases.append(("LatencyTracker on_content+on_relay", _tracker_run, streams["openai.chat"]))
+        n = max(20, args.events // 200)
+        cases += [  # per response, not per event
+            ("LatencyTracker.finish, 200 gaps 20ms±10% (per response)", _finish_run,
+             _paced_trackers(n, 200, 0.0)),
+            ("LatencyTracker.finish, 200 gaps lognormal s=1 (per response)", _finish_run,
+             _paced_trackers(n, 200, 1.0)),
+        ]
     cases += [
         ("include_usage stripper (chat)", _stripper_run, streams["openai.chat"]),
         ("Exchange.observe_chunk", _observe_run, streams["openai.chat"]),
@@ -234,7 +265,9 @@ def main() -> None:
         fn(events[:200])  # warm up
         samples = _time_per_event(fn, events, args.repeat)
         rows.append({"case": name, "events": len(events), "median_ns": statistics.median(samples),
-                     "p99_ns": max(samples), "mean_event_bytes": sum(map(len, events)) / len(events)})
+                     "p99_ns": max(samples),
+                     "mean_event_bytes": sum(len(e) if isinstance(e, bytes | str) else 0
+                                             for e in events) / len(events)})
     print(f"{'per event':44} {'median':>10} {'worst of runs':>14} {'event size':>11}")
     for r in rows:
         print(f"{r['case']:44} {r['median_ns'] / 1000:8.2f}µs {r['p99_ns'] / 1000:12.2f}µs "

@@ -16,6 +16,8 @@ from trioproxy import Settings, TrioProxy
 from trioproxy.exchange import Exchange
 from trioproxy.testing import FakeUpstream, header_values
 
+from .process_guard import pytest_sessionfinish, pytest_sessionstart  # noqa: F401 - hooks
+
 ON_CI = bool(os.environ.get("CI"))
 
 

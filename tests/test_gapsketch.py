@@ -193,3 +193,11 @@ def test_trioproxy_latency_pools_the_stored_sketches_on_both_stores(
     assert itl["count"] == len(every) == 1200
     for name, q in (("p50", 50), ("p90", 90), ("p99", 99)):
         assert_within(itl[name], percentile(every, q), abs_=0.0005)
+
+
+def test_trioproxy_latency_reports_the_time_to_the_last_token_beside_e2e() -> None:
+    """AIPerf's request latency stops at the last content chunk: ``last_token_ms``; ``e2e_ms``
+    runs to the last byte (here 10 ms later, see record_row)."""
+    metrics = summarize_latency([record_row([20.0] * 9)])["groups"][0]["metrics"]
+    assert metrics["last_token_ms"]["p50"] == pytest.approx(300 + 180, abs=0.01)
+    assert metrics["e2e_ms"]["p50"] == pytest.approx(300 + 180 + 10, abs=0.01)

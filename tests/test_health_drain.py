@@ -3,6 +3,7 @@ processes sent a real SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,24 +42,6 @@ async def test_liveness_and_readiness_answer_while_serving(nursery, upstream) ->
         assert await get_json(proxy.url + "/_trioproxy/healthz") == (200, {"status": "alive"})
         status, body = await get_json(proxy.url + "/_trioproxy/readyz")
     assert (status, body["status"]) == (200, "ready")
-    await proxy.stop()
-
-
-async def test_readiness_fails_while_the_usage_store_is_unreachable(nursery, upstream,
-                                                                    tmp_path) -> None:
-    proxy = await start_proxy(nursery, proxy_settings(
-        upstream, accounting=True, data_home=str(tmp_path), store_timeout=1.0,
-        database_url="postgresql://postgres@127.0.0.1:1/test"))  # nothing listens there
-    with trio.fail_after(20):
-        async with httpx.AsyncClient() as client:  # a record to write: the writer finds out
-            resp = await client.post(proxy.url + "/v1/chat/completions", headers=dict(AUTH),
-                                     content=CHAT)
-            assert resp.status_code == 200
-        while (await get_json(proxy.url + "/_trioproxy/readyz"))[0] != 503:
-            await trio.sleep(0.05)
-        status, body = await get_json(proxy.url + "/_trioproxy/readyz")
-        assert (status, body) == (503, {"status": "store_unavailable", "store_available": False})
-        assert (await get_json(proxy.url + "/_trioproxy/healthz"))[0] == 200  # still alive
     await proxy.stop()
 
 
@@ -102,7 +85,7 @@ async def test_drain_refuses_new_requests_and_lets_streams_finish(
         remaining: list[float] = []
 
         async def drain() -> None:
-            remaining.append(await proxy.app.runtime.drain(0.0, 30.0))
+            remaining.append(await proxy.app.runtime.drain(30.0))
 
         nursery.start_soon(drain)
         await trio.sleep(0.01)
@@ -136,10 +119,11 @@ class Spawned:
         self.proc: trio.Process | None = None
 
     async def start(self, nursery: trio.Nursery, cmd: list[str], env: dict[str, str],
-                    listeners: int = 1, *, own_group: bool = False) -> None:
+                    listeners: int = 1) -> None:
+        """Start ``cmd`` in a process group of its own (``stop()`` ends the whole group)."""
         self.proc = await nursery.start(partial(
             trio.run_process, cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            check=False, start_new_session=own_group))
+            check=False, start_new_session=True))
         nursery.start_soon(self._collect)
         with trio.fail_after(30):
             while len(re.findall(rb"Running on (http://[\d.]+:\d+)", self.stderr)) < listeners:
@@ -160,8 +144,11 @@ class Spawned:
         return int(self.url.rsplit(":", 1)[1])
 
     async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
+        """Kill the whole process group: a server's workers too, even if its master is gone
+        (killing only the master of a plain Hypercorn left a worker listening)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with trio.move_on_after(10):
             await self.proc.wait()
 
 
@@ -174,7 +161,8 @@ def server_env(fake: FakeUpstream, **extra: str) -> dict[str, str]:
 async def test_sigterm_drains_trioproxy_serve(nursery, upstream: FakeUpstream, workers) -> None:
     server = Spawned()
     await server.start(nursery, [os.path.join(BIN, "trioproxy"), "serve", "--port", "0",
-                                 "--workers", str(workers), "--drain-notice", "0.2"],
+                                 "--workers", str(workers), "--drain-notice", "0.2",
+                                 "--drain-grace", "0"],
                        server_env(upstream), listeners=workers)
     try:
         for _ in range(2):
@@ -214,8 +202,8 @@ async def test_sigterm_to_the_whole_process_group_still_drains(nursery, upstream
     once: that is one signal, not a second one that would cut the drain short."""
     server = Spawned()
     await server.start(nursery, [os.path.join(BIN, "trioproxy"), "serve", "--port", "0",
-                                 "--workers", "2", "--drain-notice", "3"],
-                       server_env(upstream), listeners=2, own_group=True)
+                                 "--workers", "2", "--drain-notice", "3", "--drain-grace", "0"],
+                       server_env(upstream), listeners=2)
     try:
         with trio.fail_after(30):
             os.killpg(server.proc.pid, signal.SIGTERM)
@@ -239,7 +227,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 async def test_serve_with_two_workers_counts_every_worker_once(nursery, upstream) -> None:
     server = Spawned()
     await server.start(nursery, [os.path.join(BIN, "trioproxy"), "serve", "--port", "0",
-                                 "--workers", "2", "--drain-notice", "0"],
+                                 "--workers", "2", "--drain-notice", "0", "--drain-grace", "0"],
                        server_env(upstream), listeners=2)
     try:
         with trio.fail_after(30):

@@ -177,6 +177,8 @@ async def test_websocket_responses_are_timed_each_from_its_own_create_frame(
         records = await proxy.wait_records(2)
     for ex, _ in records:
         assert_figures(figures(ex), EXPECTED)
+        gaps = GapSketch.decode(figures(ex)["itl_sketch"])  # each response's own gaps
+        assert gaps.percentiles([0, 50, 100]) == pytest.approx([10.0, 20.0, 40.0], rel=0.01)
 
 
 class Sleepy(Extension):

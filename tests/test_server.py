@@ -125,7 +125,7 @@ async def test_serve_with_tls_speaks_http2_and_sends_usage_trailers(
     trioproxy_bin = os.path.join(os.path.dirname(sys.executable), "trioproxy")
     proc, url = await _run_until_listening(
         [trioproxy_bin, "serve", "--port", "0", "--anthropic-base-url", fake.url,
-         "--certfile", str(tmp_path / "cert.pem"), "--keyfile", str(tmp_path / "key.pem")],
+         "--drain-grace", "0", "--certfile", str(tmp_path / "cert.pem"), "--keyfile", str(tmp_path / "key.pem")],
         env, nursery,
     )
     try:

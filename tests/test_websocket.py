@@ -655,14 +655,20 @@ async def test_a_draining_proxy_refuses_new_websockets_in_openai_shape_with_one_
 ) -> None:
     """While draining, a new handshake is refused like a new HTTP request: 503 with
     retry-after and OpenAI's error body, one record; nothing reaches the upstream. A socket
-    opened before the drain goes on."""
+    opened before the drain finishes its response, then closes with 1012 (service restart)."""
     with trio.fail_after(10):
-        fake = await start_fake(nursery)
+        fake = await start_fake(nursery, turns=[Turn(gaps=0.2)])
         proxy = await start_proxy(nursery, fake.base_url)
         async with connect(proxy) as ws:
+            await ws.send_message(create())
+            assert json.loads(await ws.get_message())["type"] == "response.created"
             proxy.app.runtime.draining = True
             rejected = await refusal(proxy)
-            await turn(ws, create())  # the open socket still relays
+            while json.loads(await ws.get_message())["type"] != "response.completed":
+                pass  # the open socket still relays its response
+            with pytest.raises(tws.ConnectionClosed):
+                await ws.get_message()
+            assert ws.closed.code == 1012
         records = await proxy.wait_records(2)
     assert rejected.status_code == 503
     headers = {k.lower(): v for k, v in rejected.headers}

@@ -1,5 +1,5 @@
-"""``trioproxy`` command line: ``serve`` (Hypercorn tuned for long streams), ``usage`` and
-``latency``."""
+"""``trioproxy`` command line: ``serve`` (Hypercorn tuned for long streams), ``usage``,
+``latency`` and ``fake-upstream`` (a paced calibration upstream)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from . import __version__
 from .config import CONFIG_ENV, SPECS, ConfigError, Settings
 from .configspec import add_flags, flag_text, flags_as_environment, from_flags, markdown_table
+from .fake_upstream import add_fake_upstream_parser, run_fake_upstream
 from .log import setup_logging
 from .protocol.headers import hypercorn_head_limit
 
@@ -41,10 +42,12 @@ TCP_USER_TIMEOUT (--tcp-user-timeout) is set on the listening socket, so a clien
 reading is dropped by the kernel after that many seconds instead of pinning its request forever.
 Plain `hypercorn` has no flag for this, nor for the request-head limit (--max-header-bytes sets
 Hypercorn's h11_max_incomplete_size), nor a drain: on SIGTERM `trioproxy serve` fails readiness
-and answers new requests 503 (Connection: close, retry-after) for --drain-notice seconds and
-until in-flight streams end (at most --graceful-timeout), then stops; a second signal stops at
-once. --workers auto starts one worker per CPU this process may run on; with more than one,
-every worker is counted once in GET /metrics. Use `trioproxy serve` in production.
+at once but still serves new requests for --drain-grace seconds (a load balancer's health
+check takes it out meanwhile), then answers them 503 (Connection: close, retry-after) for at
+least --drain-notice seconds and until in-flight streams end (at most --graceful-timeout from
+the signal), then stops; a second signal stops at once. A worker that dies is restarted.
+--workers auto starts one worker per CPU this process may run on; with more than one, every
+worker is counted once in GET /metrics. Use `trioproxy serve` in production.
 """
 
 log = logging.getLogger("trioproxy")
@@ -209,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
     _add_config(sub)
+    add_fake_upstream_parser(sub)
     try:
         from .latency_report import add_latency_parser, run_latency
         from .usage_cli import add_usage_parser, run_usage
@@ -223,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "config":
         return run_config(args)
+    if args.command == "fake-upstream":
+        return run_fake_upstream(args)
     if args.command == "usage" and run_usage is not None:
         return run_usage(args)
     if args.command == "latency" and run_latency is not None:

@@ -149,10 +149,15 @@ class Settings:
     graceful_timeout: float = setting(
         600.0, "seconds in-flight streams may finish after shutdown starts (trioproxy serve)",
         example="30", check=_non_negative)
+    drain_grace: float = setting(
+        15.0, "seconds after SIGTERM during which readiness fails but new requests are still "
+        "served, so a load balancer's health check takes the instance out before any request "
+        "is refused (Envoy's drain time, a Kubernetes preStop sleep; trioproxy serve)",
+        example="4", check=_non_negative, metavar="SECONDS")
     drain_notice: float = setting(
-        5.0, "seconds a draining server (SIGTERM) keeps answering, with 503 and failing "
-        "readiness, before it stops accepting, even when nothing is in flight (trioproxy "
-        "serve)", example="15", check=_non_negative, metavar="SECONDS")
+        5.0, "seconds a draining server keeps answering new requests with 503 after the grace "
+        "period, before it stops accepting, even when nothing is in flight (trioproxy serve)",
+        example="15", check=_non_negative, metavar="SECONDS")
     keep_alive: float = setting(
         75.0, "seconds an idle client connection stays open between requests (trioproxy serve)",
         example="5", check=_positive)
@@ -231,6 +236,10 @@ class Settings:
     usage_max_pending: int = setting(10_000, "usage records held in memory while the store is "
                                      "down; more go to the spill file", example="1000",
                                      check=_positive)
+    usage_spill_after: float = setting(
+        5.0, "seconds of usage-store outage after which records go to the spill file instead "
+        "of waiting in memory (bounds what a SIGKILL or an OOM kill can lose)", example="30",
+        check=_non_negative, metavar="SECONDS")
     usage_lookup_timeout: float = setting(15.0, "seconds GET /v1/usage/{id} waits for the store "
                                           "before answering 503", example="5", check=_positive,
                                           metavar="SECONDS")

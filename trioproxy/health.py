@@ -5,10 +5,13 @@ None of these is forwarded upstream or recorded as usage: the app finalises them
 ``Runtime.finish(ex, recorded=False)`` (an access line only).
 
 - ``GET /_trioproxy/healthz``: liveness, 200 while the process serves at all;
-- ``GET /_trioproxy/readyz``: readiness, 503 while the usage store is unreachable or the process
-  is draining (its body says which);
+- ``GET /_trioproxy/readyz``: readiness, 503 while the process drains, or while the usage store
+  is unreachable and the spill file cannot be written (its body says which, and the store's
+  state);
 - ``GET /metrics``: Prometheus text format (see :mod:`trioproxy.metrics`), for clients whose
-  ``Host`` names this proxy, or that send the admin token (``metrics_require_token``).
+  ``Host`` names this proxy, or that send the admin token (``metrics_require_token``);
+- ``GET /health``: the readiness answer at the path benchmark clients probe before they start
+  (vLLM's convention: AIPerf, vLLM ``bench serve``...). No provider API has this path.
 """
 
 from __future__ import annotations
@@ -34,25 +37,37 @@ from .relay.responses import (
 from .runtime import Runtime
 
 METRICS_PATH = b"/metrics"
+HEALTH_PATH = b"/health"  # what benchmark clients probe (vLLM's convention)
 
 
 def is_operational(path: bytes) -> bool:
     """The path is the proxy's own (never an upstream's)."""
-    return path == METRICS_PATH or path.startswith(PREFIX) or path == PREFIX.rstrip(b"/")
+    return (path in (METRICS_PATH, HEALTH_PATH) or path.startswith(PREFIX)
+            or path == PREFIX.rstrip(b"/"))
 
 
 def readiness(runtime: Runtime) -> tuple[int, dict[str, Any]]:
-    """503 while draining, while the usage writer thread keeps crashing, or while the usage
-    store is unreachable, else 200."""
+    """Whether this instance should get traffic: 503 while draining, while the usage writer
+    thread keeps crashing, or while the usage store is down *and* the spill file cannot take
+    the records (accounting would be lost); a store that is merely down is reported, not a
+    reason (the records wait in memory, then on disk)."""
     stats = runtime.writer.statistics() if runtime.writer is not None else None
-    store_ok = stats is None or stats.store_available
-    if runtime.draining:
-        return 503, {"status": "draining", "store_available": store_ok}
+    store = None if stats is None else store_state(stats)
+    extra: dict[str, Any] = {"store_available": True} if store is None else \
+        {"store_available": store["available"], "store": store}
+    if runtime.unready:
+        return 503, {"status": "draining", **extra}
     if stats is not None and not stats.writer_running:
-        return 503, {"status": "usage_writer_failed", "store_available": store_ok}
-    if not store_ok:
-        return 503, {"status": "store_unavailable", "store_available": False}
-    return 200, {"status": "ready", "store_available": store_ok}
+        return 503, {"status": "usage_writer_failed", **extra}
+    if store is not None and not store["available"] and not store["spill_ok"]:
+        return 503, {"status": "ledger_unavailable", **extra}
+    return 200, {"status": "ready", **extra}
+
+
+def store_state(stats: Any) -> dict[str, Any]:
+    """The usage store's state for the readiness body (a ``WriterStatistics``)."""
+    return {"available": stats.store_available, "outage_seconds": round(stats.outage_seconds, 1),
+            "pending": stats.pending, "spilled": stats.spilled, "spill_ok": stats.spill_ok}
 
 
 async def answer_operational(
@@ -73,7 +88,8 @@ async def answer_operational(
         body, content_type = runtime.metrics.render()
         await send_all(send, ex, answer(ex, 200, body, content_type.encode()))
         return
-    if path in (PREFIX + b"healthz", PREFIX + b"readyz") and ex.method in ("GET", "HEAD"):
+    if path in (PREFIX + b"healthz", PREFIX + b"readyz", HEALTH_PATH) and \
+            ex.method in ("GET", "HEAD"):
         status, obj = (200, {"status": "alive"}) if path.endswith(b"healthz") \
             else readiness(runtime)
         if status != 200:

@@ -66,9 +66,9 @@ ROW_KEYS = (
 )
 GROUP_BY = ("model", "provider", "api", "key", "session", "hour")
 _GROUP_FIELD = {"key": "key_fingerprint", "session": "session_id"}
-METRICS = ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "tokens_per_s")
+METRICS = ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "last_token_ms", "tokens_per_s")
 _FIELD = {"ttft_ms": "ttft_ms", "tpot_ms": "tpot_ms", "e2e_ms": "duration_ms",
-          "tokens_per_s": "tokens_per_s"}
+          "last_token_ms": "last_token_ms", "tokens_per_s": "tokens_per_s"}
 MIN_SAMPLES = {"p50": 1, "p90": 10, "p99": 100}
 _QUANTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0))
 _ITL_KNOTS = (("itl_p50_ms", 0.5), ("itl_p90_ms", 0.9), ("itl_p99_ms", 0.99), ("itl_max_ms", 1.0))
@@ -317,8 +317,10 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: str) -> None:
 EPILOG = """\
 Figures (GenAI-Perf / vLLM names): ttft_ms = time to first token (first text, tool-call or
 reasoning delta), itl_ms = inter-token latency (gaps between content events, pooled over the
-requests from their stored p50/p90/p99/max: an estimate), tpot_ms = time per output token,
-e2e_ms = request latency, tokens_per_s = (output tokens - 1) / (e2e - TTFT).
+requests from their gap sketches: within 1 %; records older than the sketches are estimated
+from their p50/p90/p99/max), tpot_ms = time per output token,
+e2e_ms = request latency to the last byte, last_token_ms = to the last content event (where
+AIPerf's request latency stops), tokens_per_s = (output tokens - 1) / (e2e - TTFT).
 A percentile needs enough samples: p90 >= 10, p99 >= 100 (else "n<10" / "n<100").
 
 Examples:

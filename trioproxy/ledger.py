@@ -139,7 +139,7 @@ async def open_ledger(
         lambda: open_store(url, data_home=home, timeout=settings.store_timeout),
         spill_path=spill_path_for(url, home), shutdown_timeout=10.0,
         max_pending=settings.usage_max_pending, lookup_timeout=settings.usage_lookup_timeout,
-        linger=WRITE_LINGER,
+        linger=WRITE_LINGER, spill_after=settings.usage_spill_after,
     ) as writer:
         log.info("usage ledger: %s", _safe_url(url))
         task_status.started((writer, secret))

@@ -20,6 +20,8 @@ that old.
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -71,6 +73,27 @@ def label_model(ex: Exchange, usage: Any) -> str | None:
     return ex.model_requested if ex.status is not None and 200 <= ex.status < 300 else None
 
 
+def _files_collector() -> type:
+    """prometheus_client's multiprocess collector, skipping a file another worker has just
+    created and not sized yet (empty: reading it raised, failing that scrape)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    class FilesCollector(MultiProcessCollector):
+        def collect(self) -> Any:
+            files = [f for f in glob.glob(os.path.join(self._path, "*.db"))
+                     if _size(f) > 0]
+            return self.merge(files, accumulate=True)
+
+    return FilesCollector
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # removed meanwhile (a worker marked dead)
+        return 0
+
+
 def status_class(status: int | None) -> str:
     return f"{status // 100}xx" if status else "none"
 
@@ -82,11 +105,11 @@ class Metrics:
                  accounting: bool = True) -> None:
         """``accounting``: there is a usage writer (its queue and store figures are shown)."""
         self.multiprocess = multiprocess_mode() if multiprocess is None else multiprocess
-        self.registry = CollectorRegistry(auto_describe=True)
+        # Multiprocess: no collect at registration; it read every worker's file, and one that a
+        # worker starting beside this one had just created (still empty) failed the start-up.
+        self.registry = CollectorRegistry(auto_describe=not self.multiprocess)
         if self.multiprocess:
-            from prometheus_client.multiprocess import MultiProcessCollector
-
-            MultiProcessCollector(self.registry)
+            _files_collector()(self.registry)
             reg = None  # the instruments write files; the collector reads every worker's
         else:
             from prometheus_client.process_collector import ProcessCollector
@@ -129,6 +152,9 @@ class Metrics:
                                **live)
         self.draining = Gauge("trioproxy_draining", "1 while the process drains before exit",
                               registry=reg, multiprocess_mode="livemax")
+        self.restarts = Gauge("trioproxy_worker_restarts",
+                              "Worker processes trioproxy serve restarted after they died",
+                              registry=reg, multiprocess_mode="livemax")
         self.conns = Gauge("trioproxy_upstream_connections",
                            "Upstream connections per origin: in use or idle (kept alive)",
                            ("origin", "state"), registry=reg, **live)
@@ -146,6 +172,9 @@ class Metrics:
         self.store_up = Gauge("trioproxy_usage_store_up",
                               "1 when the last usage-store attempt succeeded", registry=reg,
                               multiprocess_mode="livemin")
+        self.outage = Gauge("trioproxy_usage_store_outage_seconds",
+                            "Seconds the usage store has been unavailable (0 while it is up)",
+                            registry=reg, multiprocess_mode="livemax")
         self.spilled = Counter("trioproxy_usage_records_spilled",
                                "Usage records written to the spill file", registry=reg)
 
@@ -212,12 +241,13 @@ class Metrics:
 
     def refresh(
         self, *, in_flight: int, draining: bool, pool: Mapping[str, Mapping[str, int]],
-        writer: Any = None,
+        writer: Any = None, worker_restarts: int = 0,
     ) -> None:
         """Set the figures that live elsewhere: ``pool`` is ``UpstreamPool.origin_statistics()``,
         ``writer`` a ``WriterStatistics`` (None without accounting)."""
         self.in_flight.set(in_flight)
         self.draining.set(1 if draining else 0)
+        self.restarts.set(worker_restarts)
         for origin, stats in pool.items():
             self.conns.labels(origin, "in_use").set(stats["in_use"])
             self.conns.labels(origin, "idle").set(stats["idle"])
@@ -226,6 +256,7 @@ class Metrics:
         if writer is not None and hasattr(self, "queue"):
             self.queue.set(writer.pending)
             self.store_up.set(1 if writer.store_available else 0)
+            self.outage.set(writer.outage_seconds)
             self._advance(self.spilled, ("spilled",), writer.spilled)
 
     def _advance(self, counter: Any, key: tuple[str, ...], total: float) -> None:

@@ -21,6 +21,19 @@ from .upstream import UpstreamPool
 log = logging.getLogger("trioproxy")
 
 Finisher = Callable[[Exchange], Awaitable[None]]
+# Seconds before the graceful timeout at which WebSockets still busy are closed with 1012
+# (service restart) rather than cut by Hypercorn without a close frame.
+WS_CLOSE_MARGIN = 1.0
+
+
+@dataclass(eq=False)
+class DrainState:
+    """Where this process's drain is: serving (``started`` None), the grace period (readiness
+    fails, requests are served), refusing (``refusing`` set: new requests get 503)."""
+
+    started: float | None = None  # trio time the drain began
+    refusing: trio.Event = field(default_factory=trio.Event)
+    ws_close_at: float = float("inf")  # trio time: WebSockets still busy then are closed
 
 
 @dataclass(eq=False)
@@ -37,8 +50,24 @@ class Runtime:
     metrics: Any = None  # metrics.Metrics when /metrics is on
     reader: Any = None  # dashboard.UsageReader when accounting is on
     sockets: int = 0  # open WebSocket connections
-    draining: bool = False  # readiness fails and new requests get 503
+    drain_state: DrainState = field(default_factory=lambda: DrainState())
     refused: int = 0  # requests refused while draining
+    worker_restarts: Callable[[], int] | None = None  # trioproxy serve: workers restarted
+
+    @property
+    def unready(self) -> bool:
+        """Draining: readiness fails (new requests are still served in the grace period)."""
+        return self.drain_state.started is not None
+
+    @property
+    def draining(self) -> bool:
+        """Draining past the grace period: new requests get 503."""
+        return self.drain_state.refusing.is_set()
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        assert value, "a drain is not undone"
+        self.drain_state.refusing.set()
 
     async def observe(self, ex: Exchange) -> None:
         """Finisher: the exchange's metrics."""
@@ -51,25 +80,39 @@ class Runtime:
     def scrape_figures(self) -> dict[str, Any]:
         """What ``Metrics.refresh`` reads at scrape time."""
         return {
-            "in_flight": self.busy(), "draining": self.draining,
+            "in_flight": self.busy(), "draining": self.unready,
             "pool": self.pool.origin_statistics(),
             "writer": self.writer.statistics() if self.writer is not None else None,
+            "worker_restarts": self.worker_restarts() if self.worker_restarts else 0,
         }
 
     async def drain(
-        self, notice: float, timeout: float, hurry: Callable[[], bool] = lambda: False
+        self, timeout: float, *, grace: float = 0.0, notice: float = 0.0,
+        hurry: Callable[[], bool] = lambda: False,
     ) -> float:
-        """Drain: from now on readiness fails and new requests are refused with 503. Waits
-        until ``notice`` seconds have passed and nothing is in flight, or ``timeout`` seconds,
-        or ``hurry()``; logs one line when it starts and one when it ends. Returns the seconds
-        left of ``timeout`` (what in-flight streams still get)."""
+        """Drain before exit, in two phases, within ``timeout`` seconds (or until ``hurry()``):
+
+        1. for ``grace`` seconds readiness fails but new requests are still served, so a load
+           balancer's health check takes this instance out before any client is refused;
+        2. then new requests get 503 (``Connection: close``, ``retry-after``) until nothing
+           is in flight and at least ``notice`` seconds have passed. Each Responses WebSocket
+           closes with 1012 (service restart) once no response is in flight on it, or
+           ``WS_CLOSE_MARGIN`` before the timeout whatever runs.
+
+        Logs one line when it starts, one when refusing starts, one when it ends. Returns the
+        seconds left of ``timeout`` (what in-flight streams still get)."""
         start, busy = trio.current_time(), self.busy()
-        self.draining = True
-        log.warning("draining: readiness fails, new requests get 503; %d in flight, waiting "
-                    "up to %gs for them", busy, timeout)
-        deadline = start + timeout
+        state, deadline = self.drain_state, start + timeout
+        state.started, state.ws_close_at = start, deadline - min(WS_CLOSE_MARGIN, timeout / 2)
+        log.warning("draining: readiness fails; new requests are served for %gs more, then get "
+                    "503; %d in flight, waiting up to %gs for them", grace, busy, timeout)
+        await _sleep_until(min(start + grace, deadline), hurry)
+        state.refusing.set()  # and WebSockets close (1012) once their response in flight ended
+        refusing, busy = trio.current_time(), self.busy()
+        if grace:
+            log.warning("drain: grace period over, new requests get 503; %d in flight", busy)
         while trio.current_time() < deadline and not hurry() and (
-                self.busy() or trio.current_time() < start + notice):
+                self.busy() or trio.current_time() < refusing + notice):
             await trio.sleep(min(0.05, max(0.0, deadline - trio.current_time())))
         now, left = trio.current_time(), self.busy()
         remaining = 0.0 if hurry() else max(0.0, deadline - now)
@@ -111,3 +154,9 @@ class Runtime:
                 await finisher(ex)
             except Exception:
                 log.exception("finaliser %r failed", finisher)
+
+
+async def _sleep_until(deadline: float, hurry: Callable[[], bool]) -> None:
+    """Sleep until ``deadline`` (trio time), checking ``hurry()`` every 50 ms."""
+    while not hurry() and trio.current_time() < deadline:
+        await trio.sleep(min(0.05, deadline - trio.current_time()))

@@ -137,6 +137,11 @@ class FakeUpstream:
             await nursery.start(trio.serve_listeners, self._handle, listeners)
             task_status.started(self)
 
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted connection (for a server that accepts connections itself, e.g.
+        ``trioproxy fake-upstream``, which also hands WebSocket upgrades elsewhere)."""
+        await self._handle(stream)
+
     async def _handle(self, stream: trio.abc.Stream) -> None:
         info = ConnInfo(len(self.connections) + 1, trio.current_time())
         self.connections.append(info)
@@ -241,9 +246,14 @@ class FakeUpstream:
             reason = b"Overloaded" if reply.status == 529 else b""
         await stream.send_all(conn.send(h11.Response(
             status_code=reply.status, headers=headers, reason=reason)))
+        due = req.received_at + reply.before_headers  # reply.scheduled: pauses end on time
         for part in reply.body if req.method != "HEAD" else []:
             if isinstance(part, Pause):
-                await trio.sleep(part.seconds)
+                due += part.seconds
+                if reply.scheduled:
+                    await trio.sleep_until(due)
+                else:
+                    await trio.sleep(part.seconds)
             elif isinstance(part, Abort):
                 raise _Closed("abort")
             elif part:

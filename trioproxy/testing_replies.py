@@ -92,6 +92,9 @@ class Reply:
     close_before_response: bool = False  # read the request, then close without a byte
     reset_before_response: bool = False  # read the request, then reset (TCP RST) without a byte
     keep_alive: bool = True  # False: `connection: close`, close after the response
+    # True: each Pause ends at a fixed time from the request's arrival (the sum of the pauses
+    # so far), so late wake-ups do not add up: a calibration upstream's known schedule
+    scheduled: bool = False
     uses: int = field(default=0, init=False, compare=False)  # times sent; a re-send gets new ids
 
     @property

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -94,6 +94,9 @@ class Turn:
     before_created: float = 0  # seconds (trio time) before response.created
     gaps: float | Sequence[float] = 0  # before each delta: one value, or one per delta
     before_end: float = 0  # seconds before the terminal event
+    # True: each gap ends at a fixed time from the create frame's arrival (the sum of the
+    # gaps so far), so late wake-ups do not add up (a calibration upstream's schedule)
+    scheduled: bool = False
 
     def gap(self, i: int) -> float:
         """The pause before delta ``i``."""
@@ -158,8 +161,10 @@ class FakeResponsesWS:
         reject: Rejection | None = None,
         accept_headers: Headers | None = None,
         max_message_size: int = 64 * MiB,
+        turn_factory: Callable[[dict[str, Any]], Turn] | None = None,
     ) -> None:
         self.turns: deque[Turn] = deque(turns)
+        self.turn_factory = turn_factory  # makes the turn of a create frame once turns run out
         self.reject = reject
         self.accept_headers = list(DEFAULT_ACCEPT_HEADERS if accept_headers is None else accept_headers)
         self.max_message_size = max_message_size
@@ -201,6 +206,11 @@ class FakeResponsesWS:
             self.port = server.port
             task_status.started(self)
 
+    async def handle(self, request: WebSocketRequest) -> None:
+        """Answer one upgrade request (for a server that accepts connections itself, e.g.
+        ``trioproxy fake-upstream``, which serves HTTP on the same port)."""
+        await self._handle(request)
+
     async def _handle(self, request: WebSocketRequest) -> None:
         seen = SeenSocket(request.path, list(request.headers), request.proposed_subprotocols)
         self.sockets.append(seen)
@@ -238,11 +248,17 @@ class FakeResponsesWS:
     async def _respond(self, ws: WebSocketConnection, frame: dict[str, Any], seen: SeenSocket) -> End:
         self._responses += 1
         n = self._responses
+        due = trio.current_time()
         rid = f"resp_fake_{n}"
         base = {"id": rid, "object": "response", "created_at": 1_700_000_000 + n,
                 "model": frame.get("model"), "previous_response_id": frame.get("previous_response_id")}
         seq = _Seq()
-        turn = self.turns[0] if self.turns and frame.get("generate") is not False else Turn()
+        if frame.get("generate") is False:  # a warm-up: answered at once, consumes no turn
+            turn = Turn()
+        elif self.turns:
+            turn = self.turns.popleft()
+        else:
+            turn = self.turn_factory(frame) if self.turn_factory is not None else Turn()
         if turn.before_created:
             await trio.sleep(turn.before_created)
         await ws.send_message(seq.event("response.created", response={**base, "status": "in_progress",
@@ -251,11 +267,14 @@ class FakeResponsesWS:
             await ws.send_message(seq.event("response.completed", response={
                 **base, "status": "completed", "output": [], "usage": dict(ZERO_USAGE)}))
             return "completed"
-        turn = self.turns.popleft() if self.turns else Turn()
         deltas = list(turn.deltas) + (["x" * turn.big_delta_bytes] if turn.big_delta_bytes else [])
         for i, delta in enumerate(deltas):
             if turn.gap(i):
-                await trio.sleep(turn.gap(i))
+                due += turn.gap(i)
+                if turn.scheduled:
+                    await trio.sleep_until(due)
+                else:
+                    await trio.sleep(turn.gap(i))
             await ws.send_message(seq.event("response.output_text.delta", item_id=f"msg_{n}",
                                             output_index=0, content_index=0, delta=delta))
             if turn.end in ("stop", "close", "drop") and i == 0:

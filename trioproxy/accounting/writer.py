@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ class WriterStatistics:
     sanitised: int  # records the store took only once sanitised
     quarantined: int  # records the store refused even sanitised (in the quarantine file)
     store_available: bool  # the last store attempt succeeded
+    outage_seconds: float = 0.0  # how long the store has been unavailable (0 while available)
+    spill_ok: bool = True  # the last append to the spill file worked
     writer_running: bool = True  # the writer thread is not crashing (readiness fails if so)
 
 
@@ -72,10 +75,12 @@ class UsageWriter(WriterThread):
         self, store_factory: StoreFactory, *, batch_size: int, max_pending: int,
         retry_interval: float, spill_path: Path, quarantine_path: Path,
         lookup_timeout: float, log: logging.Logger, linger: float = 0.0,
+        spill_after: float = float("inf"),
     ) -> None:
         super().__init__(store_factory, batch_size=min(max(1, batch_size), max(1, max_pending)),
                          retry_interval=retry_interval, spill_path=spill_path,
-                         quarantine_path=quarantine_path, log=log, linger=linger)
+                         quarantine_path=quarantine_path, log=log, linger=linger,
+                         spill_after=spill_after)
         self._max_pending = max(1, max_pending)
         self._lookup_timeout = lookup_timeout
         self._overflow: list[UsageRecord] = []  # waiting for the spill thread
@@ -129,6 +134,9 @@ class UsageWriter(WriterThread):
                 pending=len(self._queue) + len(self._inflight), spilled=self._spilled,
                 overflowed=self._overflowed, reloaded=self._reloaded, sanitised=self._sanitised,
                 quarantined=self._quarantined, store_available=self._outage is None,
+                outage_seconds=0.0 if self._outage is None
+                else time.monotonic() - self._outage[0],
+                spill_ok=self._spill_error is None,
                 writer_running=not self._crashes and not self._stopped_early,
             )
 
@@ -266,6 +274,7 @@ async def open_usage_writer(
     quarantine_path: str | os.PathLike[str] | None = None, batch_size: int = 200,
     max_pending: int = 10_000, retry_interval: float = 1.0, shutdown_timeout: float = 5.0,
     lookup_timeout: float = 15.0, log: logging.Logger = LOG, linger: float = 0.0,
+    spill_after: float = float("inf"),
 ) -> AsyncIterator[UsageWriter]:
     """Run a :class:`UsageWriter` for the duration of the block.
 
@@ -273,7 +282,9 @@ async def open_usage_writer(
     calls should be bounded (see :func:`~.store.open_store`'s ``timeout``). ``spill_path``:
     use :func:`~.store.spill_path_for`; ``quarantine_path`` defaults to
     :func:`~.spill.quarantine_path_for` of it. ``lookup_timeout`` bounds one look-up.
-    ``linger``: seconds the writer waits after a record for more to batch with it. On exit
+    ``linger``: seconds the writer waits after a record for more to batch with it.
+    ``spill_after``: seconds of store outage after which records go to the spill file at once
+    instead of waiting in memory (store retries go on at ``retry_interval``). On exit
     everything queued is written within ``shutdown_timeout`` seconds (shielded from
     cancellation); the rest goes to the spill file.
     """
@@ -282,7 +293,7 @@ async def open_usage_writer(
         store_factory, batch_size=batch_size, max_pending=max_pending, linger=linger,
         retry_interval=retry_interval, spill_path=spill,
         quarantine_path=Path(quarantine_path) if quarantine_path else quarantine_path_for(spill),
-        lookup_timeout=lookup_timeout, log=log,
+        lookup_timeout=lookup_timeout, log=log, spill_after=spill_after,
     )
     await writer._start()
     try:

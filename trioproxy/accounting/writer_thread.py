@@ -24,6 +24,14 @@ __all__ = ["WriterThread", "close_quietly"]
 
 # How a chunk of records is being tried: as a batch, one record alone, or one record sanitised.
 _BATCH, _ALONE, _SANITISED = "batch", "alone", "sanitised"
+# What the thread does next: write a batch, stream the spill file in (a store retry during a long
+# outage), or put records straight into the spill file (the outage is older than spill_after).
+_WRITE, _RELOAD, _SPILL = "write", "reload", "spill"
+
+
+class _StillDown(Exception):
+    """A spill file being streamed back met the store still down, past spill_after: keep the
+    file for the next retry instead of holding the thread (and the queue) in a retry loop."""
 
 
 class WriterThread:
@@ -32,8 +40,14 @@ class WriterThread:
     def __init__(
         self, store_factory: Callable[[], Store], *, batch_size: int, retry_interval: float,
         spill_path: Path, quarantine_path: Path, log: logging.Logger, linger: float = 0.0,
+        spill_after: float = float("inf"),
     ) -> None:
         self._factory = store_factory
+        # Seconds of outage after which records go to the spill file rather than wait in
+        # memory (what a SIGKILL or an OOM kill could lose); store retries go on meanwhile.
+        self._spill_after = spill_after
+        self._next_retry = 0.0  # monotonic time of the next store retry, once spilling
+        self._spill_error: str | None = None  # the last spill append failed (cleared on success)
         self._batch_size = batch_size
         # Seconds the thread waits, after a record arrives, for more to write in the same
         # transaction: one wake-up and one commit per batch instead of per record (each wake-up
@@ -92,8 +106,11 @@ class WriterThread:
 
     def _loop(self, store: Store | None) -> Store | None:
         while (work := self._next_work()) is not None:
-            if work:
-                store = self._write(store, work)
+            what, records = work
+            if what == _WRITE:
+                store = self._write(store, records)
+            elif what == _SPILL:
+                self._spill(records, "waited out a usage-store outage", quiet=True)
             else:
                 store = self._drain_spill(store)
             if self._crashes:
@@ -122,17 +139,38 @@ class WriterThread:
             crashes, self._crashes = self._crashes, 0
         self._log.warning("usage writer thread works again after %d crashes", crashes)
 
-    def _next_work(self) -> list[UsageRecord] | None:
-        """A batch from the queue; ``[]`` to stream the spill file in; None to stop."""
+    def _next_work(self) -> tuple[str, list[UsageRecord]] | None:
+        """What to do next (a batch to write, records to spill, or a spill file to stream
+        in); None to stop."""
         with self._lock:
-            while not self._queue and not self._closing and not self._abandon.is_set() \
-                    and not self._spill_dirty:
+            while True:
+                if self._abandon.is_set() or (self._closing and not self._queue):
+                    self._thread_done = True  # from now on, submit() spills directly
+                    return None
+                if self._spill_due():  # a long outage: to disk at once, retry at the interval
+                    if self._queue:
+                        records = list(self._queue)
+                        self._queue.clear()
+                        return _SPILL, records
+                    if not self._spill_dirty:  # nothing to retry with yet
+                        self._cond.wait()
+                        continue
+                    wait = self._next_retry - time.monotonic()
+                    if wait <= 0:
+                        self._next_retry = time.monotonic() + self._retry_interval
+                        return _RELOAD, []
+                    self._cond.wait(wait)
+                    continue
+                if self._queue or self._closing or self._spill_dirty:
+                    break
                 self._cond.wait()
-            if self._abandon.is_set() or (self._closing and not self._queue):
-                self._thread_done = True  # from now on, submit() spills directly
-                return None
             self._linger_for_more()
-            return self._take_batch() if self._queue else []
+            return (_WRITE, self._take_batch()) if self._queue else (_RELOAD, [])
+
+    def _spill_due(self) -> bool:  # with the lock held
+        """The store has been down for spill_after seconds, and the spill file works."""
+        return self._outage is not None and self._spill_error is None and \
+            time.monotonic() - self._outage[0] >= self._spill_after
 
     def _linger_for_more(self) -> None:  # with the lock held
         deadline = time.monotonic() + self._linger
@@ -159,15 +197,18 @@ class WriterThread:
         retried = reloaded  # a retry (or a re-read) may find its records already stored
         while chunks and not self._abandon.is_set():
             how, chunk = chunks[0]
+            began = time.monotonic()
             try:
                 store = store or self._connect()
                 added = store.insert_many(chunk)
             except Exception as exc:  # noqa: BLE001 - every failure is retried or isolated
                 if store is None or store.is_transient(exc) or not _probe(store):
-                    self._failure(exc)
+                    self._failure(exc, began)
                     retried = True
                     close_quietly(store)
                     store = None
+                    if self._to_disk(chunks, reloaded=reloaded):
+                        return None
                     self._abandon.wait(self._retry_interval)
                     continue
                 chunks.popleft()
@@ -180,6 +221,23 @@ class WriterThread:
             self._set_inflight((c for _, c in chunks), len(chunk), reloaded=reloaded,
                                sanitised=len(chunk) if how == _SANITISED else 0)
         return store
+
+    def _to_disk(self, chunks: deque[tuple[str, list[UsageRecord]]], *, reloaded: bool) -> bool:
+        """After a failed attempt: once the outage is spill_after old, hand what waits in
+        memory (this batch and the queue) to the spill file and give up the batch (True);
+        a spill file being streamed back is kept for the next retry instead."""
+        with self._lock:
+            if not self._spill_due():
+                return False
+            self._next_retry = time.monotonic() + self._retry_interval
+            waiting = list(self._queue)
+            self._queue.clear()
+        if reloaded:
+            self._spill(waiting, "waited out a usage-store outage", quiet=True)
+            raise _StillDown
+        self._spill([r for _, c in chunks for r in c] + waiting,
+                    "waited out a usage-store outage", quiet=True, inflight=True)
+        return True
 
     def _duplicates(self, n: int, of: int, *, expected: bool) -> None:
         if expected:  # a retried batch whose first attempt had landed, or a re-read spill
@@ -219,13 +277,14 @@ class WriterThread:
         if written:
             self._notify_progress()
 
-    def _failure(self, exc: Exception) -> None:
+    def _failure(self, exc: Exception, began: float) -> None:
+        """One failed store attempt; an outage starts when its first failed attempt began."""
         with self._lock:
             self._failed += 1
             pending = len(self._queue) + len(self._inflight)
             first = self._outage is None
             if first:
-                self._outage = (time.monotonic(), self._failed - 1)
+                self._outage = (began, self._failed - 1)
         if first:
             self._log.warning(
                 "usage store unavailable (%s: %s); %d records pending, retrying every %gs",
@@ -245,7 +304,17 @@ class WriterThread:
     # -- the spill and quarantine files ----------------------------------------------------
 
     def _drain_spill(self, store: Store | None) -> Store | None:
-        """Stream spill files into the store, fresh records first; keep the file if stopped."""
+        """Stream spill files into the store, fresh records first; keep the file if stopped.
+        During a long outage (a retry): connect first, and leave the files alone if that fails."""
+        with self._lock:
+            retrying = self._spill_due()
+        if retrying and store is None:
+            began = time.monotonic()
+            try:
+                store = self._connect()
+            except Exception as exc:  # noqa: BLE001 - still down: the next retry will tell
+                self._failure(exc, began)
+                return None
         with self._lock:
             self._spill_dirty, self._draining = False, True
             startup, self._startup_drain = self._startup_drain, False
@@ -262,7 +331,13 @@ class WriterThread:
                         with self._lock:
                             self._inflight, self._inflight_reloaded = list(records), True
                             self._reloaded += len(records)
-                        store = self._write(store, records, reloaded=True)
+                        try:
+                            store = self._write(store, records, reloaded=True)
+                        except _StillDown:  # the file stays; the next retry streams it again
+                            with self._lock:
+                                self._inflight, self._spill_dirty = [], True
+                                self._reloaded -= len(records)
+                            return None
                         if self._abandon.is_set():
                             return store
                     taken.remove()
@@ -305,22 +380,28 @@ class WriterThread:
                 self._done += 1
         self._notify_progress()
 
-    def _spill(self, records: list[UsageRecord], why: str, *, quiet: bool = False) -> None:
-        """Append records to the spill file (any thread); log them if even that fails."""
+    def _spill(self, records: list[UsageRecord], why: str, *, quiet: bool = False,
+               inflight: bool = False) -> None:
+        """Append records to the spill file (any thread); log them if even that fails.
+        ``inflight``: they are the batch in flight, which is then done."""
         if not records:
             return
         try:
             append_spill(self.spill_path, records)
+            self._spill_error = None
             log = self._log.debug if quiet else self._log.error
             log("usage: %d records %s; saved to %s (streamed into the store later)",
                 len(records), why, self.spill_path)
         except OSError as exc:
+            self._spill_error = str(exc)
             self._log.critical("usage: %d records %s and the spill file %s failed (%s); "
                                "records follow", len(records), why, self.spill_path, exc)
             for r in records:
                 self._log.critical("usage record: %s",
                                    json.dumps(r.sanitised().to_dict(), default=str))
         with self._lock:
+            if inflight:
+                self._inflight = []
             self._spilled += len(records)
             self._done += len(records)
             self._spill_dirty = True

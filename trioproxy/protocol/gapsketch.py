@@ -25,6 +25,7 @@ A response of 200 tokens paced at 20 ms ± 10 % fills about ten buckets (~40 byt
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 
 __all__ = ["GAMMA", "MIN_MS", "RELATIVE_ACCURACY", "GapSketch", "merge_sketches"]
@@ -80,23 +81,18 @@ class GapSketch:
         self.buckets[key] = self.buckets.get(key, 0) + 1
 
     def add_sorted_seconds(self, gaps: Sequence[float]) -> None:
-        """Count ``gaps`` given in seconds and sorted ascending: one logarithm per bucket
-        rather than per gap (the relay's per-response cost)."""
+        """Count ``gaps`` given in seconds and sorted ascending: one logarithm and one binary
+        search per bucket rather than work per gap (the relay's per-response cost)."""
         buckets = self.buckets
-        i, n = 0, len(gaps)
-        floor = MIN_MS / 1000.0
-        while i < n and gaps[i] < floor:
-            i += 1
+        n = len(gaps)
+        i = bisect_left(gaps, MIN_MS / 1000.0)
         self.zeros += i
         while i < n:
             ms = gaps[i] * 1000.0
             if not math.isfinite(ms):  # NaN or infinite (sorted last): not gaps
                 break
             key = _key(ms)
-            top = GAMMA**key / 1000.0  # the bucket's upper bound, in seconds
-            j = i + 1
-            while j < n and gaps[j] <= top:
-                j += 1
+            j = bisect_right(gaps, GAMMA**key / 1000.0, i + 1)  # past the bucket's top
             buckets[key] = buckets.get(key, 0) + (j - i)
             i = j
 

@@ -5,9 +5,9 @@ Both run in the request's nursery, beside the disconnect watcher (``http.py``):
 - The **reader** task owns the upstream response. It reads, hands what it read to the usage
   parser and the latency tracker at arrival (so TTFT, ITL and the usage so far describe the
   provider, not how fast the client reads), removes the injected usage chunk, and puts the
-  bytes into the channel without a checkpoint while there is room. When the channel holds
-  ``limit`` bytes it waits: backpressure then reaches the upstream through TCP. What arrived
-  together with the end of the body travels with the end, as one item.
+  bytes into the channel without a checkpoint. Once the channel holds ``limit`` bytes it reads
+  no more until the writer has made room: backpressure then reaches the upstream through TCP.
+  What arrived together with the end of the body travels with the end, as one item.
 - The **client writer** (the request's own task) takes everything waiting at each wake-up and
   gives it to one ``send()``: it coalesces what is already there and never waits in order to
   batch. The last bytes come back to the caller, to be sent once the watcher has stopped.
@@ -66,8 +66,9 @@ Item = tuple[bytes, float, bool]  # (bytes, when they were read, whether the bod
 
 
 class BodyChannel:
-    """A ``trio`` memory channel from reader to writer, bounded in bytes: the reader puts
-    while fewer than ``limit`` bytes are held, the writer gives them back once sent."""
+    """A ``trio`` memory channel from reader to writer, bounded in bytes: the reader reads
+    upstream only while fewer than ``limit`` bytes are held, so at most ``limit`` plus one
+    read are; the writer gives them back once sent."""
 
     __slots__ = ("_room", "held", "limit", "receiver", "sender")
 
@@ -77,12 +78,15 @@ class BodyChannel:
         self.held = 0  # bytes put and not yet sent to the client
         self._room: trio.Event | None = None  # set when the writer frees room
 
-    async def put(self, data: bytes, read_at: float, end: bool = False) -> None:
-        """Queue ``data`` (without a checkpoint while there is room)."""
+    async def wait_room(self) -> None:
+        """Returns once fewer than ``limit`` bytes are held (at once while there is room)."""
         while self.held >= self.limit:
             if self._room is None:
                 self._room = trio.Event()
             await self._room.wait()
+
+    def put(self, data: bytes, read_at: float, end: bool = False) -> None:
+        """Queue ``data`` (no checkpoint; the reader waited for room before reading it)."""
         self.held += len(data)
         self.sender.send_nowait((data, read_at, end))
 
@@ -121,6 +125,8 @@ async def _read(resp: UpstreamResponse, ex: Exchange, channel: BodyChannel,
     with trio.CancelScope() as reads:
         watch.reads = reads
         while True:
+            if channel.held >= channel.limit:  # backpressure: read no more until there is room
+                await channel.wait_room()
             watch.reading_since = trio.current_time()
             chunk = await resp.receive_chunk(math.inf)
             if reads.cancel_called:  # timed out by the watcher as these bytes came in:
@@ -138,10 +144,10 @@ async def _read(resp: UpstreamResponse, ex: Exchange, channel: BodyChannel,
             if chunk is None or resp.complete:
                 ex.body_ended(now)
                 tail = (chunk or b"") + (stripper.flush() if stripper is not None else b"")
-                await channel.put(tail, now, end=True)
+                channel.put(tail, now, end=True)
                 return
             if chunk:
-                await channel.put(chunk, now)
+                channel.put(chunk, now)
     raise UpstreamTimeout("read", read_timeout)
 
 
@@ -154,50 +160,56 @@ async def write_body(ex: Exchange, channel: BodyChannel, send: Send, watch: Send
     tail = b"\n\n"  # the last bytes sent: keep-alive comments only between events
     while True:
         try:
-            items = await _take(receiver, keepalive)
+            taken = await _take(receiver, keepalive)
         except trio.EndOfChannel:
             return None
-        if items is None:  # the upstream was silent for ``keepalive`` seconds
+        if taken is None:  # the upstream was silent for ``keepalive`` seconds
             if tail.endswith(SSE_EVENT_ENDS):
                 await _send(send, watch, KEEPALIVE_COMMENT)
             continue
-        data = items[0][0] if len(items) == 1 else b"".join([i[0] for i in items])
+        data, read_at, end = taken
         if tracker is not None:
             handed = trio.current_time()
-            for _, read_at, _ in items:
-                tracker.on_relay(read_at, handed)
-        if items[-1][2]:
+            for at in read_at:
+                tracker.on_relay(at, handed)
+        if end:
             return data  # goes out with the last message: one send() fewer
         if keepalive is not None:
             tail = (tail + data[-4:])[-4:]
         await _send(send, watch, data)
-        channel.sent(len(data))
+        size = len(data)
+        del taken, data  # nothing of the sent bytes stays alive while the reader refills
+        channel.sent(size)
 
 
 async def _take(receiver: trio.MemoryReceiveChannel[Item],
-                keepalive: float | None) -> list[Item] | None:
-    """Everything waiting (at least one item, up to the end); None after ``keepalive``
-    seconds without any. Raises EndOfChannel once the reader closed the channel."""
+                keepalive: float | None) -> tuple[bytes, list[float], bool] | None:
+    """Everything waiting (at least one item, up to the end), joined: (bytes, when each part
+    was read, whether the body ended). None after ``keepalive`` seconds without any. Raises
+    EndOfChannel once the reader closed the channel."""
     try:
-        item = receiver.receive_nowait()
+        data, read_at, end = receiver.receive_nowait()
     except trio.WouldBlock:
         if keepalive is None:
-            item = await receiver.receive()
+            data, read_at, end = await receiver.receive()
         else:
-            waited: Item | None = None
+            item: Item | None = None
             with trio.move_on_after(keepalive):
-                waited = await receiver.receive()
-            if waited is None:
+                item = await receiver.receive()
+            if item is None:
                 return None
-            item = waited
-    items = [item]
-    while not item[2]:
+            data, read_at, end = item
+    if end:
+        return data, [read_at], True
+    parts, times = [data], [read_at]
+    while not end:
         try:
-            item = receiver.receive_nowait()
+            data, read_at, end = receiver.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             break
-        items.append(item)
-    return items
+        parts.append(data)
+        times.append(read_at)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), times, end
 
 
 async def _send(send: Send, watch: SendWatch, data: bytes) -> None:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trioproxy.websocket")
 
 CLOSE_TIMEOUT = 5.0  # seconds for the closing handshake with the upstream
+DRAIN_POLL = 0.05  # seconds between checks, while draining, that no response is in flight
 
 
 # -- the payload hook stage ---------------------------------------------------------------------
@@ -84,6 +85,7 @@ class FramePumps:
             nursery.start_soon(self._upstream_to_client, upstream, nursery.cancel_scope)
             if self.ping_interval:
                 nursery.start_soon(self._keepalive, upstream, self.ping_interval)
+            nursery.start_soon(self._close_on_drain, upstream, nursery.cancel_scope)
             await self._client_to_upstream(upstream, nursery.cancel_scope)
 
     async def _client_to_upstream(self, upstream: tws.WebSocketConnection,
@@ -174,6 +176,26 @@ class FramePumps:
                 log.debug("upstream pong after %.1f ms", (trio.current_time() - sent) * 1000)
 
     # -- closing ------------------------------------------------------------------------------
+
+    async def _close_on_drain(self, upstream: tws.WebSocketConnection,
+                              done: trio.CancelScope) -> None:
+        """Once the process refuses new requests (its drain's grace period is over): close
+        with 1012 (service restart) as soon as no response is in flight, so the client
+        reconnects elsewhere; a response still running at ``DrainState.ws_close_at`` is cut."""
+        state = self.runtime.drain_state
+        await state.refusing.wait()  # no wake-ups at all while serving
+        while self.ledger.unfinished and trio.current_time() < state.ws_close_at:
+            await trio.sleep(DRAIN_POLL)
+        if self.ledger.unfinished:
+            log.warning("websocket: %d response(s) still running at the graceful timeout: "
+                        "closing with 1012", len(self.ledger.unfinished))
+            self.ledger.cut(End.ABORTED, "the proxy shut down (graceful timeout) before the "
+                            "response ended")
+        await self.close_client(1012, "service restart")
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await upstream.aclose(1001)
+        await self.finish_all()
+        done.cancel()
 
     async def _client_left(self, upstream: tws.WebSocketConnection, code: int | None) -> None:
         self.client_open = False

@@ -1,0 +1,301 @@
+"""``trioproxy fake-upstream``: a calibration upstream with known pacing.
+
+It serves the three generation APIs (Anthropic Messages, OpenAI Chat Completions and OpenAI
+Responses, streamed as SSE or answered as JSON, and the Responses WebSocket) on one port, built
+from the project's own fakes (:mod:`trioproxy.testing`, :mod:`trioproxy.testing_ws`). Every
+streamed response sends its first content delta ``ttft`` after the request, then ``tokens - 1``
+more deltas ``itl`` apart, one token each; each pause is drawn uniformly within ``± jitter`` of
+its nominal value. Usage is real-shaped: the output tokens are ``tokens``, the input tokens about
+a quarter of the request body's bytes. A JSON (non-streamed) answer comes after the whole
+generation time (``ttft + (tokens - 1) * itl``). ``GET /health`` answers 200, ``GET /v1/models``
+the model list, so clients can point at it directly to measure themselves.
+
+Measure a rig (client + proxy + network) against this known truth before measuring a provider:
+what a client reports above ``ttft`` / ``itl`` is the rig's. See the README's
+"Calibrating a benchmark rig" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio_websocket
+
+from .testing import FakeUpstream, RecordedRequest, Reply, default_reply
+from .testing_replies import (
+    anthropic_json,
+    anthropic_sse,
+    openai_chat_json,
+    openai_chat_sse,
+    openai_headers,
+    openai_responses_json,
+    openai_responses_sse,
+)
+from .testing_ws import FakeResponsesWS, Turn
+
+__all__ = ["Pacing", "add_fake_upstream_parser", "paced_reply", "parse_duration",
+           "run_fake_upstream", "serve_fake_upstream"]
+
+WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", " again")
+_HEAD_LIMIT = 65536
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(us|µs|ms|s)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``300ms``, ``0.3s``, ``250us`` (a bare number is seconds)."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (e.g. 300ms, 0.3s)")
+    scale = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def parse_fraction(text: str) -> float:
+    """A fraction from ``10%`` or ``0.1``, in [0, 1)."""
+    t = text.strip()
+    value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    if not 0 <= value < 1:
+        raise ValueError(f"jitter must be in [0, 100%): {text!r}")
+    return value
+
+
+@dataclass
+class Pacing:
+    """The known truth: first content after ``ttft``, then ``tokens - 1`` gaps of ``itl``
+    (seconds), each pause uniform within ± ``jitter`` (a fraction) of its nominal value."""
+
+    ttft: float = 0.3
+    itl: float = 0.02
+    tokens: int = 200
+    jitter: float = 0.1
+    rng: random.Random = field(default_factory=random.Random)
+
+    def _draw(self, nominal: float) -> float:
+        return nominal * (1 + self.rng.uniform(-self.jitter, self.jitter)) if self.jitter else nominal
+
+    def pauses(self) -> list[float]:
+        """Pause before each delta: the first is the TTFT, the others the gaps."""
+        return [self._draw(self.ttft)] + [self._draw(self.itl) for _ in range(self.tokens - 1)]
+
+    def text(self) -> list[str]:
+        return [WORDS[i % len(WORDS)] for i in range(self.tokens)]
+
+
+def _event_gaps(pauses: list[float], before: int, after: int) -> list[float]:
+    return [0.0] * before + pauses + [0.0] * after
+
+
+def paced_reply(req: RecordedRequest, pacing: Pacing) -> Reply:
+    """The reply to one HTTP request: paced for the generation APIs, else the fake's default.
+    Paced replies keep a schedule from the request's arrival (``Reply.scheduled``): token k
+    is sent at TTFT + the first k - 1 gaps, however late the previous one went out."""
+    reply = _paced_reply(req, pacing)
+    reply.scheduled = True
+    return reply
+
+
+def _paced_reply(req: RecordedRequest, pacing: Pacing) -> Reply:
+    p, post = req.path.rstrip("/"), req.method == "POST"
+    if req.method == "GET" and p == "/health":
+        return Reply(200, openai_headers(), [b'{"status":"ok"}'], chunked=False)
+    try:
+        body = json.loads(req.body) if req.body else {}
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    generation = post and p.endswith(("/v1/messages", "/v1/chat/completions", "/v1/responses"))
+    if not generation:
+        return default_reply(req)
+    pauses, text, model = pacing.pauses(), pacing.text(), body.get("model")
+    inp, n = max(1, len(req.body) // 4), pacing.tokens
+    if body.get("stream") is not True:  # JSON, after the whole generation time
+        reply = _json_answer(p, "".join(text), model, inp, n)
+        reply.before_headers = sum(pauses)
+        return reply
+    if p.endswith("/v1/messages"):  # message_start, block start, ping | deltas | 3 events
+        return anthropic_sse(text, model=model or "claude-sonnet-4-5", input_tokens=inp,
+                             output_tokens=n, gaps=_event_gaps(pauses, 3, 3))
+    if p.endswith("/v1/chat/completions"):
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        # the role chunk comes with the first token (as OpenAI sends it), then the deltas
+        gaps = [pauses[0], 0.0, *pauses[1:]]
+        return openai_chat_sse(text, model=model or "gpt-4o-mini", include_usage=usage,
+                               prompt_tokens=inp, completion_tokens=n, gaps=gaps)
+    return openai_responses_sse(text, model=model or "gpt-5", input_tokens=inp,
+                                output_tokens=n, gaps=_event_gaps(pauses, 4, 4))
+
+
+def _json_answer(path: str, text: str, model: Any, inp: int, n: int) -> Reply:
+    if path.endswith("/v1/messages"):
+        return anthropic_json(text, model=model or "claude-sonnet-4-5", input_tokens=inp,
+                              output_tokens=n)
+    if path.endswith("/v1/chat/completions"):
+        return openai_chat_json(text, model=model or "gpt-4o-mini", prompt_tokens=inp,
+                                completion_tokens=n)
+    return openai_responses_json(text, model=model or "gpt-5", input_tokens=inp,
+                                 output_tokens=n)
+
+
+def paced_turn(frame: dict[str, Any], pacing: Pacing) -> Turn:
+    """The Responses WebSocket answer to one ``response.create`` frame."""
+    pauses, n = pacing.pauses(), pacing.tokens
+    inp = max(1, len(json.dumps(frame)) // 4)
+    usage = {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens": n, "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": inp + n}
+    return Turn(deltas=tuple(pacing.text()), gaps=pauses, usage=usage, scheduled=True)
+
+
+class _Prefixed(trio.abc.Stream):
+    """A stream whose first bytes were already read (to tell HTTP from a WebSocket upgrade)."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.transport_stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            return data
+        return await self.transport_stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+    @property
+    def socket(self) -> Any:  # for FakeUpstream's reset-before-response script
+        return getattr(self.transport_stream, "socket", None)
+
+
+def _is_upgrade(head: bytes) -> bool:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
+            return True
+    return False
+
+
+@dataclass
+class CalibrationUpstream:
+    """The HTTP fake and the WebSocket fake behind one listener."""
+
+    pacing: Pacing
+    http: FakeUpstream = field(init=False)
+    ws: FakeResponsesWS = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.http = FakeUpstream(default=functools.partial(paced_reply, pacing=self.pacing))
+        self.ws = FakeResponsesWS(turn_factory=functools.partial(paced_turn, pacing=self.pacing))
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head and len(head) < _HEAD_LIMIT:
+                data = await stream.receive_some(_HEAD_LIMIT)
+                if not data:
+                    break
+                head += data
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await trio.aclose_forcefully(stream)
+            return
+        self._forget()
+        wrapped = _Prefixed(stream, head)
+        if not _is_upgrade(head.partition(b"\r\n\r\n")[0]):
+            await self.http.handle(wrapped)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                request = await trio_websocket.wrap_server_stream(
+                    nursery, wrapped, max_message_size=self.ws.max_message_size)
+                await self.ws.handle(request)
+                nursery.cancel_scope.cancel()
+        except trio_websocket.ConnectionClosed:
+            pass
+        finally:
+            await trio.aclose_forcefully(wrapped)
+
+    def _forget(self) -> None:
+        """A calibration run may last long: keep only the fakes' recent bookkeeping."""
+        for log in (self.http.requests, self.http.connections, self.ws.sockets):
+            if len(log) > 1000:
+                del log[:-100]
+
+
+async def serve_fake_upstream(
+    host: str, port: int, upstream: CalibrationUpstream,
+    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``upstream`` on host:port until cancelled; reports the bound port."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, upstream.handle, listeners)
+        task_status.started(bound)
+
+
+EPILOG = """\
+Point trioproxy (or a client, directly) at it, e.g.:
+  trioproxy fake-upstream --port 9000 --ttft 300ms --itl 20ms --tokens 200 --jitter 10%
+  trioproxy serve --port 8080 --anthropic-upstream http://127.0.0.1:9000 \\
+                  --openai-upstream http://127.0.0.1:9000
+Streams send the first token after --ttft, then one token every --itl; each pause is drawn
+uniformly within +-jitter. What a client reports above that is the rig's (client, proxy, network).
+"""
+
+
+def add_fake_upstream_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``fake-upstream`` on an ``argparse`` sub-parsers object."""
+    p = subparsers.add_parser(
+        "fake-upstream", help="serve a paced fake Anthropic/OpenAI upstream (calibration)",
+        description="A calibration upstream: Messages, Chat Completions and Responses (SSE, "
+                    "JSON and the Responses WebSocket) with known pacing and real-shaped usage.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=9000, help="port to listen on (9000; 0: any)")
+    p.add_argument("--ttft", type=parse_duration, default=0.3, metavar="DUR",
+                   help="time to the first token (300ms)")
+    p.add_argument("--itl", type=parse_duration, default=0.02, metavar="DUR",
+                   help="time between tokens (20ms)")
+    p.add_argument("--tokens", type=int, default=200, help="output tokens per response (200)")
+    p.add_argument("--jitter", type=parse_fraction, default=0.1, metavar="PCT",
+                   help="each pause uniform within +-PCT of its value (10%%)")
+    p.add_argument("--seed", type=int, help="seed the jitter, for a repeatable run")
+    return p
+
+
+def run_fake_upstream(args: argparse.Namespace) -> int:
+    if args.tokens < 1:
+        print("trioproxy fake-upstream: --tokens must be at least 1", file=sys.stderr)
+        return 2
+    pacing = Pacing(args.ttft, args.itl, args.tokens, args.jitter, random.Random(args.seed))
+    upstream = CalibrationUpstream(pacing)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_fake_upstream, args.host, args.port, upstream)
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"fake upstream on http://{host}:{port} (ttft {args.ttft * 1000:g} ms, itl "
+                  f"{args.itl * 1000:g} ms, {args.tokens} tokens, jitter "
+                  f"{args.jitter * 100:g} %)", flush=True)
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        pass
+    return 0
