@@ -25,9 +25,10 @@ SAMPLE_PER_MODEL = 2000  # rows of one model the percentiles are computed from, 
 SAMPLE_ROWS = 12_000  # rows in all
 _KEY_SPACE = 16 ** 4  # the last four hex digits of a request id
 _GROUP = "COALESCE(model, model_requested)"
-_FIGURES = (("ttft_ms", "ttft_ms"), ("tpot_ms", "tpot_ms"), ("e2e_ms", "duration_ms"),
-            ("tokens_per_s", "tokens_per_s"))  # (metric, latency row key)
-_FIGURE_COLUMNS = ("ttft_ms", "tpot_ms", "e2e_ms", "tokens_per_s")
+# (metric, column): the one-value figures of latency_report.METRICS
+_FIGURES = (("ttft_ms", "ttft_ms"), ("tpot_ms", "tpot_ms"), ("e2e_ms", "e2e_ms"),
+            ("last_token_ms", "last_token_ms"), ("tokens_per_s", "tokens_per_s"))
+_FIGURE_COLUMNS = tuple(column for _, column in _FIGURES)
 _KNOTS = "itl_p50_ms IS NOT NULL AND itl_p90_ms IS NOT NULL AND itl_p99_ms IS NOT NULL AND " \
     "itl_max_ms IS NOT NULL"
 _WITH_MEAN = "tpot_ms IS NOT NULL AND output_tokens IS NOT NULL AND itl_count IS NOT NULL"
@@ -103,9 +104,10 @@ def _thresholds(counts: dict[Any, int]) -> dict[Any, str]:
 
 
 def _empty(label: str) -> dict[str, Any]:
+    from ..latency_report import METRICS
+
     blank = {"count": 0, "p50": None, "p90": None, "p99": None, "mean": None}
-    return {"group": label, "requests": 0, "metrics": {
-        m: dict(blank) for m in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "tokens_per_s")}}
+    return {"group": label, "requests": 0, "metrics": {m: dict(blank) for m in METRICS}}
 
 
 def _number(value: Any) -> float | None:
