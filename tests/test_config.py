@@ -75,7 +75,8 @@ def flag_argv(spec: Spec, text: str) -> list[str]:
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_flag_environment_and_file_give_the_same_value(spec: Spec, tmp_path: Path) -> None:
     overrides = {"keyfile": "/k.pem"} if spec.name == "certfile" else \
-        {"certfile": "/c.pem"} if spec.name == "keyfile" else {}
+        {"certfile": "/c.pem"} if spec.name == "keyfile" else \
+        {"admin_token": "adm"} if spec.name == "metrics_require_token" else {}
     env_extra = {f"TRIOPROXY_{k.upper()}": v for k, v in overrides.items()}
     by_env = Settings.from_env({spec.env: spec.example, **env_extra})
     args = _serve_args(*flag_argv(spec, spec.example))

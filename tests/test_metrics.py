@@ -109,8 +109,9 @@ async def test_labels_never_carry_a_request_id_key_session_or_path(
 
 def test_models_beyond_the_cap_are_counted_as_other() -> None:
     metrics = Metrics(multiprocess=False, max_models=2)
-    assert [metrics.model_label(m) for m in ("a", "b", "c", "a", None, "d")] == \
-        ["a", "b", "other", "a", "none", "other"]
+    names = ("gpt-4o", "gpt-4o-mini", "o3-mini", "gpt-4o", None, "gpt-4.1")
+    assert [metrics.model_label(m, provider="openai") for m in names] == \
+        ["gpt-4o", "gpt-4o-mini", "other", "gpt-4o", "none", "other"]
 
 
 def test_token_buckets_are_the_opentelemetry_boundaries() -> None:

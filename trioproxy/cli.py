@@ -74,12 +74,14 @@ def _add_config_flag(p: argparse.ArgumentParser) -> None:
 def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "config", help="check the configuration and print the settings in effect",
-        description="Validate flags, TRIOPROXY_* variables and the config file together, and "
-                    "print the settings in effect as TOML (secrets hidden).",
+        description="Validate flags, TRIOPROXY_* variables and the config file together, as "
+                    "`trioproxy serve` would, and print the settings in effect as TOML (secrets "
+                    "hidden). Takes every flag `trioproxy serve` takes.",
     )
     _add_config_flag(p)
     p.add_argument("--markdown", action="store_true",
                    help="print the table of every setting (the README's) instead")
+    add_flags(p, SPECS)
 
 
 def settings_from_args(
@@ -186,7 +188,7 @@ def run_config(args: argparse.Namespace) -> int:
         print(markdown_table(SPECS))
         return 0
     try:
-        settings = Settings.from_env(config=args.config)
+        settings = settings_from_args(args)[0]
     except ConfigError as exc:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2

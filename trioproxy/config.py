@@ -261,6 +261,13 @@ class Settings:
     metrics: bool = setting(True, "serve Prometheus metrics at GET /metrics", example="false")
     dashboard: bool = setting(True, "serve the usage page at /_trioproxy/ (admin_token, or "
                               "loopback clients only when none is set)", example="false")
+    metrics_require_token: bool = setting(
+        False, "GET /metrics needs admin_token (x-trioproxy-admin-token or Authorization: "
+        "Bearer); off: any client whose Host names this proxy", example="true")
+    allowed_hosts: str = setting(
+        "", "comma list of extra Host names the usage page and /metrics answer without a token "
+        "(besides loopback addresses, localhost, the host setting); '*': any",
+        example="devbox.lan", metavar="NAMES")
     # -- extensions ----------------------------------------------------------------------------
     extensions: str = setting(
         "", "extensions module:attr, loaded after the entry points (comma list)",
@@ -297,6 +304,9 @@ class Settings:
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("certfile and keyfile (TRIOPROXY_CERTFILE, TRIOPROXY_KEYFILE) "
                               "go together")
+        if self.metrics_require_token and not self.admin_token:
+            raise ConfigError("metrics_require_token (TRIOPROXY_METRICS_REQUIRE_TOKEN) needs "
+                              "admin_token (TRIOPROXY_ADMIN_TOKEN)")
         set_ = object.__setattr__
         set_(self, "log_level", self.log_level.upper())
         set_(self, "anthropic_upstream", UpstreamURL.parse(self.anthropic_base_url))

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 
 import trio
 
+from .access import refusal
 from .accounting.locations import open_store
 from .accounting.store import Store
 from .config import Settings
@@ -38,6 +39,10 @@ from .runtime import Runtime
 COOKIE = "trioproxy_admin"
 DAY = 86400.0
 RECENT = 25  # last requests shown
+MIN_DAYS, MAX_DAYS = 1 / 24, 366.0  # the page's window: an hour to a year
+CLOSE_WAIT = 2.0  # seconds shutdown gives the page's store connection to let go
+STATEMENTS = 4  # the whole page may take this many store_timeouts (each statement takes one)
+KEEP_SLOW, KEEP_MAX, KEEP_WINDOWS = 1.0, 60.0, 8  # a page that took >= 1 s is kept (see below)
 _STATIC = {
     b"": ("dashboard.html", b"text/html; charset=utf-8"),
     b"dashboard.js": ("dashboard.js", b"text/javascript; charset=utf-8"),
@@ -57,26 +62,45 @@ _PAGE_HEADERS = [
 
 class UsageReader:
     """The page's own store connection: opened on first use in a worker thread, one call at a
-    time, closed by :meth:`aclose` (the app's lifespan)."""
+    time, closed by :meth:`aclose` (the app's lifespan). Every query is bounded by the store's
+    own timeout (``store_timeout``); :meth:`aclose` interrupts a running one and never waits
+    for it. A page that took the database long (a year of a big ledger) is kept for a while,
+    and browsers refreshing meanwhile share it (its ``generated_at`` says how old it is)."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._store: Store | None = None
         self._limiter = trio.CapacityLimiter(1)
+        self._lock = trio.Lock()  # one computation at a time: the others wait for its result
+        self._kept: dict[float, tuple[float, dict[str, Any]]] = {}  # days -> (until, page)
+        self._closed = False
 
     async def summary(self, days: float) -> dict[str, Any]:
         """Spend and tokens by model and by day, latency by model, the last requests."""
-        now = time.time()
-        with trio.fail_after(self._settings.store_timeout * 2):
-            return await trio.to_thread.run_sync(
-                self._summary, now - days * DAY, now, limiter=self._limiter,
-                abandon_on_cancel=True)
+        async with self._lock:
+            kept = self._kept.get(days)
+            if kept is not None and trio.current_time() < kept[0]:
+                return kept[1]
+            started = trio.current_time()
+            now = time.time()
+            with trio.fail_after(self._settings.store_timeout * STATEMENTS):
+                page = await trio.to_thread.run_sync(
+                    self._summary, now - days * DAY, now, limiter=self._limiter,
+                    abandon_on_cancel=True)
+            took = trio.current_time() - started
+            if took >= KEEP_SLOW:  # keep it three times as long as it took, a minute at most
+                if len(self._kept) >= KEEP_WINDOWS:
+                    self._kept.pop(next(iter(self._kept)))
+                self._kept[days] = (trio.current_time() + min(3 * took, KEEP_MAX), page)
+            return page
 
     def _summary(self, since: float, now: float) -> dict[str, Any]:
         try:
+            if self._closed:
+                raise RuntimeError("the usage page's reader is closed")
             store = self._store = self._store or open_store(
                 self._settings.database_url, data_home=self._settings.data_home,
-                timeout=self._settings.store_timeout)
+                timeout=self._settings.store_timeout, bound_reads=True)
             return usage_summary(store, since, now)
         except Exception:
             self._close()
@@ -91,21 +115,27 @@ class UsageReader:
                 pass
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+        """Interrupt a running query, then close; bounded (a thread that does not let go is
+        left behind: the process is stopping)."""
+        self._closed = True
+        store = self._store
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_WAIT):
+            if store is not None:  # SQLite: at once; PostgreSQL: a cancel request
+                await trio.to_thread.run_sync(store.interrupt, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(self._close, limiter=self._limiter,
+                                          abandon_on_cancel=True)
 
 
 def usage_summary(store: Store, since: float, now: float) -> dict[str, Any]:
-    """The page's data from ``store`` over ``[since, now)``."""
+    """The page's data from ``store`` over ``[since, now)``: every figure is aggregated by the
+    database (nothing here grows with the number of rows)."""
     from .dashboard_charts import chart_data
-    from .latency_report import summarize_latency
 
-    latency = summarize_latency(store.latency_rows(since, None), "model")["groups"]
     return {
         "object": "trioproxy.usage_page", "since": since, "generated_at": now,
         "by_model": [_totals(g) for g in store.aggregate("model", since)],
         "by_day": [_totals(g) for g in store.aggregate("day", since)],
-        "latency": latency,
+        "latency": store.latency_summary(since, None),
         "recent": [{
             "started_at": r.started_at, "model": r.model or r.model_requested, "api": r.api,
             "status": r.status, "end_reason": r.end_reason, "streamed": r.streamed,
@@ -145,6 +175,31 @@ def _loopback(scope: dict[str, Any]) -> bool:
         return client is not None and ipaddress.ip_address(client[0]).is_loopback
     except ValueError:
         return False
+
+
+def _refused(runtime: Runtime, ex: Exchange, scope: dict[str, Any]) -> list | None:
+    """The answer for a client that may not read the page's data, else None. Without an
+    admin token the peer's address is all there is: then the Host must name this proxy too
+    (see :mod:`trioproxy.access`)."""
+    token = runtime.settings.admin_token
+    why = refusal(ex.request_headers, scope, runtime.settings, check_host=not token)
+    status = 403
+    if why is None and not may_read(runtime, ex, scope):
+        why, status = ("admin token required", 401) if token else ("loopback only", 403)
+    if why is None:
+        return None
+    ex.fail(End.REJECTED, f"usage page: {why}")
+    return json_answer(ex, status, {"error": why})
+
+
+def _days(scope: dict[str, Any]) -> float | None:
+    """``?days=N`` (default 7): a number of days from an hour to 366; None when it is not."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    try:
+        days = float(query.get("days", ["7"])[0])
+    except ValueError:
+        return None
+    return days if MIN_DAYS <= days <= MAX_DAYS else None  # NaN compares False
 
 
 def _cookies(headers: list[tuple[bytes, bytes]], name: str) -> list[str]:
@@ -187,18 +242,17 @@ async def answer_dashboard(
 
 
 async def _usage_json(runtime: Runtime, ex: Exchange, scope: dict[str, Any]) -> list:
-    if not may_read(runtime, ex, scope):
-        why = "admin token required" if runtime.settings.admin_token else "loopback only"
-        ex.fail(End.REJECTED, f"usage page: {why}")
-        return json_answer(ex, 401 if runtime.settings.admin_token else 403, {"error": why})
+    refused = _refused(runtime, ex, scope)
+    if refused is not None:
+        return refused
     if runtime.reader is None:
         ex.fail(End.REJECTED, "usage page: accounting is off")
         return json_answer(ex, 404, {"error": "accounting is off: nothing is recorded"})
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    try:
-        days = min(max(float(query.get("days", ["7"])[0]), 1 / 24), 366.0)
-    except ValueError:
-        days = 7.0
+    days = _days(scope)
+    if days is None:
+        ex.fail(End.REJECTED, "usage page: bad days")
+        return json_answer(ex, 400, {"error": f"days must be a number from {MIN_DAYS:.4g} "
+                                              f"(an hour) to {MAX_DAYS:g}"})
     try:
         data = await runtime.reader.summary(days)
     except Exception as exc:  # noqa: BLE001 - the store is down, or slow: say so, stay up

@@ -9,7 +9,8 @@ probes unless ``log_probes`` is on).
 - ``GET /_trioproxy/readyz``: readiness, 503 while the process drains, or while the usage store
   is unreachable and the spill file cannot be written (its body says which, and the store's
   state);
-- ``GET /metrics``: Prometheus text format (see :mod:`trioproxy.metrics`);
+- ``GET /metrics``: Prometheus text format (see :mod:`trioproxy.metrics`), for clients whose
+  ``Host`` names this proxy, or that send the admin token (``metrics_require_token``);
 - ``GET /health``: the readiness answer at the path benchmark clients probe before they start
   (vLLM's convention: AIPerf, vLLM ``bench serve``...). No provider API has this path.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .access import admin_presented, refusal
 from .dashboard import answer_dashboard
 from .errors import ClientRequestError, ProxyError
 from .exchange import Exchange
@@ -89,6 +91,10 @@ async def answer_operational(
         if ex.method not in ("GET", "HEAD"):
             await send_all(send, ex, _not_allowed(ex))
             return
+        refused = metrics_refusal(runtime, ex, scope)
+        if refused is not None:
+            await send_all(send, ex, refused)
+            return
         runtime.metrics.refresh(**runtime.scrape_figures())
         body, content_type = runtime.metrics.render()
         await send_all(send, ex, answer(ex, 200, body, content_type.encode()))
@@ -105,6 +111,23 @@ async def answer_operational(
         return
     exc = ClientRequestError(f"trioproxy has no page at {ex.path}", 404, "unknown_path")
     await send_all(send, ex, error_messages(ex, exc))
+
+
+def metrics_refusal(runtime: Runtime, ex: Exchange, scope: dict[str, Any]) -> list | None:
+    """401/403 for a scrape that may not read /metrics (see :mod:`trioproxy.access`): with
+    ``metrics_require_token``, the admin token is needed (any Host); without, the Host must
+    name this proxy."""
+    settings = runtime.settings
+    need_token = settings.metrics_require_token
+    why = refusal(ex.request_headers, scope, settings, check_host=not need_token)
+    status = 403
+    if why is None and need_token and not admin_presented(
+            ex.request_headers, settings.admin_token, bearer=True):
+        why, status = "admin token required", 401
+    if why is None:
+        return None
+    ex.fail(End.REJECTED, f"metrics: {why}")
+    return json_answer(ex, status, {"error": why})
 
 
 def _not_allowed(ex: Exchange) -> list[Message]:

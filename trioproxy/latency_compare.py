@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .latency_report import _FIELD, _group, _itl_knots, _number, mixture_quantiles
+from .textsafe import for_terminal
 
 __all__ = ["COMPARE_BY", "MIN_REQUESTS", "MIN_SAMPLES", "compare_groups", "run_compare"]
 
@@ -335,7 +336,7 @@ def _refusal(rows: list[dict[str, Any]], by: str, *sides: tuple[str, list]) -> s
     for name, members in sides:
         if not members:
             known = sorted({_group(r, by) for r in rows})
-            shown = ", ".join(known[:12]) + (", …" if len(known) > 12 else "")
+            shown = ", ".join(map(for_terminal, known[:12])) + (", …" if len(known) > 12 else "")
             return f"no requests in {by} {name!r} (groups: {shown or 'none'})"
     if {id(r) for r in sides[0][1]} & {id(r) for r in sides[1][1]}:
         return f"{sides[0][0]!r} and {sides[1][0]!r} share requests: compare two distinct groups"

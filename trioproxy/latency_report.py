@@ -44,6 +44,7 @@ from typing import Any
 from .accounting.query import parse_when
 from .protocol.gapsketch import GapSketch
 from .protocol.latency import percentile
+from .textsafe import for_csv, for_terminal
 
 __all__ = [
     "GROUP_BY",
@@ -242,7 +243,7 @@ def format_table(summary: dict[str, Any]) -> str:
     for g in summary["groups"]:
         for i, metric in enumerate(METRICS):
             s = g["metrics"][metric]
-            rows.append([g["group"] if i == 0 else "", f"{g['requests']:,}" if i == 0 else "",
+            rows.append([for_terminal(g["group"]) if i == 0 else "", f"{g['requests']:,}" if i == 0 else "",
                          metric, f"{s['count']:,}", *(_cell(s, n) for n in
                                                       ("p50", "p90", "p99", "mean"))])
     if not rows:
@@ -268,7 +269,7 @@ def format_csv(summary: dict[str, Any]) -> str:
     for g in summary["groups"]:
         for metric in METRICS:
             s = g["metrics"][metric]
-            writer.writerow([g["group"], g["requests"], metric, s["count"],
+            writer.writerow([for_csv(g["group"]), g["requests"], metric, s["count"],
                              *("" if s[n] is None else s[n] for n in ("p50", "p90", "p99", "mean"))])
     return buf.getvalue()
 

@@ -6,8 +6,9 @@ that live elsewhere (streams in flight, upstream connections per origin, the usa
 queue) are read when ``/metrics`` is scraped (:meth:`Metrics.refresh`).
 
 Labels carry bounded values only: provider, api, the model as answered (at most
-:data:`MAX_MODELS` distinct names per process, the rest counted as ``other``), status class
-and end reason; never a request id, key, session or path.
+:data:`MAX_MODELS` distinct names per process, given only to models answered with a 2xx, half
+of them at most to names the price table does not know; the rest counted as ``other``), status
+class and end reason; never a request id, key, session or path.
 
 Under ``trioproxy serve --workers N`` prometheus_client runs in its multiprocess mode (serve
 points ``PROMETHEUS_MULTIPROC_DIR`` at a private directory before the workers start): every
@@ -35,6 +36,7 @@ from prometheus_client import (
     values,
 )
 
+from .accounting.prices import known_model
 from .exchange import Exchange
 
 __all__ = ["DURATION_BUCKETS", "MAX_MODELS", "TOKEN_BUCKETS", "Metrics", "multiprocess_mode"]
@@ -115,6 +117,7 @@ class Metrics:
             ProcessCollector(registry=self.registry)
             reg = self.registry
         self._models: set[str] = set()
+        self._unknown = 0  # labels given to names the price table does not know
         self._max_models = max_models
         self._published: dict[tuple[str, ...], float] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see _child
@@ -177,24 +180,32 @@ class Metrics:
 
     # -- per exchange (a finisher) ---------------------------------------------------------------
 
-    def model_label(self, model: str | None) -> str:
-        """``model`` itself (cut to ``MAX_MODEL_LABEL`` characters) while fewer than
-        ``max_models`` were seen, else ``other``."""
+    def model_label(self, model: str | None, *, provider: str | None = None,
+                    claim: bool = True) -> str:
+        """``model`` itself (cut to ``MAX_MODEL_LABEL`` characters) once it has a label, else
+        ``other``. A new name gets a label only with ``claim`` (the upstream answered 2xx)
+        while labels are free; names the price table does not know (an upstream may echo any
+        name it is sent) get at most half of them, so the priced models keep theirs."""
         if not model:
             return "none"
         model = model[:MAX_MODEL_LABEL]
         if model in self._models:
             return model
-        if len(self._models) < self._max_models:
-            self._models.add(model)
-            return model
-        return "other"
+        if not claim or len(self._models) >= self._max_models:
+            return "other"
+        if not known_model(model, provider):
+            if self._unknown >= self._max_models // 2:
+                return "other"
+            self._unknown += 1
+        self._models.add(model)
+        return model
 
     def observe(self, ex: Exchange) -> None:
         """Record one finished exchange: outcome, duration, tokens, cost, TTFT and chunk gaps."""
         usage = ex.usage()
-        model = self.model_label(label_model(ex, usage))
         provider, api = ex.provider or "unknown", ex.api()
+        answered_2xx = ex.status is not None and 200 <= ex.status < 300
+        model = self.model_label(label_model(ex, usage), provider=provider, claim=answered_2xx)
         end = ex.end_reason or "unknown"
         child = self._child
         labels = (provider, api, model, status_class(ex.status), end)

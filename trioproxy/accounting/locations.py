@@ -101,12 +101,15 @@ def secret_path_for(url: str, data_home: str | os.PathLike[str] | None = None) -
 
 def open_store(
     url: str | None = None, *, data_home: str | os.PathLike[str] | None = None,
-    timeout: float = 10.0,
+    timeout: float = 10.0, bound_reads: bool = False,
 ) -> Store:
     """A connected (not yet migrated) store for ``url`` (default: :func:`default_database_url`).
 
     ``timeout`` bounds every store call (SQLite busy timeout; PostgreSQL connect and statement
     timeouts plus a client-side deadline, so a server that hangs cannot pin the caller).
+    ``bound_reads``: on SQLite, a read that runs longer than ``timeout`` is interrupted too (a
+    progress handler; PostgreSQL's statement timeout does that already), for readers inside
+    the server; the command-line reports leave it off and take the time they need.
     Raises the back end's connection error when the database cannot be reached.
     """
     url = resolve_database_url(url, data_home)
@@ -118,4 +121,5 @@ def open_store(
         raise ValueError(f"unsupported database URL scheme: {url.split('://', 1)[0]}")
     from .sqlite import SQLiteBackend
 
-    return SQLStore(SQLiteBackend(sqlite_path(url), busy_timeout=timeout))
+    return SQLStore(SQLiteBackend(sqlite_path(url), busy_timeout=timeout,
+                                  read_timeout=timeout if bound_reads else None))

@@ -107,6 +107,11 @@ class PostgresBackend:
         with self._deadline(), self.conn.cursor() as cur:
             yield cur
 
+    def interrupt(self) -> None:
+        """Ask the server to cancel the running statement (a short network call)."""
+        with suppress(psycopg.Error, OSError):
+            self.conn.cancel_safe(timeout=min(self.timeout, 3.0))
+
     def close(self) -> None:
         self.conn.close()
 

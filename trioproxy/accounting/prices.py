@@ -30,7 +30,7 @@ from genai_prices import Usage
 from genai_prices.data_snapshot import get_snapshot
 from genai_prices.types import TieredPrices
 
-__all__ = ["compute_cost", "price_usage"]
+__all__ = ["compute_cost", "known_model", "price_usage"]
 
 log = logging.getLogger("trioproxy.accounting")
 
@@ -59,6 +59,14 @@ def _find_model(model: str, provider: str | None, snapshot_id: int) -> tuple[Any
         except LookupError:
             continue
     return None
+
+
+def known_model(model: str, provider: str | None = None) -> bool:
+    """The price table has a price for ``model`` (cached, as every look-up)."""
+    try:
+        return _find_model(model, provider, id(get_snapshot())) is not None
+    except Exception:  # noqa: BLE001 - an unreadable price table knows nothing
+        return False
 
 
 def _usage_kwargs(fields: Any, detailed: bool) -> dict[str, int] | None:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from ..textsafe import for_terminal
 from .store import GROUP_BY, Store
 
 __all__ = ["format_table", "parse_when", "summarize"]
@@ -83,6 +84,11 @@ def _totals(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _label(group_by: str, group: dict[str, Any]) -> str:
+    """The group's name as the table shows it (client text escaped for the terminal)."""
+    return for_terminal(_name(group_by, group))
+
+
+def _name(group_by: str, group: dict[str, Any]) -> str:
     value = group["group"]
     if group_by == "key":
         if value is None:

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = ["SQLiteBackend"]
 # open, lock protocol, not a database. SQLITE_ERROR (syntax, no such table/column), CONSTRAINT,
 # MISMATCH, TOOBIG and RANGE are permanent.
 _TRANSIENT_CODES = frozenset({5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 26})
+_PROGRESS_STEPS = 10_000  # virtual machine steps between two looks at a read's deadline
 
 
 class SQLiteBackend:
@@ -31,9 +32,11 @@ class SQLiteBackend:
 
     day_expr = "date(started_at, 'unixepoch')"
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0,
+                 read_timeout: float | None = None) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        self.read_timeout = read_timeout
         self.conn = self._connect()
         # bound parameters one statement may have (SQLStore.insert_many sizes its INSERTs by it)
         self.max_parameters = self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
@@ -79,8 +82,24 @@ class SQLiteBackend:
 
     @contextmanager
     def cursor(self) -> Iterator[Any]:
-        with closing(self.conn.cursor()) as cur:
-            yield cur
+        """A cursor for reads; with ``read_timeout``, past that many seconds the statement
+        fails ("interrupted"), however much it still has to read."""
+        if self.read_timeout is None:
+            with closing(self.conn.cursor()) as cur:
+                yield cur
+            return
+        deadline = time.monotonic() + self.read_timeout
+        self.conn.set_progress_handler(lambda: time.monotonic() > deadline, _PROGRESS_STEPS)
+        try:
+            with closing(self.conn.cursor()) as cur:
+                yield cur
+        finally:
+            with suppress(sqlite3.ProgrammingError):  # closed meanwhile (interrupt, shutdown)
+                self.conn.set_progress_handler(None, 0)
+
+    def interrupt(self) -> None:
+        with suppress(sqlite3.ProgrammingError):  # already closed: nothing runs on it
+            self.conn.interrupt()
 
     def close(self) -> None:
         self.conn.close()

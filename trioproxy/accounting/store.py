@@ -100,6 +100,16 @@ class Store(abc.ABC):
         ``trioproxy.latency_report.ROW_KEYS`` (``duration_ms`` is the record's ``e2e_ms``)."""
         raise NotImplementedError
 
+    def latency_summary(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Per-model latency percentiles of the rows :meth:`latency_rows` would return,
+        aggregated in the database (the usage page; see :mod:`.page_query`)."""
+        raise NotImplementedError
+
+    def interrupt(self) -> None:
+        """Make a call running in another thread fail at once (shutdown); thread-safe."""
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -124,6 +134,9 @@ class SQLBackend(Protocol):
         """Dialect placeholders (statements are written with ``?``)."""
 
     def is_transient(self, exc: BaseException) -> bool: ...
+
+    def interrupt(self) -> None:
+        """Make the statement running in another thread fail at once; thread-safe."""
 
     def close(self) -> None: ...
 
@@ -153,6 +166,9 @@ class SQLStore(Store):
 
     def close(self) -> None:
         self.backend.close()
+
+    def interrupt(self) -> None:
+        self.backend.interrupt()
 
     def __repr__(self) -> str:
         return f"SQLStore({self.backend!r})"
@@ -268,6 +284,16 @@ class SQLStore(Store):
             rows = cur.fetchall()
         keys = [key for key, _ in _LATENCY_SELECT]
         return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def latency_summary(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        from .page_query import latency_summary
+
+        where, params = _time_filter(since, until)
+        where = f"{where} AND {_LATENCY_ROWS}" if where else f" WHERE {_LATENCY_ROWS}"
+        with self._cursor() as cur:
+            return latency_summary(cur, self._sql, where, params, _LATENCY_SELECT)
 
 
 # ``trioproxy latency`` rows: (key, SQL) in latency_report.ROW_KEYS order, over the responses a
