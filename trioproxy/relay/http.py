@@ -112,7 +112,7 @@ class HttpRelay:
         """Send the prepared request upstream and relay the response to the client."""
         last: list[Message] = []
         tracker = ex.track_latency()
-        watch = SendWatch(self._settings.read_timeout, self._settings.write_stall_timeout)
+        watch = SendWatch()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_client, receive, ex, nursery.cancel_scope, watch)
             ex.life.sent_upstream()
@@ -191,7 +191,7 @@ class HttpRelay:
         as Hypercorn may hold the handler until the kernel gives up on the client."""
         stall, read_timeout = self._settings.write_stall_timeout, self._settings.read_timeout
         while True:
-            with trio.move_on_at(watch.next_check()) as watch.nap:
+            with trio.move_on_at(watch.next_check(trio.current_time(), read_timeout, stall)):
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     if ex.fail(End.CLIENT_DISCONNECT, "client disconnected"):
