@@ -54,7 +54,7 @@ _STATIC = {
     b"uPlot.LICENSE.txt": ("uPlot.LICENSE.txt", b"text/plain; charset=utf-8"),
 }
 _PAGE_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"),
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 ]
