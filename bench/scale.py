@@ -184,8 +184,8 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=None, help="seconds the streams idle open")
     ap.add_argument("--settle", type=float, default=1.0,
                     help="seconds between the last stream opening and the idle measurement "
-                         "(over 60: the steady state of a long silence, past any one-off "
-                         "timer after the first event)")
+                         "(over 60: each watcher's one wake-up after the first event's send "
+                         "is past, so the idle CPU is the steady state of a long silence)")
     ap.add_argument("--paths", default="direct,trioproxy,trioproxy_ka,streaming")
     ap.add_argument("--max-connections", default=None,
                     help="trioproxy's TRIOPROXY_MAX_CONNECTIONS (default: its own, auto)")

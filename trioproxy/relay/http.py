@@ -112,7 +112,7 @@ class HttpRelay:
         """Send the prepared request upstream and relay the response to the client."""
         last: list[Message] = []
         tracker = ex.track_latency()
-        watch = SendWatch()
+        watch = SendWatch(self._settings.read_timeout, self._settings.write_stall_timeout)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_client, receive, ex, nursery.cancel_scope, watch)
             ex.life.sent_upstream()
@@ -191,7 +191,7 @@ class HttpRelay:
         as Hypercorn may hold the handler until the kernel gives up on the client."""
         stall, read_timeout = self._settings.write_stall_timeout, self._settings.read_timeout
         while True:
-            with trio.move_on_at(watch.next_check(trio.current_time(), read_timeout, stall)):
+            with trio.move_on_at(watch.next_check()) as watch.nap:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     if ex.fail(End.CLIENT_DISCONNECT, "client disconnected"):
@@ -200,10 +200,12 @@ class HttpRelay:
                     return
                 continue
             now, reading, since = trio.current_time(), watch.reading_since, watch.since
-            if reading is not None and watch.reads is not None and now - reading >= read_timeout:
+            # the same sums next_check() woke at: a difference could round below the timeout,
+            # and the watcher would wake again at once, for ever (in virtual time too)
+            if reading is not None and watch.reads is not None and now >= reading + read_timeout:
                 watch.reading_since = None
                 watch.reads.cancel()  # the reader raises UpstreamTimeout('read')
-            if since is not None and now - since >= stall:
+            if since is not None and now >= since + stall:
                 ex.fail(End.CLIENT_STALLED, f"client read nothing for {stall:g}s")
                 log.warning("client stopped reading for %gs; closing the upstream", stall)
                 scope.cancel()

@@ -40,25 +40,43 @@ KEEPALIVE_COMMENT = b": keepalive\n\n"
 class SendWatch:
     """What the disconnect watcher needs to see of the body being relayed: since when the
     current upstream read and the current ``send()`` to the client have waited. The watcher
-    enforces both timeouts, so the relay moves no deadline per chunk (two float stores instead
-    of two cancel-scope deadline changes)."""
+    enforces both timeouts, so the relay moves no deadline per chunk: a read or a send that
+    starts stores its time and, only when its timeout would fall due before the watcher next
+    wakes, brings that wake-up forward (``nap``). An idle stream's watcher thus sleeps until
+    a timeout could really be due, not every few seconds: at thousands of silent agent turns
+    those wake-ups were most of a worker's idle CPU."""
 
-    __slots__ = ("reading_since", "reads", "since", "upstream")
+    __slots__ = ("nap", "read_timeout", "reading_since", "reads", "since", "stall", "upstream")
 
-    def __init__(self) -> None:
+    def __init__(self, read_timeout: float = math.inf, stall: float = math.inf) -> None:
+        self.read_timeout, self.stall = read_timeout, stall
         self.since: float | None = None  # trio time the current send() started
         self.reading_since: float | None = None  # trio time the current upstream read started
         self.reads: trio.CancelScope | None = None  # cancelled by the watcher: a read timed out
         self.upstream: UpstreamResponse | None = None  # closed early for a stalled client
+        self.nap: trio.CancelScope | None = None  # the watcher's current wait
 
-    def next_check(self, now: float, read_timeout: float, stall: float) -> float:
-        """When the watcher must look again: the earliest moment a timeout could be due, and
-        at least every quarter of the shorter timeout (a read or send may start meanwhile)."""
-        wake = now + min(read_timeout, stall) / 4
+    def send_started(self, now: float) -> None:
+        self.since = now
+        self._due(now + self.stall)
+
+    def read_started(self, now: float) -> None:
+        self.reading_since = now
+        self._due(now + self.read_timeout)
+
+    def _due(self, when: float) -> None:
+        nap = self.nap
+        if nap is not None and when < nap.deadline:
+            nap.deadline = when
+
+    def next_check(self) -> float:
+        """When the watcher must look again: the earliest moment a timeout could be due
+        (``inf`` while neither a read nor a send waits)."""
+        wake = math.inf
         if self.since is not None:
-            wake = min(wake, self.since + stall)
+            wake = self.since + self.stall
         if self.reading_since is not None:
-            wake = min(wake, self.reading_since + read_timeout)
+            wake = min(wake, self.reading_since + self.read_timeout)
         return wake
 
 
@@ -127,7 +145,7 @@ async def _read(resp: UpstreamResponse, ex: Exchange, channel: BodyChannel,
         while True:
             if channel.held >= channel.limit:  # backpressure: read no more until there is room
                 await channel.wait_room()
-            watch.reading_since = trio.current_time()
+            watch.read_started(trio.current_time())
             chunk = await resp.receive_chunk(math.inf)
             if reads.cancel_called:  # timed out by the watcher as these bytes came in:
                 break  # a timeout, before anything of them is counted or sent
@@ -213,6 +231,6 @@ async def _take(receiver: trio.MemoryReceiveChannel[Item],
 
 
 async def _send(send: Send, watch: SendWatch, data: bytes) -> None:
-    watch.since = trio.current_time()
+    watch.send_started(trio.current_time())
     await send({"type": "http.response.body", "body": data, "more_body": True})
     watch.since = None
