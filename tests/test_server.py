@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -23,7 +25,7 @@ async def _run_until_listening(cmd: list[str], env: dict[str, str], nursery: tri
     """Start a server process; return (process, base URL) once it prints where it listens."""
     proc = await nursery.start(
         partial(trio.run_process, cmd, env=env, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, check=False)
+                stderr=subprocess.PIPE, check=False, start_new_session=True)
     )
     seen = b""
     with trio.fail_after(30):
@@ -42,13 +44,15 @@ def _env(fake: FakeUpstream) -> dict[str, str]:
 
 
 async def _stop(proc: trio.Process) -> None:
-    """SIGTERM (graceful shutdown), then SIGKILL if it lingers: no orphaned servers."""
-    proc.terminate()
+    """SIGTERM (graceful shutdown), then SIGKILL if it lingers, each to the whole process
+    group: no orphaned worker, even when the master is gone first."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
     with trio.move_on_after(10):
         await proc.wait()
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
 
 
 async def test_hypercorn_command_as_written_serves_the_proxy(nursery: trio.Nursery) -> None:
@@ -153,10 +157,13 @@ async def test_shutdown_is_logged_when_it_starts_and_when_it_ends(nursery: trio.
     )
     proc.terminate()
     rest = b""
-    with trio.fail_after(20):
-        async for chunk in proc.stderr:
-            rest += chunk
-        await proc.wait()
+    try:
+        with trio.fail_after(20):
+            async for chunk in proc.stderr:
+                rest += chunk
+            await proc.wait()
+    finally:
+        await _stop(proc)
     text = rest.decode(errors="replace")
     assert re.search(r"trioproxy shutting down: \d+ requests in flight", text), text
     assert text.index("shutting down") < text.index("trioproxy stopped")
