@@ -227,3 +227,46 @@ async def test_a_read_timeout_while_the_client_is_slow_still_counts_from_the_las
     assert 600 <= ex.finished_at - ex.last_chunk_at < 600.1  # read at once, though sent slowly
     assert body == (b"data: " + b"s" * (64 * KiB) + b"\n\n") * 8  # all it read, then the cut
     await proxy.stop()
+
+
+async def test_a_client_that_stops_reading_just_before_the_end_is_still_cut_off(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
+) -> None:
+    """The whole body and its end wait in the channel while the client reads nothing: the
+    bytes still go through watched sends, so the write-stall timeout cuts the stream (one
+    record) instead of the last message waiting on the client for ever."""
+    chunk = b"data: " + b"e" * (64 * KiB) + b"\n\n"
+    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], body=[chunk] * 16))
+    proxy = await start_proxy(nursery, proxy_settings(
+        upstream, stream_buffer=4096 * KiB, write_stall_timeout=20))
+    client = await _small_window_client(proxy.port)
+    try:
+        with trio.fail_after(300):
+            await client.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+            await client.read_head()  # ...and then read nothing
+            (ex,) = await proxy.wait_exchanges(1)
+    finally:
+        await client.aclose()
+    assert ex.end_reason == "client_stalled" and len(proxy.exchanges) == 1
+    await proxy.stop()
+
+
+async def test_a_client_that_stops_reading_a_large_unframed_answer_is_cut_off(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
+) -> None:
+    """A non-streamed answer without a length outgrows the buffer limit (16 MiB) and is
+    streamed: its first 16 MiB go out in one send, which the write-stall timeout watches too."""
+    part = b" " * (1024 * KiB)
+    upstream.enqueue(Reply(headers=[("content-type", "application/json")],
+                           body=[b"{"] + [part] * 20 + [b"}"]))
+    proxy = await start_proxy(nursery, proxy_settings(upstream, write_stall_timeout=20))
+    client = await _small_window_client(proxy.port)
+    try:
+        with trio.fail_after(300):
+            await client.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
+            await client.read_head()  # ...and then read nothing
+            (ex,) = await proxy.wait_exchanges(1)
+    finally:
+        await client.aclose()
+    assert ex.end_reason == "client_stalled" and len(proxy.exchanges) == 1
+    await proxy.stop()

@@ -59,7 +59,7 @@ from .responses import (
     error_messages,
     proxy_headers,
 )
-from .stream import BodyChannel, SendWatch, read_body, write_body
+from .stream import BodyChannel, SendWatch, more_body, read_body, watched_send, write_body
 
 log = logging.getLogger("trioproxy.relay")
 
@@ -323,10 +323,9 @@ class HttpRelay:
         nursery.start_soon(read_body, resp, ex, channel, watch, plan.stripper,
                            self._settings.read_timeout)
         ex.life.answered(resp.status)
-        await send(start)
+        await watched_send(send, watch, start)
         if prefix:
-            await send({"type": "http.response.body", "body": handed_over(prefix, ex),
-                        "more_body": True})
+            await watched_send(send, watch, more_body(handed_over(prefix, ex)))
         tail = await write_body(ex, channel, send, watch, plan.keepalive)
         if ex.upstream_complete or (plan.trailers and ex.life.failure is not End.CLIENT_DISCONNECT):
             plan.last = self._last_messages(ex, plan, tail or b"")

@@ -30,7 +30,7 @@ from ..errors import UpstreamError, UpstreamTimeout
 from ..exchange import Exchange
 from ..protocol.usage_wire import SSE_EVENT_ENDS, UsageChunkStripper
 from ..upstream import UpstreamResponse
-from .responses import Send
+from .responses import Message, Send
 
 log = logging.getLogger("trioproxy.relay")
 
@@ -172,8 +172,8 @@ async def _read(resp: UpstreamResponse, ex: Exchange, channel: BodyChannel,
 async def write_body(ex: Exchange, channel: BodyChannel, send: Send, watch: SendWatch,
                      keepalive: float | None) -> bytes | None:
     """The client writer: sends everything waiting in one ``send()`` per wake-up. Returns the
-    bytes that arrived with the end of the body (for the last message), or None when the body
-    was cut (the reader closed the channel without its end)."""
+    bytes that arrived with the end of the body (one read at most, for the last message), or
+    None when the body was cut (the reader closed the channel without its end)."""
     receiver, tracker = channel.receiver, ex.tracker
     tail = b"\n\n"  # the last bytes sent: keep-alive comments only between events
     while True:
@@ -183,28 +183,32 @@ async def write_body(ex: Exchange, channel: BodyChannel, send: Send, watch: Send
             return None
         if taken is None:  # the upstream was silent for ``keepalive`` seconds
             if tail.endswith(SSE_EVENT_ENDS):
-                await _send(send, watch, KEEPALIVE_COMMENT)
+                await watched_send(send, watch, more_body(KEEPALIVE_COMMENT))
             continue
-        data, read_at, end = taken
+        data, read_at, last = taken
         if tracker is not None:
             handed = trio.current_time()
             for at in read_at:
                 tracker.on_relay(at, handed)
-        if end:
-            return data  # goes out with the last message: one send() fewer
-        if keepalive is not None:
-            tail = (tail + data[-4:])[-4:]
-        await _send(send, watch, data)
-        size = len(data)
-        del taken, data  # nothing of the sent bytes stays alive while the reader refills
-        channel.sent(size)
+        if data:
+            if keepalive is not None:
+                tail = (tail + data[-4:])[-4:]
+            # sent, watched, even when the end waits behind it: the last message goes out
+            # after the watcher has stopped, so it must hold no more than the end's own read
+            await watched_send(send, watch, more_body(data))
+            size = len(data)
+            del taken, data  # nothing of the sent bytes stays alive while the reader refills
+            channel.sent(size)
+        if last is not None:
+            return last
 
 
 async def _take(receiver: trio.MemoryReceiveChannel[Item],
-                keepalive: float | None) -> tuple[bytes, list[float], bool] | None:
-    """Everything waiting (at least one item, up to the end), joined: (bytes, when each part
-    was read, whether the body ended). None after ``keepalive`` seconds without any. Raises
-    EndOfChannel once the reader closed the channel."""
+                keepalive: float | None) -> tuple[bytes, list[float], bytes | None] | None:
+    """Everything waiting (at least one item, up to the end): (the bytes before the end,
+    joined; when each item was read; the end's own bytes, or None while the body goes on).
+    None after ``keepalive`` seconds without any. Raises EndOfChannel once the reader closed
+    the channel."""
     try:
         data, read_at, end = receiver.receive_nowait()
     except trio.WouldBlock:
@@ -218,19 +222,28 @@ async def _take(receiver: trio.MemoryReceiveChannel[Item],
                 return None
             data, read_at, end = item
     if end:
-        return data, [read_at], True
-    parts, times = [data], [read_at]
-    while not end:
+        return b"", [read_at], data
+    parts, times, last = [data], [read_at], None
+    while True:
         try:
             data, read_at, end = receiver.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             break
-        parts.append(data)
         times.append(read_at)
-    return (parts[0] if len(parts) == 1 else b"".join(parts)), times, end
+        if end:
+            last = data
+            break
+        parts.append(data)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), times, last
 
 
-async def _send(send: Send, watch: SendWatch, data: bytes) -> None:
+async def watched_send(send: Send, watch: SendWatch, message: Message) -> None:
+    """``send(message)`` with the watcher told when it started: the write-stall timeout cuts
+    off a client that reads none of it."""
     watch.send_started(trio.current_time())
-    await send({"type": "http.response.body", "body": data, "more_body": True})
+    await send(message)
     watch.since = None
+
+
+def more_body(data: bytes) -> Message:
+    return {"type": "http.response.body", "body": data, "more_body": True}
