@@ -60,15 +60,22 @@ def run_workers(config: Any, workers: int) -> int:
     ctx = get_context("spawn")
     shutdown, hurry, interactive = ctx.Event(), ctx.Event(), ctx.Event()
     restarts = ctx.Value("i", 0)
+    caught: list[int] = []  # signals not acted on yet
     signals = 0
 
     def on_signal(signum: int, _frame: object) -> None:
+        # Only a list append: the events take locks that the interrupted code may hold.
+        caught.append(signum)
+
+    def act_on_signals() -> None:
         nonlocal signals
-        signals += 1
-        if signum == signal.SIGINT and not shutdown.is_set():
-            interactive.set()  # Ctrl-C: no balancer to wait for, no grace period
-        (hurry if signals > 1 else shutdown).set()
-        shutdown.set()
+        while caught:
+            signum = caught.pop(0)
+            signals += 1
+            if signum == signal.SIGINT and not shutdown.is_set():
+                interactive.set()  # Ctrl-C: no balancer to wait for, no grace period
+            (hurry if signals > 1 else shutdown).set()
+            shutdown.set()
 
     def spawn() -> Worker:
         ready = ctx.Event()
@@ -85,9 +92,10 @@ def run_workers(config: Any, workers: int) -> int:
         pool.extend(spawn() for _ in range(workers))
         for name in ("SIGINT", "SIGTERM"):
             signal.signal(getattr(signal, name), on_signal)
-        failed = _supervise(pool, spawn, shutdown, restarts, metrics_dir)
-        for worker in pool:
-            worker.proc.join()
+        failed = _supervise(pool, spawn, shutdown, restarts, metrics_dir, act_on_signals)
+        while any(w.proc.is_alive() for w in pool):  # a further signal hurries the drain
+            wait([w.proc.sentinel for w in pool], timeout=0.2)
+            act_on_signals()
         return failed or next((w.proc.exitcode for w in pool if w.proc.exitcode), 0)
     finally:
         for worker in pool:
@@ -107,11 +115,12 @@ class Worker:
 
 
 def _supervise(pool: list[Worker], spawn: Any, shutdown: Event, restarts: Any,
-               metrics_dir: str | None) -> int:
+               metrics_dir: str | None, act_on_signals: Any) -> int:
     """Until shutdown: restart a worker that died after start-up; stop everything (and
     return its exit code) when one died during start-up."""
     while not shutdown.is_set():
         wait([w.proc.sentinel for w in pool], timeout=0.2)
+        act_on_signals()
         for i, worker in enumerate(pool):
             code = worker.proc.exitcode
             if code is None or shutdown.is_set():
@@ -130,6 +139,9 @@ def _supervise(pool: list[Worker], spawn: Any, shutdown: Event, restarts: Any,
                 restarts.value += 1
             if time.monotonic() - worker.started < RESTART_PAUSE:  # no busy crash loop
                 time.sleep(RESTART_PAUSE)
+                act_on_signals()
+                if shutdown.is_set():  # no new worker to drain at once
+                    break
             pool[i] = spawn()
     return 0
 
