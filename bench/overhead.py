@@ -301,7 +301,9 @@ def markdown_section(data: dict[str, Any]) -> str:
     tp = "trioproxy" if "trioproxy" in names else None
     out = ["## trioproxy against the floor of its stack (overhead.py)", "",
            ("The **floor** (`bench/floor/relay.py`) is a *lower bound, not a product*: raw ASGI on "
-            "Hypercorn-trio, an h11 upstream connection, one disconnect watcher, no parsing, no "
+            "Hypercorn-trio, an h11 upstream connection, the design's three tasks per request (a "
+            "disconnect watcher, an upstream reader, the client writer over a byte-bounded "
+            "memory channel), no parsing, no "
             "accounting. **trioproxy runs with accounting on** (its SQLite ledger in a temp dir), "
             "as users run it by default. Ratios are taken per round (all paths in the same minute, "
             "rotating order) and the median over rounds is shown with the min..max over rounds "
