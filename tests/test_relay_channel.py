@@ -230,20 +230,24 @@ async def test_a_read_timeout_while_the_client_is_slow_still_counts_from_the_las
 
 
 async def test_a_client_that_stops_reading_just_before_the_end_is_still_cut_off(
-    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
+    nursery: trio.Nursery, upstream: FakeUpstream,
 ) -> None:
-    """The whole body and its end wait in the channel while the client reads nothing: the
-    bytes still go through watched sends, so the write-stall timeout cuts the stream (one
-    record) instead of the last message waiting on the client for ever."""
+    """The whole body and its end wait in the channel; the client reads the first event, then
+    nothing: what waited before the end still goes through watched sends, so the write-stall
+    timeout cuts the stream (one record) instead of the last message waiting for ever."""
     chunk = b"data: " + b"e" * (64 * KiB) + b"\n\n"
-    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], body=[chunk] * 16))
-    proxy = await start_proxy(nursery, proxy_settings(
-        upstream, stream_buffer=4096 * KiB, write_stall_timeout=20))
+    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], body=[chunk] * 128))
+    proxy = await start_proxy(nursery, proxy_settings(  # 8 MiB: more than the sockets hold
+        upstream, stream_buffer=16 * 1024 * KiB, write_stall_timeout=1))
     client = await _small_window_client(proxy.port)
     try:
-        with trio.fail_after(300):
+        with trio.fail_after(30):  # real time: megabytes of real I/O
             await client.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-            await client.read_head()  # ...and then read nothing
+            await client.read_head()
+            await trio.sleep(0.5)  # the reader queues the whole body and its end meanwhile
+            got = 0
+            while got < 128 * KiB:  # the first send completes; then the client reads nothing
+                got += len(await client.stream.receive_some(64 * KiB))
             (ex,) = await proxy.wait_exchanges(1)
     finally:
         await client.aclose()
@@ -252,17 +256,17 @@ async def test_a_client_that_stops_reading_just_before_the_end_is_still_cut_off(
 
 
 async def test_a_client_that_stops_reading_a_large_unframed_answer_is_cut_off(
-    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
+    nursery: trio.Nursery, upstream: FakeUpstream,
 ) -> None:
     """A non-streamed answer without a length outgrows the buffer limit (16 MiB) and is
     streamed: its first 16 MiB go out in one send, which the write-stall timeout watches too."""
     part = b" " * (1024 * KiB)
     upstream.enqueue(Reply(headers=[("content-type", "application/json")],
                            body=[b"{"] + [part] * 20 + [b"}"]))
-    proxy = await start_proxy(nursery, proxy_settings(upstream, write_stall_timeout=20))
+    proxy = await start_proxy(nursery, proxy_settings(upstream, write_stall_timeout=1))
     client = await _small_window_client(proxy.port)
     try:
-        with trio.fail_after(300):
+        with trio.fail_after(30):  # real time: megabytes of real I/O
             await client.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
             await client.read_head()  # ...and then read nothing
             (ex,) = await proxy.wait_exchanges(1)
