@@ -21,8 +21,7 @@ import httpx
 import trio
 import trio_websocket as tws
 
-from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, anthropic_sse, default_reply
-from trioproxy.testing_ws import FakeResponsesWS
+from trioproxy.testing import RecordedRequest, Reply, anthropic_sse, default_reply
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = os.path.dirname(sys.executable)
@@ -50,53 +49,6 @@ def slow_streams(gap: float, chunks: int = 8) -> Callable[[RecordedRequest], Rep
             return anthropic_sse([f"w{i} " for i in range(chunks)], gaps=gap)
         return default_reply(req)
     return reply
-
-
-# -- one origin for the HTTP fake and the WebSocket fake ----------------------------------------
-
-
-class OneOrigin:
-    """A TCP front that sends WebSocket upgrades to the Responses WebSocket fake and every
-    other request to the HTTP fake: one base URL serves all three APIs."""
-
-    def __init__(self, http: FakeUpstream, ws: FakeResponsesWS) -> None:
-        self.http, self.ws, self.port = http, ws, 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        head = b""
-        try:
-            async with client:
-                while b"\r\n\r\n" not in head:
-                    data = await client.receive_some(65536)
-                    if not data:
-                        return
-                    head += data
-                upgrade = re.search(rb"(?im)^upgrade:\s*websocket", head) is not None
-                port = self.ws.port if upgrade else self.http.port
-                async with await trio.open_tcp_stream("127.0.0.1", port) as server, \
-                        trio.open_nursery() as nursery:
-                    await server.send_all(head)
-                    nursery.start_soon(_pump, client, server, nursery.cancel_scope)
-                    nursery.start_soon(_pump, server, client, nursery.cancel_scope)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-
-
-async def _pump(src: trio.SocketStream, dst: trio.SocketStream, done: trio.CancelScope) -> None:
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        async for data in src:
-            await dst.send_all(data)
-    done.cancel()
 
 
 # -- processes ------------------------------------------------------------------------------

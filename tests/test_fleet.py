@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from trioproxy.accounting.locations import open_store
+from trioproxy.fake_upstream import OneOrigin
 from trioproxy.testing import FakeUpstream
 from trioproxy.testing_ws import FakeResponsesWS, Turn
 
@@ -30,7 +31,6 @@ from .fleet import (
     HAProxy,
     Instance,
     Nginx,
-    OneOrigin,
     Tally,
     buffered_client,
     free_port,
@@ -80,9 +80,7 @@ async def start_fleet(nursery: trio.Nursery, tmp: Path, origin: OneOrigin, datab
 async def start_origin(nursery: trio.Nursery, gap: float) -> tuple[FakeUpstream, FakeResponsesWS,
                                                                     OneOrigin]:
     http = FakeUpstream(default=slow_streams(gap))
-    await nursery.start(http.serve)
     ws = FakeResponsesWS(turns=[Turn(gaps=0.25)] * 1000)
-    await nursery.start(ws.serve)
     origin = OneOrigin(http, ws)
     await nursery.start(origin.serve)
     return http, ws, origin

@@ -40,6 +40,7 @@ from .testing_replies import (
     openai_responses_sse,
 )
 from .testing_ws import FakeResponsesWS, Turn
+from .upstream.connect_proxy import PrefixedStream
 
 __all__ = ["Pacing", "add_fake_upstream_parser", "paced_reply", "parse_duration",
            "run_fake_upstream", "serve_fake_upstream"]
@@ -155,34 +156,6 @@ def paced_turn(frame: dict[str, Any], pacing: Pacing) -> Turn:
     return Turn(deltas=tuple(pacing.text()), gaps=pauses, usage=usage, scheduled=True)
 
 
-class _Prefixed(trio.abc.Stream):
-    """A stream whose first bytes were already read (to tell HTTP from a WebSocket upgrade)."""
-
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self.transport_stream = stream
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            data, self._prefix = self._prefix[:size], self._prefix[size:]
-            return data
-        return await self.transport_stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport_stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.transport_stream.aclose()
-
-    @property
-    def socket(self) -> Any:  # for FakeUpstream's reset-before-response script
-        return getattr(self.transport_stream, "socket", None)
-
-
 def _is_upgrade(head: bytes) -> bool:
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -191,17 +164,23 @@ def _is_upgrade(head: bytes) -> bool:
     return False
 
 
-@dataclass
-class CalibrationUpstream:
-    """The HTTP fake and the WebSocket fake behind one listener."""
+class OneOrigin:
+    """An HTTP fake and a Responses WebSocket fake behind one listener: a WebSocket upgrade
+    goes to ``ws``, every other request to ``http``, so one base URL serves all three APIs."""
 
-    pacing: Pacing
-    http: FakeUpstream = field(init=False)
-    ws: FakeResponsesWS = field(init=False)
+    def __init__(self, http: FakeUpstream, ws: FakeResponsesWS) -> None:
+        self.http, self.ws, self.port = http, ws, 0
 
-    def __post_init__(self) -> None:
-        self.http = FakeUpstream(default=functools.partial(paced_reply, pacing=self.pacing))
-        self.ws = FakeResponsesWS(turn_factory=functools.partial(paced_turn, pacing=self.pacing))
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on a free loopback port (``url``) until cancelled."""
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self.handle, listeners)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         head = b""
@@ -214,8 +193,8 @@ class CalibrationUpstream:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await trio.aclose_forcefully(stream)
             return
-        self._forget()
-        wrapped = _Prefixed(stream, head)
+        self.received(head)
+        wrapped = PrefixedStream(stream, head)
         if not _is_upgrade(head.partition(b"\r\n\r\n")[0]):
             await self.http.handle(wrapped)
             return
@@ -230,7 +209,20 @@ class CalibrationUpstream:
         finally:
             await trio.aclose_forcefully(wrapped)
 
-    def _forget(self) -> None:
+    def received(self, head: bytes) -> None:
+        """Called with each connection's first bytes, before it is dispatched."""
+
+
+class CalibrationUpstream(OneOrigin):
+    """The paced HTTP fake and WebSocket fake behind one listener."""
+
+    def __init__(self, pacing: Pacing) -> None:
+        self.pacing = pacing
+        super().__init__(
+            FakeUpstream(default=functools.partial(paced_reply, pacing=pacing)),
+            FakeResponsesWS(turn_factory=functools.partial(paced_turn, pacing=pacing)))
+
+    def received(self, head: bytes) -> None:
         """A calibration run may last long: keep only the fakes' recent bookkeeping."""
         for log in (self.http.requests, self.http.connections, self.ws.sockets):
             if len(log) > 1000:

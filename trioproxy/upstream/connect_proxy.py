@@ -18,6 +18,7 @@ import logging
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import h11
@@ -139,7 +140,7 @@ async def open_tunnel(proxy: ProxyURL, host: str, port: int, timeout: float) -> 
             ) from exc
         raise
     log.debug("tunnel to %s through proxy %s", target, proxy)
-    return _PrefixedStream(stream, leftover) if leftover else stream
+    return PrefixedStream(stream, leftover) if leftover else stream
 
 
 async def _connect_exchange(stream: trio.abc.Stream, proxy: ProxyURL, target: str) -> bytes:
@@ -171,7 +172,7 @@ async def _connect_exchange(stream: trio.abc.Stream, proxy: ProxyURL, target: st
     return bytes(data)
 
 
-class _PrefixedStream(trio.abc.Stream):
+class PrefixedStream(trio.abc.Stream):
     """A stream that first returns bytes already read from ``transport_stream``."""
 
     def __init__(self, transport_stream: trio.abc.Stream, prefix: bytes) -> None:
@@ -194,3 +195,7 @@ class _PrefixedStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self.transport_stream.aclose()
+
+    @property
+    def socket(self) -> Any:  # the raw socket underneath, where there is one (test fakes)
+        return getattr(self.transport_stream, "socket", None)
