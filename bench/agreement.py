@@ -176,13 +176,13 @@ def main() -> None:
                         str(tokenizer)], check=True, capture_output=True, timeout=300)
         fake_port, proxy_port = free_port(), free_port()
         fake = procs.spawn("fake-upstream", [
-            PY, "-m", "trioproxy.cli", "fake-upstream", "--port", str(fake_port), "--ttft",
+            PY, "-m", "trioproxy.commands.cli", "fake-upstream", "--port", str(fake_port), "--ttft",
             "300ms", "--itl", "20ms", "--tokens", str(args.tokens), "--jitter", "10%"],
             port=fake_port, core=LOAD_CORE)
         db = procs.datadir / "usage.db"
         base = f"http://{HOST}:{fake_port}"
         proxy = procs.spawn("trioproxy", [
-            PY, "-m", "trioproxy.cli", "serve", "--port", str(proxy_port),
+            PY, "-m", "trioproxy.commands.cli", "serve", "--port", str(proxy_port),
             "--openai-base-url", base, "--anthropic-base-url", base, "--database-url", str(db),
             "--request-id-header", "x-request-id", "--log-level", "WARNING"],
             port=proxy_port, core=PROXY_CORE)

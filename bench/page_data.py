@@ -73,7 +73,7 @@ def build(url: str, n: int) -> None:
 
 def legacy_summary(store: Any, since: float, now: float) -> dict[str, Any]:
     """The page's data as it was built before: every latency row into Python."""
-    from trioproxy.latency_report import summarize_latency
+    from trioproxy.commands.latency_report import summarize_latency
 
     return {
         "by_model": store.aggregate("model", since), "by_day": store.aggregate("day", since),
@@ -89,7 +89,7 @@ def rss_mb() -> float:
 
 def trial(url: str, way: str) -> dict[str, Any]:
     from trioproxy.accounting.locations import open_store
-    from trioproxy.dashboard import usage_summary
+    from trioproxy.endpoints.dashboard import usage_summary
 
     store = open_store(url, timeout=600)
     store.recent(1)  # connected, statements warm

@@ -35,7 +35,7 @@ USERS = 64
 EVENTS = 64
 INTERVAL = 0.002
 PATHS = {"w1": "1", "wauto": "auto"}
-SERVE = "import sys; from trioproxy.cli import main; sys.exit(main(sys.argv[1:]))"
+SERVE = "import sys; from trioproxy.commands.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def plan(quick: bool) -> dict[str, Any]:

@@ -10,7 +10,7 @@ all and check that each response has exactly one record in the ledger.
 Modes: ``plain`` (the client offers no extension) and ``deflate`` (the client offers
 permessage-deflate, as Codex does; the proxy's server side, Hypercorn/wsproto, accepts it and
 keeps a compressor and a decompressor per socket). The upstream is
-``trioproxy.testing_ws.FakeResponsesWS`` in its own process (core 0), the clients are raw
+``trioproxy.testing.websocket.FakeResponsesWS`` in its own process (core 0), the clients are raw
 wsproto over trio in this process (core 0); the proxy runs on core 1.
 
 ``--create-kb N`` pads each ``response.create`` with N KB of instructions (Codex's bodies are
@@ -51,7 +51,7 @@ CREATE = create_frame(0)
 UPSTREAM = (
     "import sys, trio\n"
     "from trio_websocket import serve_websocket\n"
-    "from trioproxy.testing_ws import FakeResponsesWS\n"
+    "from trioproxy.testing.websocket import FakeResponsesWS\n"
     "fake = FakeResponsesWS()\n"
     "trio.run(lambda: serve_websocket(fake._handle, '127.0.0.1', int(sys.argv[1]), "
     "ssl_context=None, max_message_size=1 << 26))\n"

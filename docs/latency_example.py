@@ -21,7 +21,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from trioproxy import Settings, TrioProxy
-from trioproxy.cli import main as cli
+from trioproxy.commands.cli import main as cli
 from trioproxy.testing import (
     FakeUpstream,
     RecordedRequest,

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from trioproxy.accounting.locations import open_store
-from trioproxy.ledger import build_record
+from trioproxy.accounting.build import build_record
 from trioproxy.protocol.gapsketch import GapSketch
 from trioproxy.testing import FakeUpstream, openai_chat_sse
 

@@ -14,7 +14,7 @@ import pytest
 
 from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.record import UsageRecord
-from trioproxy.cli import main
+from trioproxy.commands.cli import main
 
 NOW = 1_790_000_000.0
 OSC52 = "\x1b]52;c;ZWNobyBwd25lZA==\x07"  # sets the clipboard

@@ -21,16 +21,16 @@ from hypercorn.trio import serve
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request
 
 from trioproxy import TrioProxy
-from trioproxy.cli import build_config, settings_from_args
-from trioproxy.cli import main as cli_main
+from trioproxy.commands.cli import build_config, settings_from_args
+from trioproxy.commands.cli import main as cli_main
 from trioproxy.config import SPECS, ConfigError, Settings
-from trioproxy.configspec import Spec, markdown_table, read_config_file
+from trioproxy.config.spec import Spec, markdown_table, read_config_file
 from trioproxy.contrib.model_alias import ModelAlias
 from trioproxy.extensions import load_spec
 from trioproxy.log import LOGGERS, log_access, request_id_var, setup_logging
 from trioproxy.protocol.headers import hypercorn_head_limit
 from trioproxy.testing import FakeUpstream
-from trioproxy.testing_ws import FakeResponsesWS
+from trioproxy.testing.websocket import FakeResponsesWS
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = [s for s in SPECS if s.secret]
@@ -39,7 +39,7 @@ SECRETS = [s for s in SPECS if s.secret]
 def _serve_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="trioproxy")
     sub = parser.add_subparsers(dest="command")
-    from trioproxy.cli import _add_serve
+    from trioproxy.commands.cli import _add_serve
 
     _add_serve(sub)
     return parser.parse_args(["serve", *argv])

@@ -15,7 +15,7 @@ import trio_websocket as tws
 
 from trioproxy import Settings
 from trioproxy.testing import FakeUpstream, anthropic_json, openai_chat_json
-from trioproxy.testing_ws import FakeResponsesWS
+from trioproxy.testing.websocket import FakeResponsesWS
 
 from .conftest import ProxyServer, RawClient, start_proxy
 

@@ -171,7 +171,7 @@ async def test_usage_data_needs_the_admin_token_and_never_shows_it(
 async def test_without_an_admin_token_usage_data_is_for_loopback_clients_only(
     nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    from trioproxy.dashboard import _loopback
+    from trioproxy.endpoints.dashboard import _loopback
 
     proxy = await start_proxy(nursery, proxy_settings(
         upstream, accounting=True, database_url=str(tmp_path / "u.db")))

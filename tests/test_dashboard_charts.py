@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from trioproxy.accounting.locations import open_store
-from trioproxy.dashboard_charts import CDF_POINTS, WATERFALLS, chart_data
+from trioproxy.endpoints.dashboard_charts import CDF_POINTS, WATERFALLS, chart_data
 from trioproxy.protocol.gapsketch import GapSketch
 from trioproxy.testing import FakeUpstream, anthropic_sse, openai_chat_sse
 

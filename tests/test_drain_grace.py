@@ -19,7 +19,7 @@ import trio
 import trio_websocket as tws
 
 from trioproxy.testing import FakeUpstream, anthropic_sse, openai_chat_sse
-from trioproxy.testing_ws import Turn
+from trioproxy.testing.websocket import Turn
 
 from .conftest import proxy_settings, start_proxy
 from .test_health_drain import (

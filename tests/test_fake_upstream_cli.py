@@ -16,7 +16,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from trioproxy.fake_upstream import parse_duration, parse_fraction
+from trioproxy.commands.fake_upstream import parse_duration, parse_fraction
 
 BIN = os.path.dirname(sys.executable)
 TTFT, ITL, TOKENS = 150.0, 10.0, 20  # ms, ms, tokens; jitter 10 %

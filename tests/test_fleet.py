@@ -21,9 +21,9 @@ import pytest
 import trio
 
 from trioproxy.accounting.locations import open_store
-from trioproxy.fake_upstream import OneOrigin
 from trioproxy.testing import FakeUpstream
-from trioproxy.testing_ws import FakeResponsesWS, Turn
+from trioproxy.testing.calibration import OneOrigin
+from trioproxy.testing.websocket import FakeResponsesWS, Turn
 
 from .fleet import (
     KEY,

@@ -16,7 +16,7 @@ import trio_websocket as tws
 
 from trioproxy import Settings
 from trioproxy.testing import FakeUpstream, Reply, openai_chat_json, openai_chat_sse
-from trioproxy.testing_ws import FakeResponsesWS
+from trioproxy.testing.websocket import FakeResponsesWS
 
 from .conftest import ProxyServer, RawClient, start_proxy
 from .h2client import h2_request

@@ -23,7 +23,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessa
 
 from trioproxy.protocol.headers import MAX_HEAD_BYTES, hypercorn_head_limit
 from trioproxy.testing import FakeUpstream
-from trioproxy.testing_ws import FakeResponsesWS
+from trioproxy.testing.websocket import FakeResponsesWS
 
 from .conftest import ProxyServer, RawClient, RawResponse, proxy_settings, start_proxy
 from .test_server import HYPERCORN, _run_until_listening, _stop

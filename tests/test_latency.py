@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from trioproxy.latency_report import (
+from trioproxy.commands.latency_report import (
     add_latency_parser,
     mixture_quantiles,
     run_latency,

@@ -16,7 +16,7 @@ import pytest
 
 from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.record import UsageRecord
-from trioproxy.cli import main
+from trioproxy.commands.cli import main
 from trioproxy.protocol.gapsketch import GapSketch, merge_sketches
 from trioproxy.protocol.latency import percentile
 
@@ -210,7 +210,7 @@ def test_plot_draws_both_groups_cdfs(sqlite_db: str, tmp_path: Path,
 
 
 def test_without_numpy_the_command_names_the_extra(sqlite_db: str) -> None:
-    code = ("import sys; sys.modules['numpy'] = None; from trioproxy.cli import main; "
+    code = ("import sys; sys.modules['numpy'] = None; from trioproxy.commands.cli import main; "
             f"sys.exit(main(['latency', '--database-url', {sqlite_db!r}, '--compare', "
             "'provider', 'anthropic', 'openai']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -223,8 +223,8 @@ def test_without_numpy_the_command_names_the_extra(sqlite_db: str) -> None:
 def test_pooled_itl_interval_covers_the_truth_of_one_distribution() -> None:
     """Both groups are drawn from one ITL distribution (p50 ~ 25 ms): each interval holds the
     pooled p50 of the other group's model, and the point estimate is the report's own."""
-    from trioproxy.latency_compare import compare_groups
-    from trioproxy.latency_report import summarize_latency
+    from trioproxy.commands.latency_compare import compare_groups
+    from trioproxy.commands.latency_report import summarize_latency
 
     rng = random.Random(1)
     rows = [{"ttft_ms": r.ttft_ms, "itl_p50_ms": r.itl_p50_ms, "itl_p90_ms": r.itl_p90_ms,
@@ -261,7 +261,7 @@ def test_a_huge_group_shares_columns_and_keeps_its_interval_around_the_value(
 ) -> None:
     """Past the work bound, neighbouring sketch buckets share a column (at least 32): the
     interval still brackets the pooled value, which stays exact."""
-    import trioproxy.latency_compare as lc
+    import trioproxy.commands.latency_compare as lc
 
     rng = random.Random(5)
     rows = [{"itl_sketch": r.itl_sketch, "itl_p50_ms": r.itl_p50_ms, "itl_p90_ms": r.itl_p90_ms,

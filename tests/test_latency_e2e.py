@@ -17,10 +17,10 @@ import trio
 
 from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.record import LATENCY_FIELDS
-from trioproxy.cli import main
+from trioproxy.commands.cli import main
 from trioproxy.exchange import Exchange
 from trioproxy.extensions import Extension
-from trioproxy.ledger import build_record
+from trioproxy.accounting.build import build_record
 from trioproxy.protocol.gapsketch import GapSketch
 from trioproxy.testing import (
     FakeUpstream,
@@ -31,7 +31,7 @@ from trioproxy.testing import (
     openai_chat_sse,
     openai_responses_sse,
 )
-from trioproxy.testing_ws import FakeResponsesWS, Turn
+from trioproxy.testing.websocket import FakeResponsesWS, Turn
 
 from .conftest import ProxyServer, RawClient, proxy_settings, start_proxy
 from .h2client import h2_request

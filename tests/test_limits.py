@@ -164,7 +164,7 @@ async def test_the_201st_concurrent_long_stream_is_not_queued_behind_the_pool(
 
 
 def test_serve_listens_with_a_backlog_for_bursts_of_reconnecting_agents() -> None:
-    from trioproxy.cli import build_config
+    from trioproxy.commands.cli import build_config
 
     assert build_config(Settings(port=0)).backlog == 2048  # Hypercorn's own default is 100
     assert build_config(Settings(port=0, backlog=512)).backlog == 512

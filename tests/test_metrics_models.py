@@ -9,7 +9,7 @@ import trio
 
 from trioproxy.metrics import MAX_MODELS, Metrics
 from trioproxy.testing import FakeUpstream, anthropic_json
-from trioproxy.testing_replies import _json_reply
+from trioproxy.testing.replies import _json_reply
 
 from .conftest import proxy_settings, start_proxy
 from .test_metrics import scrape, value

@@ -143,7 +143,7 @@ def test_metrics_require_token_needs_an_admin_token() -> None:
 ])
 def test_host_rule(host: str, server: tuple[str, int] | None, allowed: str, ok: bool) -> None:
     from trioproxy import Settings
-    from trioproxy.access import host_allowed
+    from trioproxy.endpoints.access import host_allowed
 
     settings = Settings(allowed_hosts=allowed)
     assert host_allowed(host, server, settings) is ok
@@ -151,7 +151,7 @@ def test_host_rule(host: str, server: tuple[str, int] | None, allowed: str, ok: 
 
 def test_the_bound_host_is_the_proxys_own_name() -> None:
     from trioproxy import Settings
-    from trioproxy.access import host_allowed
+    from trioproxy.endpoints.access import host_allowed
 
     assert host_allowed("devbox.lan:8080", None, Settings(host="devbox.lan"))
 

@@ -19,8 +19,8 @@ from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.page_query import SAMPLE_PER_MODEL
 from trioproxy.accounting.record import UsageRecord
 from trioproxy.accounting.store import SQLStore
-from trioproxy.dashboard import UsageReader, usage_summary
-from trioproxy.latency_report import summarize_latency
+from trioproxy.commands.latency_report import summarize_latency
+from trioproxy.endpoints.dashboard import UsageReader, usage_summary
 
 from .test_store import store_url  # noqa: F401 - the fixture: SQLite and PostgreSQL
 
@@ -196,7 +196,7 @@ def endless_opener(monkeypatch: pytest.MonkeyPatch, started: trio.Event) -> None
         endless.started, endless.token = started, token
         return endless
 
-    monkeypatch.setattr("trioproxy.dashboard.open_store", opener)
+    monkeypatch.setattr("trioproxy.endpoints.dashboard.open_store", opener)
 
 
 def migrated(url: str) -> None:
@@ -281,7 +281,7 @@ def counting(monkeypatch: pytest.MonkeyPatch, delay: float) -> type[CountingStor
         assert isinstance(store, SQLStore)
         return Counting(store.backend)
 
-    monkeypatch.setattr("trioproxy.dashboard.open_store", opener)
+    monkeypatch.setattr("trioproxy.endpoints.dashboard.open_store", opener)
     return Counting
 
 

@@ -99,7 +99,7 @@ def test_token_and_latency_fields_from_any_object() -> None:
     import types
 
     from trioproxy.accounting.record import LATENCY_FIELDS, TOKEN_FIELDS, latency_columns
-    from trioproxy.ledger import _token_fields
+    from trioproxy.accounting.build import _token_fields
     from trioproxy.protocol.latency import Latency
     from trioproxy.providers.base import Usage
 

@@ -10,7 +10,7 @@ import trio
 
 from trioproxy import Settings
 from trioproxy.accounting.redact import redact_dsn
-from trioproxy.ledger import open_ledger
+from trioproxy.accounting.ledger import open_ledger
 
 from .test_store import _postgres_schema_url
 
@@ -51,9 +51,8 @@ async def test_the_ledger_logs_no_password_given_in_the_query_string(
     for url in _postgres_schema_url():
         settings = Settings(database_url=f"{url}&password={SECRET}", data_home=str(tmp_path))
         with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(open_ledger, settings)
-                nursery.cancel_scope.cancel()
+            async with open_ledger(settings):
+                pass
     said = [r.getMessage() for r in caplog.records]
     assert any("usage ledger:" in m for m in said)
     assert not [m for m in said if SECRET in m]
@@ -81,8 +80,7 @@ async def test_a_keyword_value_dsn_is_a_postgresql_store_not_a_file_named_after_
         assert count_rows(url) == 1
         settings = Settings(database_url=dsn, data_home=str(tmp_path))
         with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(open_ledger, settings)
-                nursery.cancel_scope.cancel()
+            async with open_ledger(settings):
+                pass
     assert not [p for p in tmp_path.rglob("*") if "host=" in p.name or SECRET in p.name]
     assert not [r for r in caplog.records if SECRET in r.getMessage()]

@@ -16,7 +16,7 @@ from hypercorn.trio import serve
 from trioproxy import Settings, TrioProxy
 from trioproxy.exchange import Exchange
 from trioproxy.extensions import Extension
-from trioproxy.testing_ws import Turn
+from trioproxy.testing.websocket import Turn
 
 from .test_websocket import BIG, Proxy, connect, create, start_fake
 

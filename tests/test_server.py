@@ -15,7 +15,7 @@ import httpx
 import trio
 
 from trioproxy import Settings, TrioProxy
-from trioproxy.cli import main as cli_main
+from trioproxy.commands.cli import main as cli_main
 from trioproxy.testing import FakeUpstream
 
 HYPERCORN = os.path.join(os.path.dirname(sys.executable), "hypercorn")

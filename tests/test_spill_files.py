@@ -23,8 +23,8 @@ from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.record import UsageRecord
 from trioproxy.accounting.spill import append_spill, take_spill
 from trioproxy.accounting.writer import open_usage_writer
+from trioproxy.endpoints.health import readiness
 from trioproxy.extensions import ExtensionManager
-from trioproxy.health import readiness
 from trioproxy.runtime import Runtime
 from trioproxy.upstream import UpstreamPool
 

@@ -13,7 +13,7 @@ import pytest
 
 from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.query import parse_when
-from trioproxy.usage_cli import add_usage_parser, run_usage
+from trioproxy.commands.usage import add_usage_parser, run_usage
 
 from .test_store import DAY, T0, database_url, make_record
 

@@ -14,7 +14,7 @@ import trio
 from trioproxy.accounting.keys import fingerprint
 from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.writer import UsageWriter, open_usage_writer
-from trioproxy.ledger import answer_usage_lookup
+from trioproxy.endpoints.usage_lookup import usage_lookup
 
 from .test_store import T0, make_record
 
@@ -36,7 +36,7 @@ async def ask(writer: UsageWriter | None, lookup_id: str, key: str | None = None
     headers = [(b"x-api-key", key.encode())] if key else []
     if admin:
         headers.append((b"x-trioproxy-admin-token", admin.encode()))
-    status, body = await answer_usage_lookup(lookup_id, headers, writer, SECRET, "adm", "anthropic")
+    status, body = await usage_lookup(lookup_id, headers, writer, SECRET, "adm", "anthropic")
     return status, json.loads(body)
 
 

@@ -23,8 +23,8 @@ from trioproxy import Settings, TrioProxy
 from trioproxy.contrib.model_alias import ModelAlias
 from trioproxy.exchange import Exchange
 from trioproxy.extensions import Extension
-from trioproxy.ledger import build_record
-from trioproxy.testing_ws import FakeResponsesWS, MiB, Rejection, Turn
+from trioproxy.accounting.build import build_record
+from trioproxy.testing.websocket import FakeResponsesWS, MiB, Rejection, Turn
 
 BIG = 64 * MiB
 AUTH = [(b"authorization", b"Bearer sk-test-ws"),

@@ -11,36 +11,31 @@ import logging
 import secrets
 import ssl
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 
 import sniffio
 import trio
 
-from .accounting.keys import extract_api_key
-from .config import ConfigError, Settings
-from .errors import ClientRequestError, ProxyError
-from .exchange import Exchange, correlation_id
-from .extensions import Extension, ExtensionFailed, ExtensionManager, load_extensions
-from .health import answer_operational, is_operational, is_probe, refuse_draining
-from .ledger import _is_admin, answer_usage_lookup, usage_request_id
-from .limits import raise_open_files, report_open_files
-from .log import request_id_var, setup_logging
-from .payload import is_bypass, prepare
-from .protocol import headers as hdr
-from .protocol.lifecycle import End
-from .protocol.routing import provider_hint, resolve
-from .relay.http import HttpRelay
-from .relay.responses import (
+from .asgi import (
     Receive,
     Scope,
     Send,
-    conflicting_framing,
-    drain_body,
     error_messages,
-    has_body,
-    json_messages,
-    read_body,
     send_all,
 )
+from .config.settings import ConfigError, Settings
+from .endpoints.dispatch import answer_own
+from .endpoints.health import is_probe, refuse_draining
+from .endpoints.usage_lookup import answer_usage_lookup, usage_request_id
+from .errors import ProxyError
+from .exchange import Exchange
+from .extensions import Extension, ExtensionManager, load_extensions
+from .intake import Intake, open_exchange
+from .limits import raise_open_files, report_open_files
+from .log import request_id_var, setup_logging
+from .protocol.lifecycle import End
+from .protocol.routing import is_own_path
+from .relay.http import HttpRelay
 from .runtime import Runtime
 from .upstream import UpstreamPool
 
@@ -95,12 +90,12 @@ class TrioProxy:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
         try:
-            async with trio.open_nursery() as nursery:
+            async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
                 runtime = Runtime(settings, pool, extensions)
                 self._relay = HttpRelay(settings, pool, extensions, runtime.finish)
                 self.runtime = runtime
                 try:
-                    await self._startup_extras(nursery, settings)
+                    await self._startup_extras(stack, nursery, settings)
                 except Exception as exc:  # e.g. the usage store cannot be opened
                     log.exception("start-up failed")
                     self.runtime = None
@@ -153,14 +148,17 @@ class TrioProxy:
             raise StartupFailed(f"configuration: {exc}") from None
         return settings, extensions, pool
 
-    async def _startup_extras(self, nursery: trio.Nursery, settings: Settings) -> None:
-        """Accounting (record -> store writer) and complete hooks, as finishers in order."""
+    async def _startup_extras(
+        self, stack: AsyncExitStack, nursery: trio.Nursery, settings: Settings
+    ) -> None:
+        """Accounting (record -> store writer) and complete hooks, as finishers in order. The
+        ledger stays open on ``stack`` until the lifespan ends (after ``nursery``)."""
         runtime = self.runtime
         assert runtime is not None
         if settings.accounting:
-            from .ledger import open_ledger
+            from .accounting.ledger import open_ledger
 
-            runtime.writer, runtime.secret = await nursery.start(open_ledger, settings)
+            runtime.writer, runtime.secret = await stack.enter_async_context(open_ledger(settings))
         else:
             runtime.secret = secrets.token_bytes(32)  # records still go to complete hooks
         if settings.accounting or runtime.extensions.has_complete_hooks:
@@ -173,7 +171,7 @@ class TrioProxy:
             if runtime.metrics.multiprocess:  # the other workers' scrapes read our files
                 nursery.start_soon(runtime.metrics.run_publisher, runtime.scrape_figures)
         if settings.accounting and settings.dashboard:
-            from .dashboard import UsageReader
+            from .endpoints.dashboard import UsageReader
 
             runtime.reader = UsageReader(settings)
 
@@ -183,31 +181,22 @@ class TrioProxy:
         runtime, relay = self.runtime, self._relay
         if runtime is None or relay is None:
             raise RuntimeError("trioproxy received a request before lifespan start-up")
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        ex = Exchange(
-            method=scope["method"],
-            path=raw_path.decode("latin-1"),
-            provider=provider_hint(raw_path, headers),
-            correlation_id=correlation_id(
-                hdr.get(headers, runtime.settings.request_id_header.encode())),
-            request_headers=headers,
-            close_connection=has_body(headers) or conflicting_framing(headers),
-        )
+        ex = open_exchange(scope, runtime.settings)
+        raw_path = ex.path.encode("latin-1")
         token = request_id_var.set(ex.log_label())
-        own = is_operational(raw_path)  # never forwarded, never a usage row, always answered
+        own = is_own_path(raw_path)  # never forwarded, never a usage row, always answered
         lookup_id = usage_request_id(raw_path) if ex.method == "GET" and not own else None
         if not own:
             runtime.inflight[ex.request_id] = ex
         try:
             if own:
-                await answer_operational(runtime, ex, scope, receive, send)
+                await answer_own(runtime, ex, scope, receive, send)
             elif runtime.draining:
                 await refuse_draining(runtime, ex, scope, send)
             elif lookup_id is not None:
-                await self._usage_lookup(runtime, ex, lookup_id, send)
+                await answer_usage_lookup(runtime, ex, lookup_id, send)
             else:
-                await self._handle(runtime, relay, ex, scope, raw_path, receive, send)
+                await self._forward(runtime, relay, ex, scope, receive, send)
         except Exception as exc:  # a proxy-side fault: 500 if we still can, never silent
             log.exception("proxy fault")
             if ex.life.done:  # finalised early (a stalled client): nothing left to tell
@@ -222,80 +211,18 @@ class TrioProxy:
             runtime.inflight.pop(ex.request_id, None)
             request_id_var.reset(token)
 
-    async def _handle(
-        self, runtime: Runtime, relay: HttpRelay, ex: Exchange, scope: Scope, raw_path: bytes,
-        receive: Receive, send: Send,
-    ) -> None:
-        settings = runtime.settings
+    @staticmethod
+    async def _forward(runtime: Runtime, relay: HttpRelay, ex: Exchange, scope: Scope,
+                       receive: Receive, send: Send) -> None:
+        """Take the request in (:mod:`.intake`), then relay it; a refusal is answered here."""
+        intake = Intake(ex, scope, receive, runtime.settings, runtime.extensions)
         try:
-            hdr.check_head_size(scope, settings.max_header_bytes)
-            ex.route = resolve(ex.method, raw_path, ex.request_headers)
-            if ex.route is None:
-                raise ClientRequestError(
-                    f"trioproxy has no route for {ex.method} {ex.path}: use /v1/messages, "
-                    "/v1/chat/completions, /v1/responses, or the /anthropic/... and /openai/... "
-                    "prefixes",
-                    404,
-                    "unknown_path",
-                )
-            ex.provider = ex.route.provider  # refusals below answer in the route's shape
-            hdr.check_one_credential(ex.request_headers)
-        except ClientRequestError as exc:
-            await drain_body(receive, ex)  # keep the connection usable for the next request
-            await send_all(send, ex, error_messages(ex, exc))
+            request = await intake.take_in()
+        except ProxyError as exc:
+            await intake.refuse(exc, send)
             return
-        ex.provider = ex.route.provider
-        try:
-            body = await read_body(receive, ex, settings.max_body_bytes)
-        except ClientRequestError as exc:  # 413: the connection closes after the answer
-            await send_all(send, ex, error_messages(ex, exc))
-            return
-        if body is None:
-            ex.fail(End.CLIENT_DISCONNECT, "client disconnected while sending the body")
-            return
-        ex.bypass = is_bypass(ex.request_headers, settings.bypass_header_names)
-        ex.trailers_ok = wants_trailers(scope)
-        base = relay.upstream_for(ex)
-        query = scope.get("query_string", b"")
-        target = base.prefix + ex.route.path + (b"?" + query if query else b"")
-        with_body = bool(body) or ex.method in ("POST", "PUT", "PATCH")
-        headers = hdr.upstream_request_headers(
-            ex.request_headers, base.host_header, len(body) if with_body else None,
-            drop=settings.bypass_header_names,
-        )
-        try:
-            out = await prepare(
-                ex, body, headers, runtime.extensions, include_usage=settings.include_usage
-            )
-        except ExtensionFailed as exc:
-            ex.fail(End.EXTENSION_ERROR, str(exc))  # the first failure names the outcome
-            await send_all(send, ex, error_messages(ex, ProxyError(f"request rejected: {exc}")))
-            return
-        del body  # only the outbound bytes live on, for as long as they are being sent
-        await relay.relay(ex, base, target, out.headers, out.body, receive, send)
-
-    async def _usage_lookup(
-        self, runtime: Runtime, ex: Exchange, lookup_id: str, send: Send
-    ) -> None:
-        # A client that fetches usage the moment its stream ended can be a few milliseconds
-        # ahead of finalisation: wait (bounded) for that exchange's record to exist. Only for
-        # the caller's own exchanges: another key's stream that reuses the id is none of its
-        # business (and must not hold its lookup for as long as that stream runs).
-        key = extract_api_key(ex.request_headers, ex.provider)
-        admin = _is_admin(ex.request_headers, runtime.settings.admin_token)
-        for other in list(runtime.inflight.values()):
-            if other is not ex and lookup_id in (
-                    other.request_id, other.correlation_id, other.upstream_request_id) and (
-                    admin or (key is not None and extract_api_key(other.request_headers, other.provider) == key)):
-                with trio.move_on_after(10):
-                    await other.finalised.wait()
-        status, body = await answer_usage_lookup(
-            lookup_id, ex.request_headers, runtime.writer, runtime.secret,
-            runtime.settings.admin_token, ex.provider,
-        )
-        if status != 200:
-            ex.fail(End.REJECTED, f"usage lookup answered {status}")
-        await send_all(send, ex, json_messages(ex, status, body))
+        if request is not None:
+            await relay.relay(ex, request, receive, send)
 
     # -- websocket -------------------------------------------------------------------------
 
@@ -311,10 +238,3 @@ class TrioProxy:
         finally:
             runtime.sockets -= 1
 
-
-def wants_trailers(scope: Scope) -> bool:
-    """The server can send trailers (HTTP/2) and the client asked for them (TE: trailers)."""
-    if "http.response.trailers" not in scope.get("extensions", {}):
-        return False
-    te = b",".join(v for k, v in scope["headers"] if k == b"te").lower()
-    return b"trailers" in [t.strip().split(b";")[0] for t in te.split(b",")]

@@ -19,6 +19,7 @@ class ProxyError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = message  # what the usage record keeps as its error
 
 
 class ClientRequestError(ProxyError):
@@ -29,6 +30,17 @@ class ClientRequestError(ProxyError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class ExtensionRejected(ProxyError):
+    """A fail-closed extension hook failed, so the request (or response) is refused with a
+    500; the record keeps the hook's own failure."""
+
+    kind = "extension_error"
+
+    def __init__(self, what: str, cause: Exception) -> None:
+        super().__init__(f"{what} rejected: {cause}")
+        self.detail = str(cause)
 
 
 class UpstreamError(ProxyError):

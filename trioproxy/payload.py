@@ -24,15 +24,9 @@ from .providers.base import loads_object
 log = logging.getLogger("trioproxy.payload")
 
 PAYLOAD_APIS = ACCOUNTED_APIS  # the payload kinds hooks see are the ones usage is parsed for
-_TRUE = (b"1", b"true", b"yes", b"on")
 MODEL_SCAN_BYTES = 64 * 1024  # how much of a body is read to find its top-level "model"
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
-
-
-def is_bypass(headers: list[tuple[bytes, bytes]], names: tuple[bytes, ...]) -> bool:
-    """True when any configured bypass header says so."""
-    return any(k in names and v.strip().lower() in _TRUE for k, v in headers)
 
 
 def decode_payload(body: bytes, content_encoding: bytes | None) -> dict[str, Any] | None:

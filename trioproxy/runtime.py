@@ -10,10 +10,10 @@ from typing import Any
 
 import trio
 
-from .config import Settings
+from .accounting.build import build_record
+from .config.settings import Settings
 from .exchange import Exchange
 from .extensions import ExtensionManager
-from .ledger import build_record
 from .log import access_enabled, log_access
 from .payload import hook_context
 from .upstream import UpstreamPool
@@ -24,6 +24,7 @@ Finisher = Callable[[Exchange], Awaitable[None]]
 # Seconds before the graceful timeout at which WebSockets still busy are closed with 1012
 # (service restart) rather than cut by Hypercorn without a close frame.
 WS_CLOSE_MARGIN = 1.0
+RETRY_AFTER = b"5"  # seconds a client refused while draining waits (another instance takes it)
 
 
 @dataclass(eq=False)

@@ -1,7 +1,7 @@
 """Usage accounting: records, prices, key fingerprints, stores (SQLite, PostgreSQL), the
 non-blocking writer, and the read side used by ``trioproxy usage``.
 
-Wiring (``trioproxy.ledger.open_ledger`` does it once at lifespan start-up)::
+Wiring (``accounting.ledger.open_ledger`` does it once at lifespan start-up)::
 
     url = resolve_database_url(settings.database_url, settings.data_home)
     secret = load_or_create_secret(secret_path_for(url, home), settings.fingerprint_secret)

@@ -239,3 +239,11 @@ def hypercorn_head_limit(max_head_bytes: int) -> int:
     accepts), plus a margin: heads between the two get the provider-shaped 431 in any
     segmentation; h11 still caps what one connection can make the server buffer."""
     return max_head_bytes + HYPERCORN_HEAD_MARGIN
+
+
+_TRUE = (b"1", b"true", b"yes", b"on")
+
+
+def is_bypass(headers: Headers, names: tuple[bytes, ...]) -> bool:
+    """True when any configured bypass header says so."""
+    return any(k in names and v.strip().lower() in _TRUE for k, v in headers)

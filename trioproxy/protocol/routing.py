@@ -1,4 +1,4 @@
-"""Pure routing: (method, raw path, headers) -> Route. No I/O.
+"""Pure routing: (method, raw path, headers) -> Route, or one of the proxy's own paths. No I/O.
 
 The upstream host always comes from configuration; the request only chooses the provider and
 the path that is appended to that provider's configured base URL.
@@ -22,6 +22,15 @@ Provider = Literal["anthropic", "openai"]
 
 ANTHROPIC_PREFIX = b"/anthropic"
 OPENAI_PREFIX = b"/openai"
+OWN_PREFIX = b"/_trioproxy/"  # the proxy's own pages: never an upstream path
+METRICS_PATH = b"/metrics"
+HEALTH_PATH = b"/health"  # what benchmark clients probe (vLLM's convention)
+
+
+def is_own_path(path: bytes) -> bool:
+    """The path is one of the proxy's own endpoints, answered here and never forwarded."""
+    return (path in (METRICS_PATH, HEALTH_PATH) or path.startswith(OWN_PREFIX)
+            or path == OWN_PREFIX.rstrip(b"/"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,12 +26,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..config import Settings, UpstreamURL
+from ..asgi import (
+    Message,
+    Receive,
+    Send,
+    error_messages,
+    proxy_headers,
+)
+from ..config.settings import Settings
 from ..errors import (
+    ExtensionRejected,
     ProxyError,
     UpstreamError,
     UpstreamProtocolError,
@@ -52,14 +60,10 @@ from ..protocol.usage_wire import (
 )
 from ..providers import make_parser
 from ..upstream import UpstreamPool, UpstreamResponse
-from .responses import (
-    Message,
-    Receive,
-    Send,
-    error_messages,
-    proxy_headers,
-)
 from .stream import BodyChannel, SendWatch, more_body, read_body, watched_send, write_body
+
+if TYPE_CHECKING:
+    from ..intake import UpstreamRequest
 
 log = logging.getLogger("trioproxy.relay")
 
@@ -87,7 +91,7 @@ def is_event_stream(content_type: bytes | None) -> bool:
 
 
 class HttpRelay:
-    """Relays one routed HTTP request. ``ex.route`` must be set by the caller.
+    """Relays one HTTP request that :mod:`trioproxy.intake` took in.
 
     ``finish`` finalises an exchange (idempotent); the relay calls it early only for a stalled
     client, whose handler Hypercorn may hold long after the exchange is over."""
@@ -99,17 +103,10 @@ class HttpRelay:
         self._extensions = extensions
         self._finish = finish
 
-    def upstream_for(self, ex: Exchange) -> UpstreamURL:
-        assert ex.route is not None
-        if ex.route.provider == "anthropic":
-            return self._settings.anthropic_upstream
-        return self._settings.openai_upstream
-
     async def relay(
-        self, ex: Exchange, base: UpstreamURL, target: bytes, headers: list[tuple[bytes, bytes]],
-        body: bytes, receive: Receive, send: Send,
+        self, ex: Exchange, request: UpstreamRequest, receive: Receive, send: Send
     ) -> None:
-        """Send the prepared request upstream and relay the response to the client."""
+        """Send the request upstream and relay the response to the client."""
         last: list[Message] = []
         tracker = ex.track_latency()
         watch = SendWatch(self._settings.read_timeout, self._settings.write_stall_timeout)
@@ -117,7 +114,8 @@ class HttpRelay:
             nursery.start_soon(self._watch_client, receive, ex, nursery.cancel_scope, watch)
             ex.life.sent_upstream()
             try:
-                resp = await self._pool.send_request(base, ex.method.encode(), target, headers, body)
+                resp = await self._pool.send_request(
+                    request.base, ex.method.encode(), request.target, request.headers, request.body)
             except ProxyError as exc:  # connect / timeout / protocol, or a header h11 refuses
                 log.warning("%s before response: %s", exc.kind, exc.message)
                 last = error_messages(ex, exc)
@@ -261,8 +259,7 @@ class HttpRelay:
         try:
             return await self._start_message(resp, ex)
         except ExtensionFailed as exc:
-            ex.fail(End.EXTENSION_ERROR, str(exc))
-            plan.last = error_messages(ex, ProxyError(f"response rejected: {exc}"))
+            plan.last = error_messages(ex, ExtensionRejected("response", exc))
             return None
 
     def _keepalive_interval(self, resp: UpstreamResponse, ex: Exchange) -> float | None:

@@ -26,11 +26,11 @@ import math
 
 import trio
 
+from ..asgi import Message, Send
 from ..errors import UpstreamError, UpstreamTimeout
 from ..exchange import Exchange
 from ..protocol.usage_wire import SSE_EVENT_ENDS, UsageChunkStripper
 from ..upstream import UpstreamResponse
-from .responses import Message, Send
 
 log = logging.getLogger("trioproxy.relay")
 

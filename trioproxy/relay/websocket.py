@@ -15,14 +15,15 @@ classification, close codes, handshake headers and usage records are ``ws_protoc
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h11
 import trio
 import trio_websocket as tws
 from wsproto.utilities import ProtocolError
 
-from ..config import UpstreamURL
+from ..asgi import Receive, Scope, Send
+from ..config.settings import UpstreamURL
 from ..errors import (
     ClientRequestError,
     UpstreamConnectError,
@@ -31,7 +32,6 @@ from ..errors import (
 )
 from ..exchange import Exchange, correlation_id, new_request_id
 from ..log import request_id_var
-from ..payload import is_bypass
 from ..protocol import headers as hdr
 from ..protocol.lifecycle import End
 from ..protocol.routing import Route, resolve
@@ -44,13 +44,9 @@ from ..protocol.websocket import (
     is_responses_route,
     upstream_handshake_headers,
 )
+from ..runtime import RETRY_AFTER, Runtime
 from ..upstream import build_request
-from .responses import RETRY_AFTER, Receive, Scope, Send
 from .ws_frames import FramePumps
-
-if TYPE_CHECKING:
-    from ..runtime import Runtime
-
 
 __all__ = ["ResponsesSocket", "relay_websocket"]
 
@@ -103,7 +99,7 @@ class ResponsesSocket:
         self.ledger = ResponseLedger(
             socket_id, session.decode("latin-1") if session else socket_id,
             self.raw_path.decode("latin-1"), headers,
-            is_bypass(headers, settings.bypass_header_names),
+            hdr.is_bypass(headers, settings.bypass_header_names),
             correlation_id(hdr.get(headers, settings.request_id_header.encode())),
         )
         self.frames = FramePumps(runtime, self.ledger, receive, send,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio_websocket as tws
 
+from ..asgi import Receive, Send
 from ..extensions import ExtensionFailed, MutableHeaders
 from ..log import request_id_var
 from ..payload import encode_payload, hook_context
@@ -32,7 +33,6 @@ from ..protocol.websocket import (
     extension_error_event,
     size_of,
 )
-from .responses import Receive, Send
 
 if TYPE_CHECKING:
     from ..runtime import Runtime

@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 import h11
 import trio
 
-from ..config import ConfigError, UpstreamURL
+from ..config.settings import ConfigError, UpstreamURL
 from ..errors import UpstreamConnectError, UpstreamTimeout
 
 log = logging.getLogger("trioproxy.upstream")

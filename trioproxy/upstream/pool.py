@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import trio
 
-from ..config import Settings, UpstreamURL
+from ..config.settings import Settings, UpstreamURL
 from ..errors import (
     StaleConnection,
     UpstreamConnectError,

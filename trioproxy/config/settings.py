@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from .configspec import (
+from ..limits import current_streams_allowed
+from .spec import (
     CONFIG_ENV,
     ConfigError,
     from_environment,
@@ -22,7 +23,6 @@ from .configspec import (
     setting,
     specs_of,
 )
-from .limits import current_streams_allowed
 
 __all__ = ["CONFIG_ENV", "SPECS", "ConfigError", "Settings", "UpstreamURL"]
 
@@ -318,6 +318,10 @@ class Settings:
     @property
     def extension_specs(self) -> list[str]:
         return [s.strip() for s in self.extensions.split(",") if s.strip()]
+
+    def upstream_for(self, provider: str) -> UpstreamURL:
+        """The configured base URL of ``provider`` ("anthropic" or "openai")."""
+        return self.anthropic_upstream if provider == "anthropic" else self.openai_upstream
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .accounting.store import Store
+from ..accounting.store import Store
 
 __all__ = ["CDF_POINTS", "SERIES_BUCKETS", "WATERFALLS", "chart_data"]
 
@@ -89,7 +89,7 @@ def _cdfs(rows: list[tuple[Any, ...]]) -> dict[str, list[list[float]]]:
 
 
 def _itl_cdfs(store: Store, since: float) -> dict[str, list[list[float]]]:
-    from .protocol.gapsketch import GapSketch
+    from ..protocol.gapsketch import GapSketch
 
     rows = _query(store, f"SELECT {_MODEL}, itl_sketch FROM usage_records WHERE {_MEASURED} "
                   "AND itl_sketch IS NOT NULL ORDER BY started_at DESC LIMIT ?",

@@ -1,8 +1,8 @@
-"""``trioproxy fake-upstream``: a calibration upstream with known pacing.
+"""The calibration upstream (``trioproxy fake-upstream``): known pacing, real-shaped usage.
 
 It serves the three generation APIs (Anthropic Messages, OpenAI Chat Completions and OpenAI
 Responses, streamed as SSE or answered as JSON, and the Responses WebSocket) on one port, built
-from the project's own fakes (:mod:`trioproxy.testing`, :mod:`trioproxy.testing_ws`). Every
+from the project's own fakes (:mod:`.http`, :mod:`.websocket`). Every
 streamed response sends its first content delta ``ttft`` after the request, then ``tokens - 1``
 more deltas ``itl`` apart, one token each; each pause is drawn uniformly within ``± jitter`` of
 its nominal value. Usage is real-shaped: the output tokens are ``tokens``, the input tokens about
@@ -17,20 +17,18 @@ what a client reports above ``ttft`` / ``itl`` is the rig's. See the README's
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import random
-import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 import trio_websocket
 
-from .testing import FakeUpstream, RecordedRequest, Reply, default_reply
-from .testing_replies import (
+from ..upstream.connect_proxy import PrefixedStream
+from .http import FakeUpstream, RecordedRequest, Reply, default_reply
+from .replies import (
     anthropic_json,
     anthropic_sse,
     openai_chat_json,
@@ -39,33 +37,12 @@ from .testing_replies import (
     openai_responses_json,
     openai_responses_sse,
 )
-from .testing_ws import FakeResponsesWS, Turn
-from .upstream.connect_proxy import PrefixedStream
+from .websocket import FakeResponsesWS, Turn
 
-__all__ = ["Pacing", "add_fake_upstream_parser", "paced_reply", "parse_duration",
-           "run_fake_upstream", "serve_fake_upstream"]
+__all__ = ["CalibrationUpstream", "OneOrigin", "Pacing", "paced_reply", "serve_fake_upstream"]
 
 WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", " again")
 _HEAD_LIMIT = 65536
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(us|µs|ms|s)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from ``300ms``, ``0.3s``, ``250us`` (a bare number is seconds)."""
-    m = _DURATION.match(text)
-    if not m:
-        raise ValueError(f"not a duration: {text!r} (e.g. 300ms, 0.3s)")
-    scale = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}[m.group(2)]
-    return float(m.group(1)) * scale
-
-
-def parse_fraction(text: str) -> float:
-    """A fraction from ``10%`` or ``0.1``, in [0, 1)."""
-    t = text.strip()
-    value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    if not 0 <= value < 1:
-        raise ValueError(f"jitter must be in [0, 100%): {text!r}")
-    return value
 
 
 @dataclass
@@ -239,55 +216,3 @@ async def serve_fake_upstream(
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, upstream.handle, listeners)
         task_status.started(bound)
-
-
-EPILOG = """\
-Point trioproxy (or a client, directly) at it, e.g.:
-  trioproxy fake-upstream --port 9000 --ttft 300ms --itl 20ms --tokens 200 --jitter 10%
-  trioproxy serve --port 8080 --anthropic-upstream http://127.0.0.1:9000 \\
-                  --openai-upstream http://127.0.0.1:9000
-Streams send the first token after --ttft, then one token every --itl; each pause is drawn
-uniformly within +-jitter. What a client reports above that is the rig's (client, proxy, network).
-"""
-
-
-def add_fake_upstream_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``fake-upstream`` on an ``argparse`` sub-parsers object."""
-    p = subparsers.add_parser(
-        "fake-upstream", help="serve a paced fake Anthropic/OpenAI upstream (calibration)",
-        description="A calibration upstream: Messages, Chat Completions and Responses (SSE, "
-                    "JSON and the Responses WebSocket) with known pacing and real-shaped usage.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    p.add_argument("--port", type=int, default=9000, help="port to listen on (9000; 0: any)")
-    p.add_argument("--ttft", type=parse_duration, default=0.3, metavar="DUR",
-                   help="time to the first token (300ms)")
-    p.add_argument("--itl", type=parse_duration, default=0.02, metavar="DUR",
-                   help="time between tokens (20ms)")
-    p.add_argument("--tokens", type=int, default=200, help="output tokens per response (200)")
-    p.add_argument("--jitter", type=parse_fraction, default=0.1, metavar="PCT",
-                   help="each pause uniform within +-PCT of its value (10%%)")
-    p.add_argument("--seed", type=int, help="seed the jitter, for a repeatable run")
-    return p
-
-
-def run_fake_upstream(args: argparse.Namespace) -> int:
-    if args.tokens < 1:
-        print("trioproxy fake-upstream: --tokens must be at least 1", file=sys.stderr)
-        return 2
-    pacing = Pacing(args.ttft, args.itl, args.tokens, args.jitter, random.Random(args.seed))
-    upstream = CalibrationUpstream(pacing)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_fake_upstream, args.host, args.port, upstream)
-            host = f"[{args.host}]" if ":" in args.host else args.host
-            print(f"fake upstream on http://{host}:{port} (ttft {args.ttft * 1000:g} ms, itl "
-                  f"{args.itl * 1000:g} ms, {args.tokens} tokens, jitter "
-                  f"{args.jitter * 100:g} %)", flush=True)
-
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        pass
-    return 0

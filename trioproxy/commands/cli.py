@@ -11,13 +11,13 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 
-from . import __version__
-from .config import CONFIG_ENV, SPECS, ConfigError, Settings
-from .configspec import add_flags, flag_text, flags_as_environment, from_flags, markdown_table
+from .. import __version__
+from ..config.settings import CONFIG_ENV, SPECS, ConfigError, Settings
+from ..config.spec import add_flags, flag_text, flags_as_environment, from_flags, markdown_table
+from ..limits import raise_open_files
+from ..log import setup_logging
+from ..protocol.headers import hypercorn_head_limit
 from .fake_upstream import add_fake_upstream_parser, run_fake_upstream
-from .limits import raise_open_files
-from .log import setup_logging
-from .protocol.headers import hypercorn_head_limit
 
 DESCRIPTION = """\
 trioproxy: a streaming reverse proxy for the Anthropic and OpenAI APIs.
@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_fake_upstream_parser(sub)
     try:
         from .latency_report import add_latency_parser, run_latency
-        from .usage_cli import add_usage_parser, run_usage
+        from .usage import add_usage_parser, run_usage
     except ImportError:  # accounting not installed in this build
         add_usage_parser = add_latency_parser = None  # type: ignore[assignment]
         run_usage = run_latency = None  # type: ignore[assignment]

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import Settings
+from ..config.settings import Settings
 
 __all__ = ["admin_presented", "host_allowed", "origin_allowed", "refusal"]
 

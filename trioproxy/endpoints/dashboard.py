@@ -19,22 +19,21 @@ from urllib.parse import parse_qs
 
 import trio
 
-from .access import refusal
-from .accounting.locations import open_store
-from .accounting.store import Store
-from .config import Settings
-from .exchange import Exchange
-from .ledger import _is_admin
-from .protocol.lifecycle import End
-from .relay.responses import (
-    PREFIX,
+from ..accounting.locations import open_store
+from ..accounting.store import Store
+from ..asgi import (
     Receive,
     Send,
     answer,
     json_answer,
     send_all,
 )
-from .runtime import Runtime
+from ..config.settings import Settings
+from ..exchange import Exchange
+from ..protocol.lifecycle import End
+from ..protocol.routing import OWN_PREFIX
+from ..runtime import Runtime
+from .access import admin_presented, refusal
 
 COOKIE = "trioproxy_admin"
 DAY = 86400.0
@@ -163,7 +162,7 @@ def may_read(runtime: Runtime, ex: Exchange, scope: dict[str, Any]) -> bool:
     token = runtime.settings.admin_token
     if not token:
         return _loopback(scope)
-    if _is_admin(ex.request_headers, token):
+    if admin_presented(ex.request_headers, token):
         return True
     want = cookie_value(runtime.secret, token)
     return any(hmac.compare_digest(v, want) for v in _cookies(ex.request_headers, COOKIE))
@@ -180,7 +179,7 @@ def _loopback(scope: dict[str, Any]) -> bool:
 def _refused(runtime: Runtime, ex: Exchange, scope: dict[str, Any]) -> list | None:
     """The answer for a client that may not read the page's data, else None. Without an
     admin token the peer's address is all there is: then the Host must name this proxy too
-    (see :mod:`trioproxy.access`)."""
+    (see :mod:`trioproxy.endpoints.access`)."""
     token = runtime.settings.admin_token
     why = refusal(ex.request_headers, scope, runtime.settings, check_host=not token)
     status = 403
@@ -221,14 +220,14 @@ async def answer_dashboard(
     send: Send,
 ) -> bool:
     """Answer a page request; False when ``path`` is not one of the page's."""
-    rest = path[len(PREFIX):] if path.startswith(PREFIX) else b""
+    rest = path[len(OWN_PREFIX):] if path.startswith(OWN_PREFIX) else b""
     if rest == b"login" and ex.method == "POST":
         await send_all(send, ex, await _login(runtime, ex, scope, receive))
         return True
     if ex.method not in ("GET", "HEAD"):
         return False
-    if path == PREFIX.rstrip(b"/"):
-        await send_all(send, ex, answer(ex, 308, b"", b"text/plain", [(b"location", PREFIX)]))
+    if path == OWN_PREFIX.rstrip(b"/"):
+        await send_all(send, ex, answer(ex, 308, b"", b"text/plain", [(b"location", OWN_PREFIX)]))
         return True
     if rest in _STATIC:
         name, content_type = _STATIC[rest]
@@ -276,9 +275,9 @@ async def _login(runtime: Runtime, ex: Exchange, scope: dict[str, Any], receive:
     token = runtime.settings.admin_token
     if not token or not hmac.compare_digest(given.encode(), token.encode()):
         ex.fail(End.REJECTED, "usage page: wrong admin token")
-        return answer(ex, 303, b"", b"text/plain", [(b"location", PREFIX + b"?login=failed")])
+        return answer(ex, 303, b"", b"text/plain", [(b"location", OWN_PREFIX + b"?login=failed")])
     secure = "; Secure" if scope.get("scheme") == "https" else ""
     cookie = (f"{COOKIE}={cookie_value(runtime.secret, token)}; Path=/_trioproxy/; HttpOnly; "
               f"SameSite=Strict; Max-Age=2592000{secure}")
     return answer(ex, 303, b"", b"text/plain",
-                  [(b"location", PREFIX), (b"set-cookie", cookie.encode())])
+                  [(b"location", OWN_PREFIX), (b"set-cookie", cookie.encode())])

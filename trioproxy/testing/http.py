@@ -1,6 +1,7 @@
 """A scriptable fake LLM upstream (Anthropic and OpenAI) for tests, the bench and demos.
 
-``FakeUpstream`` (replies scripted with :mod:`trioproxy.testing_replies`) is a raw h11-over-trio HTTP/1.1 server, so every byte and every connection is
+``FakeUpstream`` (replies scripted with :mod:`.replies`) is a raw h11-over-trio HTTP/1.1
+server, so every byte and every connection is
 under the test's control; it uses only trio primitives and ``trio.sleep`` (``autojump_clock``
 safe). Every request is recorded (``requests``), every TCP connection too (``connections``).
 Replies are scripted with ``enqueue(Reply(...))`` (FIFO, optionally per path); when nothing is
@@ -38,34 +39,17 @@ from typing import Any
 import h11
 import trio
 
-from .testing_replies import (
-    COMPACT,
+from .replies import (
     HOP_BY_HOP,
     Abort,
-    JSONStyle,
     Pause,
     RecordedRequest,
     Reply,
-    anthropic_json,
     anthropic_request_id,
-    anthropic_sse,
     default_reply,
-    error_reply,
-    header_values,
-    models_list,
-    openai_chat_json,
-    openai_chat_sse,
     openai_request_id,
-    openai_responses_json,
-    openai_responses_sse,
 )
 
-__all__ = [
-    "COMPACT", "Abort", "ConnInfo", "FakeUpstream", "JSONStyle", "Pause", "RecordedRequest",
-    "Reply", "anthropic_json", "anthropic_sse", "default_reply", "error_reply", "header_values",
-    "models_list", "openai_chat_json", "openai_chat_sse", "openai_responses_json",
-    "openai_responses_sse",
-]
 
 @dataclass
 class ConnInfo:
@@ -311,6 +295,3 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
 
-
-if __name__ == "__main__":
-    main()

@@ -41,10 +41,10 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from .accounting.query import parse_when
-from .protocol.gapsketch import GapSketch
-from .protocol.latency import percentile
-from .textsafe import for_csv, for_terminal
+from ..accounting.query import parse_when
+from ..protocol.gapsketch import GapSketch
+from ..protocol.latency import percentile
+from ..textsafe import for_csv, for_terminal
 
 __all__ = [
     "GROUP_BY",
@@ -406,7 +406,12 @@ def _within(rows: list[dict[str, Any]], since: float | None, until: float | None
 
 
 def _store_rows(url: str | None, since: float | None, until: float | None) -> list | None:
-    from .accounting.locations import is_postgres_url, open_store, resolve_database_url, sqlite_path
+    from ..accounting.locations import (
+        is_postgres_url,
+        open_store,
+        resolve_database_url,
+        sqlite_path,
+    )
 
     resolved = resolve_database_url(url)
     if not is_postgres_url(resolved) and not sqlite_path(resolved).exists():

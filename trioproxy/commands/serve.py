@@ -153,7 +153,7 @@ def _worker(config: Any, sockets: Any, shutdown: Event, hurry: Event, interactiv
     from hypercorn.trio.run import worker_serve
     from hypercorn.utils import wrap_app
 
-    from . import app
+    from .. import app
 
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
         sock.listen(config.backlog)

@@ -9,10 +9,10 @@ import sys
 import time
 from typing import Any
 
-from .accounting.locations import is_postgres_url, open_store, resolve_database_url, sqlite_path
-from .accounting.query import format_table, parse_when, summarize
-from .accounting.store import GROUP_BY, Store
-from .config import ConfigError, Settings
+from ..accounting.locations import is_postgres_url, open_store, resolve_database_url, sqlite_path
+from ..accounting.query import format_table, parse_when, summarize
+from ..accounting.store import GROUP_BY, Store
+from ..config.settings import ConfigError, Settings
 
 __all__ = ["add_usage_parser", "run_usage"]
 

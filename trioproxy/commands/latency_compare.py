@@ -11,7 +11,7 @@ interval of that ratio, from the same resamples), and whether the two groups' in
   draws *requests* (a cluster bootstrap) and pools their gaps: their gap sketches (every gap,
   within 1 %; :mod:`trioproxy.protocol.gapsketch`) or, for records stored before sketches, their
   stored p50/p90/p99/max weighted by their gap counts (the estimate ``trioproxy latency`` makes,
-  see :mod:`trioproxy.latency_report`) laid on a shared grid of at most :data:`ITL_GRID` points.
+  see :mod:`trioproxy.commands.latency_report`) laid on a shared grid of at most :data:`ITL_GRID` points.
 
 Too few samples: a group with fewer than :data:`MIN_REQUESTS` requests is refused (exit 2);
 a p50 needs :data:`MIN_SAMPLES` ``["p50"]`` values per side, a p90 ``["p90"]``, else the line
@@ -27,8 +27,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..textsafe import for_terminal
 from .latency_report import _FIELD, _group, _itl_knots, _number, mixture_quantiles
-from .textsafe import for_terminal
 
 __all__ = ["COMPARE_BY", "MIN_REQUESTS", "MIN_SAMPLES", "compare_groups", "run_compare"]
 
@@ -155,8 +155,8 @@ def _itl_side(rows: Sequence[dict[str, Any]], qs: list[float], rng: Any,
 def _sketches(rows: Sequence[dict[str, Any]]) -> list[Any] | None:
     """Each request's gap sketch; None when a request with ITL figures has none (recorded
     before sketches were stored): then only the per-request summaries can be pooled."""
+    from ..protocol.gapsketch import GapSketch
     from .latency_report import pooled_gaps
-    from .protocol.gapsketch import GapSketch
 
     if pooled_gaps(rows) is None:
         return None
@@ -181,7 +181,7 @@ def _sketch_side(sketches: list[Any], qs: list[float], rng: Any,
     """Pooled ITL from the requests' gap sketches (within 1 % of the exact gaps)."""
     import numpy as np
 
-    from .protocol.gapsketch import merge_sketches
+    from ..protocol.gapsketch import merge_sketches
 
     if not sketches:
         return {"n": 0, "gaps": 0}
@@ -270,7 +270,7 @@ def _grid_quantiles(mass: Any, grid: Any, qs: list[float]) -> Any:
 def run_compare(args: argparse.Namespace, rows: Any = None) -> int:
     """``trioproxy latency --compare BY A B``: 0 ok, 1 store unreachable or plot failed,
     2 bad arguments, too few requests, or numpy / matplotlib missing."""
-    from .accounting.query import parse_when
+    from ..accounting.query import parse_when
     from .latency_report import _store_rows, _within
 
     by, a_name, b_name = args.compare
