@@ -70,7 +70,7 @@ async def start_proxy(
         server.exchanges.append(ex)
 
     assert app.runtime is not None
-    app.runtime.finishers.append(capture)
+    app.runtime.finalisers.append(capture)
     return server
 
 

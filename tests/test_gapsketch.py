@@ -41,7 +41,7 @@ def record_row(gaps: list[float]) -> dict:
     for gap in gaps:
         now += gap / 1000.0
         tracker.on_content(now)
-    latency = tracker.finish(now + 0.01, len(gaps) + 1)
+    latency = tracker.figures(now + 0.01, len(gaps) + 1)
     cols = latency_columns(latency)
     return {"started_at": 1.0, "model": "m", **cols, "duration_ms": cols["e2e_ms"],
             "output_tokens": len(gaps) + 1}
@@ -159,7 +159,7 @@ def test_long_stream_sketch_counts_every_gap() -> None:
     for i in range(2 * EXACT_GAPS + 1):
         tracker.on_content(now)
         now += (i % 10 + 1) / 1000
-    latency = tracker.finish(now, 2 * EXACT_GAPS + 1)
+    latency = tracker.figures(now, 2 * EXACT_GAPS + 1)
     sketch = GapSketch.decode(latency.itl_sketch)
     assert sketch.count == 2 * EXACT_GAPS
     assert sketch.percentile(100) == pytest.approx(10.0, rel=0.01)

@@ -63,7 +63,7 @@ def measure(api: str, timed: list[tuple[float, bytes]], **kw: Any) -> Latency:
     parser = make_parser(api, streaming=True, latency=tracker, **kw)
     for now, chunk in timed:
         parser.feed(chunk, now)
-    return tracker.finish(0.750, parser.finish().output_tokens)
+    return tracker.figures(0.750, parser.close().output_tokens)
 
 
 def assert_expected(latency: Latency) -> None:
@@ -195,7 +195,7 @@ def test_responses_feed_event_figures_to_the_millisecond() -> None:
     parser = make_parser("openai.responses", streaming=True, latency=tracker)
     for now, obj in schedule(_responses_objects(), {4, 5, 6, 7}):  # type: ignore[arg-type]
         parser.feed_event(obj, now)  # type: ignore[attr-defined]
-    assert_expected(tracker.finish(0.750, parser.finish().output_tokens))
+    assert_expected(tracker.figures(0.750, parser.close().output_tokens))
 
 
 def test_responses_feed_message_with_known_kind_and_other_delta_types() -> None:
@@ -210,17 +210,17 @@ def test_responses_feed_message_with_known_kind_and_other_delta_types() -> None:
         text = json.dumps(frame)
         kind = frame["type"] if i % 2 else None  # the relay may know the type already
         parser.feed_message(text, 0.1 * (i + 1), kind)  # type: ignore[attr-defined]
-    latency = tracker.finish(1.0, None)
+    latency = tracker.figures(1.0, None)
     assert (latency.ttft_ms, latency.content_events, latency.itl_max_ms) == (200.0, 3, 200.0)
 
 
 def test_tpot_and_rate_need_two_tokens_and_a_stream() -> None:
     tracker = LatencyTracker(10.0)
     tracker.on_content(10.5)
-    one = tracker.finish(11.0, 1)
+    one = tracker.figures(11.0, 1)
     assert (one.ttft_ms, one.tpot_ms, one.tokens_per_s, one.itl_p50_ms) == (500.0, None, None,
                                                                            None)
-    buffered = LatencyTracker(10.0).finish(10.25, 40)
+    buffered = LatencyTracker(10.0).figures(10.25, 40)
     assert (buffered.ttft_ms, buffered.tokens_per_s, buffered.duration_ms) == (None, None, 250.0)
     assert buffered.proxy_overhead_ms is None
 
@@ -230,7 +230,7 @@ def test_proxy_overhead_is_request_time_plus_mean_relay_delay() -> None:
     tracker.request_sent(0.004)
     for read, handed in ((0.1, 0.101), (0.2, 0.203), (0.3, 0.302)):
         tracker.on_relay(read, handed)
-    latency = tracker.finish(0.5, None)
+    latency = tracker.figures(0.5, None)
     assert (latency.proxy_request_ms, latency.proxy_relay_ms, latency.proxy_relay_max_ms,
             latency.proxy_overhead_ms) == (4.0, 2.0, 3.0, 6.0)
 
@@ -241,7 +241,7 @@ def test_long_streams_keep_bounded_memory_and_close_percentiles() -> None:
     for i in range(n + 1):  # gaps cycle through 1..100 ms
         tracker.on_content(now)
         now += (i % 100 + 1) / 1000
-    latency = tracker.finish(now, n + 1)
+    latency = tracker.figures(now, n + 1)
     assert len(tracker._gaps) == EXACT_GAPS  # the rest went to the histogram
     assert latency.itl_max_ms == 100.0 and latency.itl_count == n
     for got, want in ((latency.itl_p50_ms, 50.5), (latency.itl_p90_ms, 90.1),

@@ -74,11 +74,11 @@ def test_any_sequence_of_events_has_exactly_one_outcome(steps: list[str]) -> Non
     for step in steps:
         drive(life, step)
     relayed = life.state in (State.BUFFERING, State.STREAMING, State.STREAMING_TRAILERS)
-    outcome = life.finish()
+    outcome = life.decide()
     assert outcome.end_reason is expected(steps, life, relayed)
     assert life.done and life.end_reason() == outcome.end_reason.value
     with pytest.raises(LifecycleError):
-        life.finish()
+        life.decide()
     assert not life.fail(End.CLIENT_DISCONNECT)  # too late: a consequence, not an outcome
     life.answered(500)
     life.delivered()
@@ -109,7 +109,7 @@ def test_the_first_failure_names_the_outcome() -> None:
     life.head()
     assert life.fail(End.UPSTREAM_ERROR, "cut")
     assert not life.fail(End.CLIENT_DISCONNECT, "then the client left")
-    outcome = life.finish()
+    outcome = life.decide()
     assert (outcome.end_reason, outcome.error) == (End.UPSTREAM_ERROR, "cut")
 
 
@@ -119,7 +119,7 @@ def test_a_relayed_body_that_never_ended_is_not_complete() -> None:
     life.head()
     life.answered(200)
     life.delivered()
-    assert life.finish().end_reason is End.CANCELLED
+    assert life.decide().end_reason is End.CANCELLED
 
 
 @settings(max_examples=60, deadline=None)
@@ -134,14 +134,14 @@ def test_finalising_from_several_tasks_writes_one_record(steps: list[str], calle
             await trio.lowlevel.checkpoint()  # a checkpoint inside finalisation
             records.append(ex)
 
-        runtime.finishers.append(record)
+        runtime.finalisers.append(record)
         ex = Exchange(method="POST", path="/v1/messages", provider="anthropic")
         for step in steps:
             drive(ex.life, step)
         async with trio.open_nursery() as nursery:
             for _ in range(callers):
-                nursery.start_soon(runtime.finish, ex)
-        await runtime.finish(ex)
+                nursery.start_soon(runtime.finalise, ex)
+        await runtime.finalise(ex)
         assert ex.finalised.is_set()
         return records
 

@@ -228,7 +228,7 @@ def test_cached_labelled_children_count_like_labels_and_stay_bounded(
                                       output_tokens=None)
         ex = types.SimpleNamespace(
             usage=lambda u=usage: u, provider="openai", api=lambda: "openai.chat",
-            end_reason="complete", status=200, finished_at=2.0, started=1.0, streamed=True,
+            end_reason="complete", status=200, finalised_at=2.0, started=1.0, streamed=True,
             cost_usd=lambda: 0.5, latency=lambda: lat, model_requested=None)
         m.observe(ex)
     assert len(m._children) <= 5

@@ -125,7 +125,7 @@ def run(name: str, chunks: list[bytes], encoding: str | None = None) -> Usage:
     parser = make_parser(api, streaming=name.endswith(".sse"), content_encoding=encoding)
     for chunk in chunks:
         parser.feed(chunk)
-    return parser.finish()
+    return parser.close()
 
 
 def split(data: bytes, points: list[int]) -> list[bytes]:
@@ -265,7 +265,7 @@ def test_anthropic_stream_without_event_lines_is_sniffed_by_type() -> None:
 def test_count_tokens_response() -> None:
     parser = make_parser("anthropic.count_tokens", streaming=False)
     parser.feed(b'{"input_tokens": 2095}')
-    usage = parser.finish()
+    usage = parser.close()
     assert (usage.input_tokens, usage.output_tokens, usage.known) == (2095, 0, True)
 
 
@@ -273,7 +273,7 @@ def test_openai_json_error_body() -> None:
     parser = make_parser("openai.responses", streaming=False)
     parser.feed(b'{"error": {"message": "Incorrect API key", "type": "invalid_request_error", '
                 b'"param": null, "code": "invalid_api_key"}}')
-    usage = parser.finish()
+    usage = parser.close()
     assert (usage.known, usage.error) == (False, "invalid_request_error: Incorrect API key")
 
 
@@ -281,22 +281,22 @@ def test_openai_json_error_body() -> None:
 def test_unknown_api_gets_a_null_parser(api: str) -> None:
     parser = make_parser(api, streaming=True)
     parser.feed(load("anthropic_stream.sse"))
-    assert isinstance(parser, NullParser) and parser.finish() == Usage(known=False)
+    assert isinstance(parser, NullParser) and parser.close() == Usage(known=False)
 
 
 def test_json_body_over_the_cap_gives_unknown_usage() -> None:
     parser = AnthropicMessagesParser(False, max_body=100)
     parser.feed(load("anthropic_message.json"))
-    usage = parser.finish()
+    usage = parser.close()
     assert (usage.known, usage.input_tokens) == (False, None)
 
 
 def test_finish_is_computed_once_and_later_feeds_are_ignored() -> None:
     parser = make_parser("openai.chat", streaming=True)
     parser.feed(load("chat_stream_usage.sse"))
-    first = parser.finish()
+    first = parser.close()
     parser.feed(load("chat_stream_azure.sse"))
-    assert parser.finish() is first and first.input_tokens == 1117
+    assert parser.close() is first and first.input_tokens == 1117
 
 
 def test_an_internal_failure_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -306,7 +306,7 @@ def test_an_internal_failure_is_contained(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(OpenAIChatParser, "on_event", boom)
     parser = OpenAIChatParser(True)
     parser.feed(load("chat_stream_usage.sse"))
-    assert parser.finish().known is False and parser.failed == "RuntimeError: boom"
+    assert parser.close().known is False and parser.failed == "RuntimeError: boom"
 
 
 # -- garbage ------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def test_random_bytes_never_raise_and_give_unknown(
     parser = make_parser(api, streaming=streaming)
     for chunk in split(data, points):
         parser.feed(chunk)
-    assert parser.finish().known is False
+    assert parser.close().known is False
 
 
 JSON = st.recursive(
@@ -361,7 +361,7 @@ def test_responses_feed_event_never_raises(events: list[object]) -> None:
     for event in events:
         parser.feed_event(event)  # type: ignore[arg-type]
         parser.feed_event({"type": "response.completed", "response": event})
-    assert isinstance(parser.finish(), Usage)
+    assert isinstance(parser.close(), Usage)
 
 
 # -- the WebSocket entry points -----------------------------------------------------------------
@@ -376,7 +376,7 @@ def test_responses_feed_event_matches_sse() -> None:
     parser = OpenAIResponsesParser(True)
     for frame in _responses_events():
         parser.feed_event(json.loads(frame))
-    assert parser.finish() == run("responses_stream.sse", [load("responses_stream.sse")])
+    assert parser.close() == run("responses_stream.sse", [load("responses_stream.sse")])
 
 
 def test_responses_feed_message_decodes_only_interesting_frames(
@@ -389,7 +389,7 @@ def test_responses_feed_message_decodes_only_interesting_frames(
     parser = OpenAIResponsesParser(True)
     for frame in frames:
         parser.feed_message(frame.decode())
-    assert parser.finish().input_tokens == 9120
+    assert parser.close().input_tokens == 9120
     assert len(calls) == 2 and len(frames) == 15
 
 
@@ -445,7 +445,7 @@ def test_corrupt_compressed_body_gives_unknown_usage(encoding: str) -> None:
 def test_unsupported_encoding_gives_unknown_usage() -> None:
     parser = make_parser("openai.chat", streaming=False, content_encoding="compress")
     parser.feed(load("chat_completion.json"))
-    assert parser.finish().known is False
+    assert parser.close().known is False
 
 
 BOMB_COMPRESS = {
@@ -469,7 +469,7 @@ def test_decompression_bomb_stops_at_the_cap(encoding: str) -> None:
         tracemalloc.stop()
     assert parser.failed is not None and "cap" in parser.failed
     assert peak < 8_000_000  # never held the 30 MB
-    assert parser.finish().known is False
+    assert parser.close().known is False
     assert decompress(bomb, encoding, limit=1_000_000) is None
     assert decompress(bomb, encoding) == plain
 
@@ -514,7 +514,7 @@ def _content_events(name: str, chunks: list[bytes]) -> tuple[int, float | None]:
     parser = make_parser(api, streaming=True, latency=tracker)
     for i, chunk in enumerate(chunks):
         parser.feed(chunk, float(i))
-    parser.finish()
+    parser.close()
     return tracker.content_events, tracker.first_content
 
 
@@ -536,7 +536,7 @@ def test_recorded_streams_give_the_same_usage_with_a_latency_tracker(name: str) 
     api, _ = EXPECTED[name]
     parser = make_parser(api, streaming=True, latency=LatencyTracker(0.0))
     parser.feed(load(name), 1.0)
-    assert parser.finish() == run(name, [load(name)])
+    assert parser.close() == run(name, [load(name)])
 
 
 def _escape_keys(text: str, *keys: str) -> str:
@@ -554,5 +554,5 @@ def test_chat_usage_with_escaped_key_names_is_still_counted() -> None:
               "[DONE]"]
     parser = OpenAIChatParser(streaming=True)
     parser.feed("".join(f"data: {e}\n\n" for e in events).encode())
-    usage = parser.finish()
+    usage = parser.close()
     assert usage.known and (usage.input_tokens, usage.output_tokens) == (11, 7)

@@ -385,7 +385,7 @@ async def test_the_read_timeout_counts_from_the_last_upstream_byte_exactly(
     assert resp.body == b"data: 1\n\ndata: 2\n\n" and not resp.complete
     (ex,) = await proxy.wait_exchanges(1)
     assert ex.end_reason == "timeout"
-    assert 600 <= ex.finished_at - ex.last_chunk_at < 600.1
+    assert 600 <= ex.finalised_at - ex.last_chunk_at < 600.1
 
 
 async def test_keepalive_comments_do_not_extend_the_read_timeout(
@@ -404,7 +404,7 @@ async def test_keepalive_comments_do_not_extend_the_read_timeout(
     assert resp.body.count(b": keepalive\n\n") >= 39  # every 15 s of the 600 s wait
     (ex,) = await server.wait_exchanges(1)
     assert ex.end_reason == "timeout"
-    assert 600 <= ex.finished_at - ex.last_chunk_at < 600.1
+    assert 600 <= ex.finalised_at - ex.last_chunk_at < 600.1
     await client.aclose()
     await server.stop()
 

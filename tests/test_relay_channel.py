@@ -224,7 +224,7 @@ async def test_a_read_timeout_while_the_client_is_slow_still_counts_from_the_las
         await client.aclose()  # a client that never reads pins Hypercorn's shielded send
     assert not complete and b"late" not in body
     assert ex.end_reason == "timeout" and "read timeout" in ex.error
-    assert 600 <= ex.finished_at - ex.last_chunk_at < 600.1  # read at once, though sent slowly
+    assert 600 <= ex.finalised_at - ex.last_chunk_at < 600.1  # read at once, though sent slowly
     assert body == (b"data: " + b"s" * (64 * KiB) + b"\n\n") * 8  # all it read, then the cut
     await proxy.stop()
 

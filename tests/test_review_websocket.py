@@ -71,7 +71,7 @@ async def test_upstream_close_during_a_payload_hook_leaves_one_record_and_no_cra
         async def capture(ex: Exchange) -> None:
             proxy.records.append((ex, None))
 
-        app.runtime.finishers.append(capture)
+        app.runtime.finalisers.append(capture)
         async with connect(proxy) as ws:
             await ws.send_message(create())
             await ws.send_message(create())

@@ -67,7 +67,7 @@ async def start_proxy(
         proxy.records.append((ex, ex.usage()))
 
     assert app.runtime is not None
-    app.runtime.finishers.append(capture)
+    app.runtime.finalisers.append(capture)
     return proxy
 
 

@@ -92,7 +92,7 @@ class TrioProxy:
         try:
             async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
                 runtime = Runtime(settings, pool, extensions)
-                self._relay = HttpRelay(settings, pool, extensions, runtime.finish)
+                self._relay = HttpRelay(settings, pool, extensions, runtime.finalise)
                 self.runtime = runtime
                 try:
                     await self._startup_extras(stack, nursery, settings)
@@ -151,7 +151,7 @@ class TrioProxy:
     async def _startup_extras(
         self, stack: AsyncExitStack, nursery: trio.Nursery, settings: Settings
     ) -> None:
-        """Accounting (record -> store writer) and complete hooks, as finishers in order. The
+        """Accounting (record -> store writer) and complete hooks, as finalisers in order. The
         ledger stays open on ``stack`` until the lifespan ends (after ``nursery``)."""
         runtime = self.runtime
         assert runtime is not None
@@ -162,12 +162,12 @@ class TrioProxy:
         else:
             runtime.secret = secrets.token_bytes(32)  # records still go to complete hooks
         if settings.accounting or runtime.extensions.has_complete_hooks:
-            runtime.finishers.append(runtime.record)
+            runtime.finalisers.append(runtime.record_usage)
         if settings.metrics:
             from .metrics import Metrics
 
             runtime.metrics = Metrics(accounting=settings.accounting)
-            runtime.finishers.append(runtime.observe)
+            runtime.finalisers.append(runtime.observe)
             if runtime.metrics.multiprocess:  # the other workers' scrapes read our files
                 nursery.start_soon(runtime.metrics.run_publisher, runtime.scrape_figures)
         if settings.accounting and settings.dashboard:
@@ -206,7 +206,7 @@ class TrioProxy:
                 with trio.CancelScope(shield=True):
                     await send_all(send, ex, error_messages(ex, ProxyError("internal proxy error")))
         finally:
-            await runtime.finish(ex, recorded=lookup_id is None and not own,
+            await runtime.finalise(ex, recorded=lookup_id is None and not own,
                                  logged=runtime.settings.log_probes or not is_probe(raw_path))
             runtime.inflight.pop(ex.request_id, None)
             request_id_var.reset(token)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ ACCESS_LATENCY = (
     ("upstream_head_ms", "upstream_head_ms"), ("proxy_ms", "proxy_overhead_ms"),
 )
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+Finaliser = Callable[["Exchange"], Awaitable[None]]  # runs once per exchange, at finalisation
 
 
 def new_request_id() -> str:
@@ -70,7 +73,7 @@ class Exchange:
     first_byte_at: float | None = None  # trio time the first body byte arrived
     last_chunk_at: float | None = None
     max_gap: float = 0.0
-    finished_at: float | None = None  # trio time the exchange was finalised
+    finalised_at: float | None = None  # trio time the exchange was finalised
     upstream_request_id: str | None = None
     response_id: str | None = None  # set by the WebSocket relay (HTTP: from the parsed usage)
     bypass: bool = False
@@ -112,7 +115,7 @@ class Exchange:
         return self.life.started
 
     def fail(self, reason: End | str, error: str | None = None) -> bool:
-        """Record a failure (the first one wins). True if this one counted."""
+        """Note a failure (the first one wins). True if this one counted."""
         return self.life.fail(End(reason), error)
 
     # -- derived, computed once after the body ended ------------------------------------------
@@ -120,7 +123,7 @@ class Exchange:
     def usage(self) -> Any:
         """The parsed usage (a providers.Usage), computed once, after the body has ended."""
         if self._usage is None and self.parser is not None:
-            self._usage = self.parser.finish()
+            self._usage = self.parser.close()
         return self._usage
 
     def track_latency(self) -> LatencyTracker:
@@ -134,9 +137,9 @@ class Exchange:
         """The latency figures (None without a tracker), computed once: after the body ended,
         or at finalisation for a response cut short (its end is then the finalisation time)."""
         if self._latency is None and self.tracker is not None:
-            end = self.finished_at if self.finished_at is not None else trio.current_time()
+            end = self.finalised_at if self.finalised_at is not None else trio.current_time()
             usage = self.usage()
-            self._latency = self.tracker.finish(
+            self._latency = self.tracker.figures(
                 self.tracker.end(end), getattr(usage, "output_tokens", None))
         return self._latency
 
@@ -175,7 +178,7 @@ class Exchange:
     # -- reports --------------------------------------------------------------------------------
 
     def timings_ms(self) -> dict[str, float | None]:
-        end = self.finished_at if self.finished_at is not None else trio.current_time()
+        end = self.finalised_at if self.finalised_at is not None else trio.current_time()
 
         def ms(t: float | None) -> float | None:
             return None if t is None else round((t - self.started) * 1000, 3)

@@ -56,7 +56,7 @@ class HookContext:
 
 
 class MutableHeaders:
-    """A case-insensitive, order-keeping header list that records whether it changed."""
+    """A case-insensitive, order-keeping header list that notes whether it changed."""
 
     def __init__(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         self._items = [(k.lower(), v) for k, v in items]

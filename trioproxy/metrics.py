@@ -1,7 +1,7 @@
 """Prometheus metrics: the OpenTelemetry GenAI histograms and the proxy's own figures.
 
 One :class:`Metrics` per app (its own registry; nothing at module level). Exchanges are observed
-once, at finalisation (:meth:`Metrics.observe`, a finisher): nothing runs per chunk. Figures
+once, at finalisation (:meth:`Metrics.observe`, a finaliser): nothing runs per chunk. Figures
 that live elsewhere (streams in flight, upstream connections per origin, the usage writer's
 queue) are read when ``/metrics`` is scraped (:meth:`Metrics.refresh`).
 
@@ -178,7 +178,7 @@ class Metrics:
         self.spilled = Counter("trioproxy_usage_records_spilled",
                                "Usage records written to the spill file", registry=reg)
 
-    # -- per exchange (a finisher) ---------------------------------------------------------------
+    # -- per exchange (a finaliser) ---------------------------------------------------------------
 
     def model_label(self, model: str | None, *, provider: str | None = None,
                     claim: bool = True) -> str:
@@ -201,7 +201,7 @@ class Metrics:
         return model
 
     def observe(self, ex: Exchange) -> None:
-        """Record one finished exchange: outcome, duration, tokens, cost, TTFT and chunk gaps."""
+        """Observe one finalised exchange: outcome, duration, tokens, cost, TTFT and chunk gaps."""
         usage = ex.usage()
         provider, api = ex.provider or "unknown", ex.api()
         answered_2xx = ex.status is not None and 200 <= ex.status < 300
@@ -210,8 +210,8 @@ class Metrics:
         child = self._child
         labels = (provider, api, model, status_class(ex.status), end)
         child(self.requests, labels).inc()
-        if ex.finished_at is not None:
-            child(self.duration, labels).observe(max(0.0, ex.finished_at - ex.started))
+        if ex.finalised_at is not None:
+            child(self.duration, labels).observe(max(0.0, ex.finalised_at - ex.started))
         if usage is not None and usage.known:
             for kind, count in (("input", usage.input_tokens), ("output", usage.output_tokens)):
                 if count is not None:

@@ -17,9 +17,9 @@ from typing import Any
 from .exchange import Exchange
 from .extensions import ExtensionManager, HookContext, MutableHeaders
 from .protocol import headers as hdr
+from .protocol.decoding import loads_object
 from .protocol.routing import ACCOUNTED_APIS
 from .protocol.usage_wire import inject_include_usage
-from .providers.base import loads_object
 
 log = logging.getLogger("trioproxy.payload")
 

@@ -4,7 +4,7 @@ the drain before exit."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +12,7 @@ import trio
 
 from .accounting.build import build_record
 from .config.settings import Settings
-from .exchange import Exchange
+from .exchange import Exchange, Finaliser
 from .extensions import ExtensionManager
 from .log import access_enabled, log_access
 from .payload import hook_context
@@ -20,7 +20,6 @@ from .upstream import UpstreamPool
 
 log = logging.getLogger("trioproxy")
 
-Finisher = Callable[[Exchange], Awaitable[None]]
 # Seconds before the graceful timeout at which WebSockets still busy are closed with 1012
 # (service restart) rather than cut by Hypercorn without a close frame.
 WS_CLOSE_MARGIN = 1.0
@@ -44,7 +43,7 @@ class Runtime:
     settings: Settings
     pool: UpstreamPool
     extensions: ExtensionManager
-    finishers: list[Finisher] = field(default_factory=list)
+    finalisers: list[Finaliser] = field(default_factory=list)
     inflight: dict[str, Exchange] = field(default_factory=dict)  # by proxy request id
     writer: Any = None  # accounting.writer.UsageWriter when accounting is on
     secret: bytes = b""  # key-fingerprint secret
@@ -71,7 +70,7 @@ class Runtime:
         self.drain_state.refusing.set()
 
     async def observe(self, ex: Exchange) -> None:
-        """Finisher: the exchange's metrics."""
+        """Finaliser: the exchange's metrics."""
         self.metrics.observe(ex)
 
     def busy(self) -> int:
@@ -122,17 +121,18 @@ class Runtime:
                     self.refused, left, " (cut now)" if left and not remaining else "")
         return remaining
 
-    async def record(self, ex: Exchange) -> None:
-        """Finisher: build the usage record, queue it for the store, run complete hooks."""
+    async def record_usage(self, ex: Exchange) -> None:
+        """Finaliser: record the exchange's usage (build its record, queue it for the store), then
+        run complete hooks."""
         rec = build_record(ex, self.secret)
         if self.writer is not None:
             self.writer.submit(rec)
         if self.extensions.has_complete_hooks:
             await self.extensions.run_complete(hook_context(ex), rec)
 
-    async def finish(self, ex: Exchange, *, recorded: bool = True, logged: bool = True) -> None:
+    async def finalise(self, ex: Exchange, *, recorded: bool = True, logged: bool = True) -> None:
         """Finalise one exchange exactly once: decide its outcome, write the access line, then
-        run every finisher (accounting, complete hooks). Shielded; a second call returns.
+        run every finaliser (accounting, complete hooks). Shielded; a second call returns.
 
         ``recorded=False`` (reads of the ledger itself) writes the access line only: those are
         not proxied traffic and would skew per-key request counts. ``logged=False`` (health
@@ -140,22 +140,22 @@ class Runtime:
         with trio.CancelScope(shield=True):
             if ex.life.done:
                 return
-            ex.life.finish()
-            ex.finished_at = trio.current_time()
+            ex.life.decide()
+            ex.finalised_at = trio.current_time()
             if logged and access_enabled():  # no fields built when no line is written
                 log_access(ex.access_fields())
             try:
                 if recorded:
-                    await self._run_finishers(ex)
+                    await self._run_finalisers(ex)
             finally:
                 ex.finalised.set()
 
-    async def _run_finishers(self, ex: Exchange) -> None:
-        for finisher in self.finishers:
+    async def _run_finalisers(self, ex: Exchange) -> None:
+        for finaliser in self.finalisers:
             try:
-                await finisher(ex)
+                await finaliser(ex)
             except Exception:
-                log.exception("finaliser %r failed", finisher)
+                log.exception("finaliser %r failed", finaliser)
 
 
 async def _sleep_until(deadline: float, hurry: Callable[[], bool]) -> None:

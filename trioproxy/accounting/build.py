@@ -1,4 +1,4 @@
-"""The usage record of one finished exchange: what the relay noted, priced, with the client's
+"""The usage record of one finalised exchange: what the relay noted, priced, with the client's
 key reduced to a fingerprint. Built once, at finalisation; nothing here runs per chunk."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _text(value: bytes | None, limit: int = 512) -> str | None:
 
 
 def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
-    """The usage record of one finished exchange."""
+    """The usage record of one finalised exchange."""
     usage = ex.usage()
     headers = ex.request_headers
     key = extract_api_key(headers, ex.provider)  # the credential that provider bills

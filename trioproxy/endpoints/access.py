@@ -24,10 +24,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..config.settings import Settings
+from ..protocol.headers import Headers
 
 __all__ = ["admin_presented", "host_allowed", "origin_allowed", "refusal"]
 
-Headers = Sequence[tuple[bytes, bytes]]
 
 
 def _header(headers: Headers, name: bytes) -> str | None:

@@ -1,6 +1,6 @@
 """The proxy's own paths (:func:`~trioproxy.protocol.routing.is_own_path`), each sent to its
 endpoint. None of these is forwarded upstream or recorded as usage: the app finalises them with
-``Runtime.finish(ex, recorded=False)`` (an access line only; none for health and readiness
+``Runtime.finalise(ex, recorded=False)`` (an access line only; none for health and readiness
 probes unless ``log_probes`` is on)."""
 
 from __future__ import annotations

@@ -9,14 +9,19 @@ deflate) stops at the cap + 1 byte, zstd at the cap + 64 KiB (its write size), b
 about the cap (its output buffer limit), brotli 1.1 (no output limit in its API) at the cap plus
 what one input byte decodes to, at most one 16 MiB meta-block. :func:`decompress` is the
 one-shot form that returns None instead of raising.
+
+:func:`loads_object` is the one JSON decode the parsers, the payload stage and the WebSocket
+relay share: an object, or None.
 """
 
 from __future__ import annotations
 
+import json
 import zlib
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["MAX_DECODED_BYTES", "DecodeError", "Decoder", "decompress", "is_supported"]
+__all__ = ["MAX_DECODED_BYTES", "DecodeError", "Decoder", "decompress", "is_supported",
+           "loads_object"]
 
 MAX_DECODED_BYTES = 64 * 1024 * 1024
 
@@ -213,3 +218,12 @@ def decompress(
         return decoder.decode(data) + decoder.flush()
     except (DecodeError, MemoryError):
         return None
+
+
+def loads_object(data: bytes | str) -> dict[str, Any] | None:
+    """``json.loads`` restricted to objects; None for anything else or invalid JSON."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -3,7 +3,7 @@
 The relay hands a :class:`LatencyTracker` the times it already has (``trio.current_time()``
 values, in seconds); the usage parser calls :meth:`LatencyTracker.on_content` with the arrival
 time of each *content* event (a text, tool-call or reasoning delta; see the parsers). At the end
-:meth:`LatencyTracker.finish` returns a :class:`Latency` in milliseconds.
+:meth:`LatencyTracker.figures` returns a :class:`Latency` in milliseconds.
 
 Figures (ours, then the GenAI-Perf / AIPerf and vLLM ``bench serve`` names):
 
@@ -101,7 +101,7 @@ class Latency:
 
 
 class LatencyTracker:
-    """Accumulates the times of one response; :meth:`finish` turns them into a :class:`Latency`.
+    """Accumulates the times of one response; :meth:`figures` turns them into a :class:`Latency`.
 
     ``received`` is when the proxy got the request. The relay sets :attr:`upstream_sent` and
     :attr:`head` (or calls the methods), calls :meth:`on_relay` per chunk handed to the client,
@@ -205,7 +205,7 @@ class LatencyTracker:
         """(p50, p90, p99) of the gaps in seconds, None without gaps."""
         return self._summary()[0]
 
-    def finish(self, ended: float, output_tokens: int | None) -> Latency:
+    def figures(self, ended: float, output_tokens: int | None) -> Latency:
         """The figures for a response that ended at ``ended`` with ``output_tokens``."""
         ttft = None if self.first_content is None else self.first_content - self.received
         duration = ended - self.received

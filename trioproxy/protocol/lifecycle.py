@@ -2,14 +2,14 @@
 
 An exchange is one proxied HTTP request, or one response on the Responses WebSocket. The trio
 drivers (``relay.py``, ``websocket.py``) feed it what happened; it validates each transition and
-decides the outcome exactly once, in :meth:`Lifecycle.finish`.
+decides the outcome exactly once, in :meth:`Lifecycle.decide`.
 
 States::
 
     RECEIVED ──sent_upstream──▶ AWAITING_HEAD ──head──▶ BUFFERING ──(overflow)──▶ STREAMING
         │                            │                      │                         │
         │                            ├──head(trailers)──▶ STREAMING_TRAILERS          │
-        └────────────── finish ──────┴──────────────────────┴─────────────────────────┴──▶ DONE
+        └────────────── decide ──────┴──────────────────────┴─────────────────────────┴──▶ DONE
 
 Facts that may arrive in any state, and never move the state (after DONE they change
 nothing: an exchange finalised early, for a stalled client, may still hear of its end):
@@ -82,7 +82,7 @@ class Outcome:
 
 
 class Lifecycle:
-    """One exchange's state, its facts and, once finished, its outcome."""
+    """One exchange's state, its facts and, once decided, its outcome."""
 
     __slots__ = (
         "answered_status",
@@ -128,10 +128,10 @@ class Lifecycle:
         """A buffered body grew too large: it streams on (without usage headers)."""
         self._to(State.STREAMING)
 
-    def finish(self) -> Outcome:
+    def decide(self) -> Outcome:
         """Decide the outcome, once. A second call is a driver bug."""
         if self.state is State.DONE:
-            raise LifecycleError("the exchange has already finished")
+            raise LifecycleError("the outcome is already decided")
         relayed = self.state in _BODY_STATES
         self.state = State.DONE
         if self.failure is not None:
@@ -147,7 +147,7 @@ class Lifecycle:
     # -- facts ---------------------------------------------------------------------------------
 
     def fail(self, reason: End, error: str | None = None) -> bool:
-        """Record a failure; only the first counts. True if this one did.
+        """Note a failure; only the first counts. True if this one did.
 
         After the outcome was decided a failure changes nothing (a disconnect noticed after a
         stalled exchange was finalised early): it is a consequence, like any later failure."""

@@ -1,6 +1,6 @@
 """Per-API usage parsers: ``make_parser(api, streaming=..., content_encoding=...)``.
 
-Every parser has ``feed(bytes, now=None) -> None`` and ``finish() -> Usage`` and never raises;
+Every parser has ``feed(bytes, now=None) -> None`` and ``close() -> Usage`` and never raises;
 the Responses parser also has ``feed_event(dict, now=None)`` / ``feed_message(str | bytes,
 now=None, kind=None)`` for WebSocket frames. ``now`` (the relay's clock) times the content events
 reported to ``parser.latency``. Compressed bodies are decompressed on the side (the relayed bytes are untouched).
@@ -70,19 +70,19 @@ class DecodingParser(UsageParser):
             return
         self.inner.feed(plain, now)
 
-    def finish(self) -> Usage:
-        if self._result is None:
+    def close(self) -> Usage:
+        if self._closed is None:
             if self._decoder is not None:
                 try:
                     self.inner.feed(self._decoder.flush())
                 except Exception as exc:  # noqa: BLE001
                     self.give_up(f"{type(exc).__name__}: {exc}")
                 self._decoder = None
-            inner = self.inner.finish()
+            inner = self.inner.close()
             if self.failed is not None:
                 inner = Usage(model=inner.model, response_id=inner.response_id, error=inner.error)
-            self._result = inner
-        return self._result
+            self._closed = inner
+        return self._closed
 
 
 def make_parser(

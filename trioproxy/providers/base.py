@@ -1,9 +1,9 @@
-"""Usage record and the parser base: incremental, I/O-free, and never raising.
+"""The parsed usage (:class:`Usage`) and the parser base: incremental, I/O-free, never raising.
 
 A parser is fed the upstream response body (chunks exactly as they go to the client) and,
-after the body ended, ``finish()`` returns a :class:`Usage`. Streaming parsers frame SSE and
+after the body ended, ``close()`` returns a :class:`Usage`. Streaming parsers frame SSE and
 JSON-decode only the events that can carry usage, ids or stop reasons; non-streaming parsers
-buffer the body (up to a cap) and decode it once in ``finish()``.
+buffer the body (up to a cap) and decode it once in ``close()``.
 
 Streaming parsers also spot *content events* (a text, tool-call or reasoning delta; per API in
 each module) and tell ``parser.latency`` (a :class:`~trioproxy.protocol.latency.LatencyTracker`, if set)
@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..protocol.decoding import loads_object
 from ..protocol.latency import LatencyTracker
 from ..protocol.sse import SSEEvent, SSEFramer
 
@@ -27,6 +28,7 @@ __all__ = [
     "UsageParser",
     "as_count",
     "error_text",
+    "loads_object",
     "merge_usage",
     "sniff_type",
 ]
@@ -107,22 +109,13 @@ def sniff_type(data: bytes | bytearray) -> str | None:
     return m.group(1).decode("ascii", "replace") if m else None
 
 
-def loads_object(data: bytes | str) -> dict[str, Any] | None:
-    """``json.loads`` restricted to objects; None for anything else or invalid JSON."""
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 class UsageParser:
-    """Base parser: ``feed(bytes)`` then ``finish() -> Usage``. Neither ever raises.
+    """Base parser: ``feed(bytes)`` then ``close() -> Usage``. Neither ever raises.
 
     Subclasses implement :meth:`on_event` (streaming) and :meth:`on_json` (a whole body) and
     fill ``self.usage`` (ids, stop reason, error, complete) and ``self.raw`` (merged provider
     usage); :meth:`normalise` turns ``self.raw`` into token fields. Any internal failure makes the
-    parser give up: ``finish()`` then reports ``known=False``.
+    parser give up: ``close()`` then reports ``known=False``.
     """
 
     api = "unknown"
@@ -140,14 +133,14 @@ class UsageParser:
         self._framer = SSEFramer() if streaming else None
         self._body = bytearray()
         self._max_body = max_body
-        self._result: Usage | None = None
+        self._closed: Usage | None = None
 
     def feed(self, data: bytes, now: float | None = None) -> None:
         """Consume a chunk of the response body that arrived at ``now`` (the relay's clock;
         content events completed by this chunk are timed by it). Never raises."""
         if now is not None:
             self.now = now
-        if self.failed is not None or self._result is not None or not data:
+        if self.failed is not None or self._closed is not None or not data:
             return
         try:
             if self._framer is not None:
@@ -160,24 +153,24 @@ class UsageParser:
         except Exception as exc:  # noqa: BLE001 - a parser must never break the relay
             self.give_up(f"{type(exc).__name__}: {exc}")
 
-    def finish(self) -> Usage:
+    def close(self) -> Usage:
         """The usage of the whole response (computed once). Never raises."""
-        if self._result is None:
+        if self._closed is None:
             try:
-                self._result = self._finish()
+                self._closed = self._close()
             except Exception as exc:  # noqa: BLE001
                 self.give_up(f"{type(exc).__name__}: {exc}")
-                self._result = self._unknown()
-        return self._result
+                self._closed = self._unknown()
+        return self._closed
 
     def give_up(self, reason: str) -> None:
-        """Stop parsing; ``finish()`` will report unknown usage."""
+        """Stop parsing; ``close()`` will report unknown usage."""
         if self.failed is None:
             self.failed = reason
         self._framer = None
         self._body = bytearray()
 
-    def _finish(self) -> Usage:
+    def _close(self) -> Usage:
         if self.failed is None and self._framer is not None:
             for event in self._framer.close(flush=True):
                 self.on_event(event)
@@ -218,7 +211,7 @@ class UsageParser:
             self.latency.on_content(self.now)
 
     def note_ids(self, model: object, response_id: object) -> None:
-        """Record the answering model and the response id (non-empty strings only)."""
+        """Note the answering model and the response id (non-empty strings only)."""
         if isinstance(model, str) and model:
             self.usage.model = model
         if isinstance(response_id, str) and response_id:
@@ -226,11 +219,11 @@ class UsageParser:
 
 
 class NullParser(UsageParser):
-    """For APIs without usage: ignores everything, ``finish()`` reports unknown usage."""
+    """For APIs without usage: ignores everything, ``close()`` reports unknown usage."""
 
     def __init__(self, streaming: bool = False) -> None:
         super().__init__(streaming)
         self.give_up("no usage parser for this API")
 
-    def finish(self) -> Usage:
+    def close(self) -> Usage:
         return Usage(known=False)

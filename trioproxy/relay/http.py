@@ -24,7 +24,6 @@ upstream reader, joins them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +44,7 @@ from ..errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from ..exchange import Exchange
+from ..exchange import Exchange, Finaliser
 from ..extensions import ExtensionFailed, ExtensionManager, MutableHeaders
 from ..payload import hook_context
 from ..protocol import headers as hdr
@@ -67,7 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trioproxy.relay")
 
-Finish = Callable[[Exchange], Awaitable[None]]
 Item = tuple[bytes, float | None]  # a body chunk, and when it was read from upstream
 
 BUFFER_LIMIT = 16 * 1024 * 1024  # non-streaming bodies above this stream without usage headers
@@ -93,15 +91,15 @@ def is_event_stream(content_type: bytes | None) -> bool:
 class HttpRelay:
     """Relays one HTTP request that :mod:`trioproxy.intake` took in.
 
-    ``finish`` finalises an exchange (idempotent); the relay calls it early only for a stalled
+    ``finalise`` (``Runtime.finalise``, idempotent): the relay calls it early only for a stalled
     client, whose handler Hypercorn may hold long after the exchange is over."""
 
     def __init__(self, settings: Settings, pool: UpstreamPool,
-                 extensions: ExtensionManager | None, finish: Finish) -> None:
+                 extensions: ExtensionManager | None, finalise: Finaliser) -> None:
         self._settings = settings
         self._pool = pool
         self._extensions = extensions
-        self._finish = finish
+        self._finalise = finalise
 
     async def relay(
         self, ex: Exchange, request: UpstreamRequest, receive: Receive, send: Send
@@ -209,7 +207,7 @@ class HttpRelay:
                 scope.cancel()
                 if watch.upstream is not None:
                     await watch.upstream.aclose()
-                await self._finish(ex)
+                await self._close(ex)
                 return
 
     def _on_response_head(self, resp: UpstreamResponse, ex: Exchange) -> ResponsePlan:

@@ -2,14 +2,16 @@
 
 Codex (``supports_websockets = true``) opens ``GET /v1/responses`` with ``Upgrade: websocket``,
 sends one ``response.create`` text frame per turn and receives one JSON event per frame. Frame
-classification, close codes, handshake headers and usage records are ``ws_protocol`` (no I/O).
+classification, close codes and handshake headers are :mod:`trioproxy.protocol.websocket` (no
+I/O); the responses in flight and their usage records are :mod:`.ws_responses` (no I/O either).
 
 - **Handshake.** The upstream (the configured OpenAI base, ``https`` as ``wss``) is connected
   first; only then is the client accepted, with the upstream's end-to-end handshake headers and
   ``x-trioproxy-request-id``. An upstream refusal reaches the client as the same HTTP status,
   headers and body (``websocket.http.response``), so Codex sees a real 401/429 and can fall back
   to HTTP; a connect failure is a 502 and a timeout a 504, in OpenAI's error shape.
-- **Relay.** ``ws_frames.FramePumps``: frames both ways, pings, closes, one record per response.
+- **Relay.** ``ws_frames.FramePumps``: frames both ways, pings, closes, one usage record per
+  response.
 """
 
 from __future__ import annotations
@@ -33,13 +35,11 @@ from ..errors import (
 from ..exchange import Exchange, correlation_id, new_request_id
 from ..log import request_id_var
 from ..protocol import headers as hdr
+from ..protocol.headers import Headers
 from ..protocol.lifecycle import End
 from ..protocol.routing import Route, resolve
 from ..protocol.websocket import (
     ROUTE,
-    Headers,
-    Record,
-    ResponseLedger,
     client_handshake_headers,
     is_responses_route,
     upstream_handshake_headers,
@@ -47,6 +47,7 @@ from ..protocol.websocket import (
 from ..runtime import RETRY_AFTER, Runtime
 from ..upstream import build_request
 from .ws_frames import FramePumps
+from .ws_responses import InflightResponse, ResponseBook
 
 __all__ = ["ResponsesSocket", "relay_websocket"]
 
@@ -72,8 +73,8 @@ async def relay_websocket(runtime: Runtime, scope: Scope, receive: Receive, send
         return
     sock = ResponsesSocket(runtime, scope, receive, send)
     route = resolve("GET", sock.raw_path, scope["headers"])
-    token = request_id_var.set(sock.ledger.socket_id + (
-        f"({sock.ledger.correlation_id})" if sock.ledger.correlation_id else ""))
+    token = request_id_var.set(sock.book.socket_id + (
+        f"({sock.book.correlation_id})" if sock.book.correlation_id else ""))
     try:
         if runtime.draining:
             runtime.refused += 1
@@ -96,13 +97,13 @@ class ResponsesSocket:
         session = hdr.get(headers, b"session-id") or hdr.get(headers, b"session_id")
         self.raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         self.runtime, self.scope, self.receive, self.send = runtime, scope, receive, send
-        self.ledger = ResponseLedger(
+        self.book = ResponseBook(
             socket_id, session.decode("latin-1") if session else socket_id,
             self.raw_path.decode("latin-1"), headers,
             hdr.is_bypass(headers, settings.bypass_header_names),
             correlation_id(hdr.get(headers, settings.request_id_header.encode())),
         )
-        self.frames = FramePumps(runtime, self.ledger, receive, send,
+        self.frames = FramePumps(runtime, self.book, receive, send,
                                  settings.ws_max_message_size, settings.ws_ping_interval)
         self.accepted = False  # the client's upgrade has been accepted
 
@@ -112,9 +113,11 @@ class ResponsesSocket:
         base = self.runtime.settings.openai_upstream
         resource = base.prefix + route_path + (b"?" + query if query else b"")
         try:  # h11 would refuse it later, quoting the value (a credential, maybe): refuse now
-            hdr.check_one_credential(self.ledger.headers)
-            build_request(b"GET", resource, [(b"host", base.host_header), *upstream_handshake_headers(
-                self.ledger.headers, self.runtime.settings.bypass_header_names)])
+            hdr.check_one_credential(self.book.headers)
+            build_request(b"GET", resource, [
+                (b"host", base.host_header),
+                *upstream_handshake_headers(self.book.headers,
+                                            self.runtime.settings.bypass_header_names)])
         except ClientRequestError as exc:
             await self._failed(400, "rejected", exc.code or "invalid_request", exc.message)
             return
@@ -137,8 +140,8 @@ class ResponsesSocket:
             # Ours to close: trio-websocket leaves the socket open when the upstream closes first.
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-            self.ledger.cut(End.ABORTED, "the relay stopped before the response ended")
-            await self.frames.finish_all()
+            self.book.cut(End.ABORTED, "the relay stopped before the response ended")
+            await self.frames.finalise_all()
         if rejected:
             await self._refused(rejected[0])
         elif broken:
@@ -178,7 +181,7 @@ class ResponsesSocket:
                 nursery, stream, base.host_header.decode(), resource.decode("latin-1"),
                 subprotocols=self.scope.get("subprotocols") or None,
                 extra_headers=upstream_handshake_headers(
-                    self.ledger.headers, self.runtime.settings.bypass_header_names),
+                    self.book.headers, self.runtime.settings.bypass_header_names),
                 max_message_size=self.frames.max_size, receive_buffer_size=RECEIVE_BUFFER,
             )
         if upstream is None:
@@ -193,20 +196,20 @@ class ResponsesSocket:
 
     async def _accept(self, upstream: tws.WebSocketConnection) -> None:
         upstream_headers = list(upstream.handshake_headers)
-        self.ledger.upstream_request_id = hdr.upstream_request_id(upstream_headers)
-        headers = client_handshake_headers(upstream_headers, self.ledger.socket_id,
-                                           self.ledger.correlation_id)
+        self.book.upstream_request_id = hdr.upstream_request_id(upstream_headers)
+        headers = client_handshake_headers(upstream_headers, self.book.socket_id,
+                                           self.book.correlation_id)
         message: dict[str, Any] = {"type": "websocket.accept", "headers": headers}
         if upstream.subprotocol and upstream.subprotocol in (self.scope.get("subprotocols") or ()):
             message["subprotocol"] = upstream.subprotocol
         await self.send(message)
         self.accepted = True
-        log.info("websocket open: %s session=%s upstream_request_id=%s", self.ledger.path,
-                 self.ledger.session_id, self.ledger.upstream_request_id)
+        log.info("websocket open: %s session=%s upstream_request_id=%s", self.book.path,
+                 self.book.session_id, self.book.upstream_request_id)
 
     async def refuse_path(self) -> None:
         msg = (f"trioproxy relays WebSockets only on /v1/responses and /openai/v1/responses, "
-               f"not {self.ledger.path}")
+               f"not {self.book.path}")
         await self._failed(404, "rejected", "unknown_path", msg, route=None)
 
     async def refuse_draining(self) -> None:
@@ -224,7 +227,7 @@ class ResponsesSocket:
             await self._failed(502, "upstream_error", "upstream_error",
                                f"upstream answered the websocket upgrade with {status}")
             return
-        ex = self.ledger.exchange(self.ledger.socket_id)
+        ex = self.book.exchange(self.book.socket_id)
         ex.upstream_request_id = hdr.upstream_request_id(exc.headers)
         ex.life.sent_upstream()  # the upstream's own answer, delivered as it was
         await self._http_response(ex, status, list(exc.headers), exc.body or b"")
@@ -238,7 +241,7 @@ class ResponsesSocket:
                       route: Route | None = ROUTE, extra: Headers | None = None,
                       close_code: int = 1008) -> None:
         log.warning("websocket refused with %d (%s): %s", status, kind, msg)
-        ex = self.ledger.exchange(self.ledger.socket_id)
+        ex = self.book.exchange(self.book.socket_id)
         ex.route = route
         ex.fail(End(kind), msg)
         await self._http_response(ex, status, [*_JSON, *(extra or [])],
@@ -261,4 +264,4 @@ class ResponsesSocket:
                 await self.send({"type": "websocket.http.response.body", "body": body})
             ex.life.delivered()
         finally:
-            await self.frames.finish(Record(ex))
+            await self.frames.finalise(InflightResponse(ex))

@@ -2,9 +2,9 @@
 
 One nursery: client->upstream, upstream->client and a ping on the upstream leg. Frames pass
 unchanged (text stays text, binary stays binary). When one side closes, the other is closed
-with its code. A ``response.create`` opens a usage record (``ws_protocol.ResponseLedger``),
-read (decoded) only after the frame has been forwarded; a close mid-response records it
-incomplete. Each record is finalised exactly once through ``Runtime.finish``.
+with its code. A ``response.create`` puts a response in flight (:mod:`.ws_responses`), its
+frame read (decoded) only after it has been forwarded; a close mid-response records it
+incomplete. Each response is finalised exactly once through ``Runtime.finalise``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,7 @@ from ..log import request_id_var
 from ..payload import encode_payload, hook_context
 from ..protocol.lifecycle import End
 from ..protocol.websocket import (
-    DECODED,
-    CreateContext,
     Message,
-    Record,
-    ResponseLedger,
     classify,
     close_code_for_client,
     close_code_for_upstream,
@@ -33,6 +29,7 @@ from ..protocol.websocket import (
     extension_error_event,
     size_of,
 )
+from .ws_responses import DECODED, CreateContext, InflightResponse, ResponseBook
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -72,9 +69,9 @@ async def _payload_stage(runtime: Runtime, ctx: CreateContext, frame_text: str) 
 class FramePumps:
     """The frames of one accepted socket, and the finalisation of its records."""
 
-    def __init__(self, runtime: Runtime, ledger: ResponseLedger, receive: Receive, send: Send,
+    def __init__(self, runtime: Runtime, book: ResponseBook, receive: Receive, send: Send,
                  max_size: int, ping_interval: float | None) -> None:
-        self.runtime, self.ledger, self.receive, self.send = runtime, ledger, receive, send
+        self.runtime, self.book, self.receive, self.send = runtime, book, receive, send
         self.max_size = max_size  # both legs; Hypercorn has its own too
         self.ping_interval = ping_interval
         self.client_open = True  # False once the client left or was sent a close
@@ -117,28 +114,29 @@ class FramePumps:
                                     size: int) -> None:
         kind, obj = classify(data) if isinstance(data, str) else (None, None)
         if kind != "response.create" or not isinstance(data, str):
-            self.ledger.on_client_frame(size)
+            self.book.on_client_frame(size)
             await upstream.send_message(data)
             return
-        rec = self.ledger.start(size)
-        ctx = CreateContext(rec.ex, self.ledger.session_id, self.ledger.headers, obj)
-        if not self.ledger.bypass:
+        response = self.book.start(size)
+        ctx = CreateContext(response.ex, self.book.session_id, self.book.headers, obj)
+        if not self.book.bypass:
             try:
                 data = await _payload_stage(self.runtime, ctx, data)
             except ExtensionFailed as exc:
-                await self._reject_create(rec, ctx, data, exc)
+                await self._reject_create(response, ctx, data, exc)
                 return
-            if rec.ended:  # the socket was cut while the hooks ran: its record is final
-                await self.finish(rec)
+            if response.ended:  # the socket was cut while the hooks ran: its record is final
+                await self.finalise(response)
                 return
-        self.ledger.forwarded(rec)  # from here on the response may come
+        self.book.forwarded(response)  # from here on the response may come
         try:
             await upstream.send_message(data)
-            self.ledger.written(rec, trio.current_time())
+            self.book.written(response, trio.current_time())
         finally:  # decoded after forwarding: the frame is not delayed by it
-            self.ledger.note_create(rec, ctx.payload if ctx.payload is not None else decode(data))
-        if rec.ended:  # the terminal event came first: the upstream pump left it to us
-            await self.finish(rec)
+            payload = ctx.payload if ctx.payload is not None else decode(data)
+            self.book.note_create(response, payload)
+        if response.ended:  # the terminal event came first: the upstream pump left it to us
+            await self.finalise(response)
 
     async def _upstream_to_client(self, upstream: tws.WebSocketConnection,
                                   done: trio.CancelScope) -> None:
@@ -154,7 +152,7 @@ class FramePumps:
             del message  # an idle socket keeps nothing of its last frame while it waits
 
     async def _relay_upstream_frame(self, message: Message, now: float) -> None:
-        """One upstream frame: to the client, then into the ledger (which may end a response:
+        """One upstream frame: to the client, then into the book (which may end a response:
         finalised here, so that nothing of it outlives this call)."""
         kind, obj = classify(message) if isinstance(message, str) else (None, None)
         handed = None
@@ -164,9 +162,9 @@ class FramePumps:
             await self.send({"type": "websocket.send", key: message})
         if kind in DECODED and obj is None and isinstance(message, str):
             obj = decode(message)  # after forwarding: the frame is not delayed by it
-        ended = self.ledger.on_upstream_frame(message, now, kind, obj, handed)
+        ended = self.book.on_upstream_frame(message, now, kind, obj, handed)
         if ended is not None and ended.noted:
-            await self.finish(ended)
+            await self.finalise(ended)
 
     async def _keepalive(self, upstream: tws.WebSocketConnection, interval: float) -> None:
         """Pings the upstream every ``interval`` seconds (trio-websocket never does)."""
@@ -189,39 +187,39 @@ class FramePumps:
                               done: trio.CancelScope) -> None:
         """Once the process refuses new requests (its drain's grace period is over): close
         with 1012 (service restart) as soon as no response is in flight, so the client
-        reconnects elsewhere; a response still running at ``DrainState.ws_close_at`` is cut."""
+        reconnects elsewhere; a response still in flight at ``DrainState.ws_close_at`` is cut."""
         state = self.runtime.drain_state
         await state.refusing.wait()  # no wake-ups at all while serving
-        while self.ledger.unfinished and trio.current_time() < state.ws_close_at:
+        while self.book.inflight and trio.current_time() < state.ws_close_at:
             await trio.sleep(DRAIN_POLL)
-        if self.ledger.unfinished:
-            log.warning("websocket: %d response(s) still running at the graceful timeout: "
-                        "closing with 1012", len(self.ledger.unfinished))
-            self.ledger.cut(End.ABORTED, "the proxy shut down (graceful timeout) before the "
+        if self.book.inflight:
+            log.warning("websocket: %d response(s) still in flight at the graceful timeout: "
+                        "closing with 1012", len(self.book.inflight))
+            self.book.cut(End.ABORTED, "the proxy shut down (graceful timeout) before the "
                             "response ended")
         await self.close_client(1012, "service restart")
         with trio.move_on_after(CLOSE_TIMEOUT):
             await upstream.aclose(1001)
-        await self.finish_all()
+        await self.finalise_all()
         done.cancel()
 
     async def _client_left(self, upstream: tws.WebSocketConnection, code: int | None) -> None:
         self.client_open = False
         out = close_code_for_upstream(code)
         log.info("client closed the websocket (%s): closing the upstream with %d", code, out)
-        self.ledger.cut(End.CLIENT_DISCONNECT, f"client closed the websocket ({code})")
+        self.book.cut(End.CLIENT_DISCONNECT, f"client closed the websocket ({code})")
         with trio.move_on_after(CLOSE_TIMEOUT):
             await upstream.aclose(out)
-        await self.finish_all()
+        await self.finalise_all()
 
     async def _client_too_big(self, upstream: tws.WebSocketConnection, size: int) -> None:
         log.warning("client message of %d bytes exceeds ws_max_message_size=%d: closing with 1009",
                     size, self.max_size)
-        self.ledger.cut(End.REJECTED, f"client message of {size} bytes is too big")
+        self.book.cut(End.REJECTED, f"client message of {size} bytes is too big")
         await self.close_client(1009, "message too big")
         with trio.move_on_after(CLOSE_TIMEOUT):
             await upstream.aclose(1000)
-        await self.finish_all()
+        await self.finalise_all()
 
     async def _upstream_closed(self, reason: tws.CloseReason | None) -> None:
         code = reason.code if reason is not None else 1006
@@ -231,9 +229,9 @@ class FramePumps:
         out = close_code_for_client(code)
         log.info("upstream closed the websocket (%d%s): closing the client with %d",
                  code, f" {text}" if text else "", out)
-        self.ledger.cut(End.UPSTREAM_ERROR, f"upstream closed the websocket ({code})")
+        self.book.cut(End.UPSTREAM_ERROR, f"upstream closed the websocket ({code})")
         await self.close_client(out, text)
-        await self.finish_all()
+        await self.finalise_all()
 
     async def close_client(self, code: int, reason: str | None = None) -> None:
         if self.client_open:
@@ -242,24 +240,24 @@ class FramePumps:
             await self.send({**message, "reason": reason} if reason else message)
 
     async def _reject_create(
-        self, rec: Record, ctx: CreateContext, data: str, exc: ExtensionFailed
+        self, response: InflightResponse, ctx: CreateContext, data: str, exc: ExtensionFailed
     ) -> None:
         """Fail-closed: the frame is not forwarded; the client gets an ``error`` event."""
         payload = ctx.payload if ctx.payload is not None else decode(data)
-        self.ledger.reject(rec, payload, str(exc))
+        self.book.reject(response, payload, str(exc))
         if self.client_open:
             await self.send({"type": "websocket.send", "text": extension_error_event(exc)})
-        await self.finish(rec)
+        await self.finalise(response)
 
-    async def finish_all(self) -> None:
-        for rec in list(self.ledger.unfinished):
-            await self.finish(rec)
+    async def finalise_all(self) -> None:
+        for response in list(self.book.inflight):
+            await self.finalise(response)
 
-    async def finish(self, rec: Record) -> None:
-        """Finalises one record (``Runtime.finish`` is shielded and runs once per exchange)."""
-        self.ledger.discharge(rec)
-        token = request_id_var.set(rec.ex.log_label())
+    async def finalise(self, response: InflightResponse) -> None:
+        """Finalises one record (``Runtime.finalise`` is shielded and runs once per exchange)."""
+        self.book.discharge(response)
+        token = request_id_var.set(response.ex.log_label())
         try:
-            await self.runtime.finish(rec.ex)
+            await self.runtime.finalise(response.ex)
         finally:
             request_id_var.reset(token)

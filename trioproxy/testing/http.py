@@ -3,7 +3,7 @@
 ``FakeUpstream`` (replies scripted with :mod:`.replies`) is a raw h11-over-trio HTTP/1.1
 server, so every byte and every connection is
 under the test's control; it uses only trio primitives and ``trio.sleep`` (``autojump_clock``
-safe). Every request is recorded (``requests``), every TCP connection too (``connections``).
+safe). Every request is kept (``requests``), every TCP connection too (``connections``).
 Replies are scripted with ``enqueue(Reply(...))`` (FIFO, optionally per path); when nothing is
 queued a default reply in the real wire shape is made from the request (``default_reply``).
 

@@ -4,7 +4,7 @@
 protocol: each ``response.create`` text frame is answered with ``response.created``, some
 ``response.output_text.delta`` events and ``response.completed`` (with usage, echoing ``model``
 and ``previous_response_id``). A ``generate: false`` warm-up gets an empty completion with
-zero usage. Everything it sees is recorded in ``sockets`` (path, handshake headers, frames,
+zero usage. Everything it sees is kept in ``sockets`` (path, handshake headers, frames,
 how and when the socket closed). Scripting, per response (``turns``, consumed in order) or for
 the whole server (``reject``):
 
@@ -37,8 +37,9 @@ from trio_websocket import (
     serve_websocket,
 )
 
+from ..protocol.headers import Headers
+
 MiB = 1024 * 1024
-Headers = list[tuple[bytes, bytes]]
 End = Literal["completed", "failed", "incomplete", "error_close", "stop", "close", "drop"]
 
 CONNECTION_LIMIT_ERROR: dict[str, Any] = {

@@ -20,9 +20,8 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from ..protocol.headers import Headers
 from .http11 import MAX_HEAD, HeadError, checked_fields, parse_fields
-
-Headers = list[tuple[bytes, bytes]]
 
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,20}")
 MAX_LINE = MAX_HEAD  # a chunk-size line or trailer section, bounded like a head

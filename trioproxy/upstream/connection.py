@@ -18,11 +18,11 @@ from typing import Self
 import trio
 
 from ..errors import ClientRequestError, UpstreamProtocolError, UpstreamTimeout
+from ..protocol.headers import Headers
 from .body import BodyDecoder
 from .http11 import InvalidField, ResponseHead, request_head
 
 READ_SIZE = 65536
-Headers = list[tuple[bytes, bytes]]
 Origin = tuple[str, str, int]
 
 
