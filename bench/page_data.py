@@ -73,7 +73,7 @@ def build(url: str, n: int) -> None:
 
 def legacy_summary(store: Any, since: float, now: float) -> dict[str, Any]:
     """The page's data as it was built before: every latency row into Python."""
-    from trioproxy.commands.latency_report import summarize_latency
+    from trioproxy.accounting.latency_summary import summarize_latency
 
     return {
         "by_model": store.aggregate("model", since), "by_day": store.aggregate("day", since),

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trioproxy.accounting.latency_summary import pooled_gaps, summarize_latency
 from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.record import COLUMNS, latency_columns
 from trioproxy.commands.cli import main
-from trioproxy.commands.latency_report import pooled_gaps, summarize_latency
 from trioproxy.protocol.gapsketch import GapSketch, merge_sketches
 from trioproxy.protocol.latency import EXACT_GAPS, LatencyTracker, percentile
 

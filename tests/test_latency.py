@@ -15,12 +15,8 @@ from typing import Any
 
 import pytest
 
-from trioproxy.commands.latency_report import (
-    add_latency_parser,
-    mixture_quantiles,
-    run_latency,
-    summarize_latency,
-)
+from trioproxy.accounting.latency_summary import mixture_quantiles, summarize_latency
+from trioproxy.commands.latency_report import add_latency_parser, run_latency
 from trioproxy.protocol.latency import (
     EXACT_GAPS,
     Latency,

@@ -15,11 +15,11 @@ import pytest
 import trio
 
 from trioproxy import Settings
+from trioproxy.accounting.latency_summary import summarize_latency
 from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.page_query import SAMPLE_PER_MODEL
 from trioproxy.accounting.record import UsageRecord
 from trioproxy.accounting.store import SQLStore
-from trioproxy.commands.latency_report import summarize_latency
 from trioproxy.endpoints.dashboard import UsageReader, usage_summary
 
 from .test_store import store_url  # noqa: F401 - the fixture: SQLite and PostgreSQL

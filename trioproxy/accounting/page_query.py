@@ -54,7 +54,7 @@ def latency_summary(
     store cursor (bounded in time by its back end), ``sql`` the dialect's placeholder mapping,
     ``where`` the rows' filter (`` WHERE ...`` with ``?``), ``params`` its values, ``select``
     the (row key, SQL) pairs of a latency row."""
-    from ..commands.latency_report import summarize_latency
+    from .latency_summary import summarize_latency
 
     cursor.execute(sql(_stats_sql(where)), tuple(params))
     stats = {row[0]: row for row in cursor.fetchall()}
@@ -104,7 +104,7 @@ def _thresholds(counts: dict[Any, int]) -> dict[Any, str]:
 
 
 def _empty(label: str) -> dict[str, Any]:
-    from ..commands.latency_report import METRICS
+    from .latency_summary import METRICS
 
     blank = {"count": 0, "p50": None, "p90": None, "p99": None, "mean": None}
     return {"group": label, "requests": 0, "metrics": {m: dict(blank) for m in METRICS}}

@@ -97,7 +97,7 @@ class Store(abc.ABC):
     ) -> list[dict[str, Any]]:
         """The latency figures of completed 2xx responses of the generation APIs over
         ``since <= started_at < until``, oldest first: dicts with the keys of
-        ``trioproxy.commands.latency_report.ROW_KEYS`` (``duration_ms`` is the record's ``e2e_ms``)."""
+        ``trioproxy.accounting.latency_summary.ROW_KEYS`` (``duration_ms`` is the record's ``e2e_ms``)."""
         raise NotImplementedError
 
     def latency_summary(

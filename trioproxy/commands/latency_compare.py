@@ -27,8 +27,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..accounting.latency_summary import FIELD, group_of, itl_knots, mixture_quantiles, number
 from ..textsafe import for_terminal
-from .latency_report import _FIELD, _group, _itl_knots, _number, mixture_quantiles
 
 __all__ = ["COMPARE_BY", "MIN_REQUESTS", "MIN_SAMPLES", "compare_groups", "run_compare"]
 
@@ -53,7 +53,7 @@ def select(rows: Sequence[dict[str, Any]], by: str, name: str) -> list[dict[str,
     whole day."""
     prefix = by in ("key", "hour")
     return [r for r in rows
-            if (label := _group(r, by)) == name or (prefix and label.startswith(name))]
+            if (label := group_of(r, by)) == name or (prefix and label.startswith(name))]
 
 
 def compare_groups(
@@ -70,7 +70,7 @@ def compare_groups(
     out = []
     for metric in METRICS:
         sides = [_itl_side(rows, qs, rng, resamples) if metric == "itl_ms"
-                 else _scalar_side(rows, _FIELD[metric], qs, rng, resamples)
+                 else _scalar_side(rows, FIELD[metric], qs, rng, resamples)
                  for rows in (a_rows, b_rows)]
         for i, (name, _) in enumerate(QUANTILES):
             out.append(_line(metric, name, i, *sides))
@@ -122,7 +122,7 @@ def _scalar_side(rows: Sequence[dict[str, Any]], field: str, qs: list[float], rn
     """One value per request: resample requests; a resample is its count of each value."""
     import numpy as np
 
-    x = np.sort([v for r in rows if (v := _number(r.get(field))) is not None]).astype(float)
+    x = np.sort([v for r in rows if (v := number(r.get(field))) is not None]).astype(float)
     if x.size == 0:
         return {"n": 0}
     reps = np.empty((resamples, len(qs)))
@@ -155,8 +155,8 @@ def _itl_side(rows: Sequence[dict[str, Any]], qs: list[float], rng: Any,
 def _sketches(rows: Sequence[dict[str, Any]]) -> list[Any] | None:
     """Each request's gap sketch; None when a request with ITL figures has none (recorded
     before sketches were stored): then only the per-request summaries can be pooled."""
+    from ..accounting.latency_summary import pooled_gaps
     from ..protocol.gapsketch import GapSketch
-    from .latency_report import pooled_gaps
 
     if pooled_gaps(rows) is None:
         return None
@@ -225,8 +225,8 @@ def _summary_side(rows: Sequence[dict[str, Any]], qs: list[float], rng: Any,
     """Pooled ITL from the requests' stored p50/p90/p99/max (records without a sketch)."""
     import numpy as np
 
-    summaries = [(c if (c := _number(r.get("itl_count"))) and c > 0 else 1.0, k)
-                 for r in rows if (k := _itl_knots(r)) is not None]
+    summaries = [(c if (c := number(r.get("itl_count"))) and c > 0 else 1.0, k)
+                 for r in rows if (k := itl_knots(r)) is not None]
     if not summaries:
         return {"n": 0, "gaps": 0}
     weights = np.array([w for w, _ in summaries])
@@ -335,7 +335,7 @@ def _has_matplotlib() -> bool:
 def _refusal(rows: list[dict[str, Any]], by: str, *sides: tuple[str, list]) -> str | None:
     for name, members in sides:
         if not members:
-            known = sorted({_group(r, by) for r in rows})
+            known = sorted({group_of(r, by) for r in rows})
             shown = ", ".join(map(for_terminal, known[:12])) + (", …" if len(known) > 12 else "")
             return f"no requests in {by} {name!r} (groups: {shown or 'none'})"
     if {id(r) for r in sides[0][1]} & {id(r) for r in sides[1][1]}:
@@ -396,7 +396,7 @@ def plot_comparison(a_rows: Sequence[dict[str, Any]], b_rows: Sequence[dict[str,
             if metric == "itl_ms":
                 ax.plot(*_itl_cdf(rows, grid), label=name)
                 continue
-            xs = sorted(v for r in rows if (v := _number(r.get(_FIELD[metric]))) is not None)
+            xs = sorted(v for r in rows if (v := number(r.get(FIELD[metric]))) is not None)
             ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=name)
         ax.set_title(metric.replace("_ms", " (ms)").replace("tokens_per_s", "tokens/s"))
         ax.set_ylim(0, 1)
@@ -409,7 +409,7 @@ def plot_comparison(a_rows: Sequence[dict[str, Any]], b_rows: Sequence[dict[str,
 
 def _itl_cdf(rows: Sequence[dict[str, Any]], grid: list[float]) -> tuple[list, list]:
     """(x, fraction) of the pooled gaps: from the sketches, else the summaries' estimate."""
-    from .latency_report import pooled_gaps
+    from ..accounting.latency_summary import pooled_gaps
 
     pooled = pooled_gaps(rows)
     if pooled is not None:
@@ -419,7 +419,7 @@ def _itl_cdf(rows: Sequence[dict[str, Any]], grid: list[float]) -> tuple[list, l
             xs.append(value)
             fs.append(seen / pooled.count)
         return xs, fs
-    summaries = [(c if (c := _number(r.get("itl_count"))) else 1.0, k)
-                 for r in rows if (k := _itl_knots(r)) is not None]
+    summaries = [(c if (c := number(r.get("itl_count"))) else 1.0, k)
+                 for r in rows if (k := itl_knots(r)) is not None]
     xs = mixture_quantiles(summaries, grid) if summaries else []
     return xs, [q / 100 for q in grid][:len(xs)]
