@@ -29,6 +29,13 @@ def test_x_api_key_wins_over_authorization() -> None:
     assert extract_api_key(headers) == KEY
 
 
+def test_openai_bills_the_bearer_token_when_both_headers_are_sent() -> None:
+    real, decoy = "sk-proj-REALKEYbilled0001", "sk-proj-DECOYkeyXXXX0002"
+    headers = [(b"x-api-key", decoy.encode()), (b"authorization", f"Bearer {real}".encode())]
+    assert extract_api_key(headers, "openai") == real
+    assert extract_api_key(headers, "anthropic") == decoy  # Anthropic's API-key header
+
+
 @pytest.mark.parametrize("headers", [
     [],
     [(b"authorization", b"Basic dXNlcjpwYXNz")],
