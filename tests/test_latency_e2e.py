@@ -36,8 +36,8 @@ from trioproxy.testing_ws import FakeResponsesWS, Turn
 from .conftest import ProxyServer, RawClient, proxy_settings, start_proxy
 from .h2client import h2_request
 from .test_store import T0, database_url, make_record
-from .test_websocket import connect, create, turn
-from .test_websocket import start_proxy as start_ws_proxy
+from .ws_proxy import connect, create, turn
+from .ws_proxy import start_proxy as start_ws_proxy
 
 ANTHROPIC = [("x-api-key", "sk-ant-test-key-0001"), ("anthropic-version", "2023-06-01"),
              ("content-type", "application/json")]
