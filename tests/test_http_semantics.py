@@ -1,6 +1,6 @@
-"""HTTP/1.1 semantics a client, a load balancer and an attacker rely on (issue 11), with raw
-sockets against the real server on loopback: keep-alive, Connection: close, conflicting framing,
-413, request-head size, WebSocket message size.
+"""HTTP/1.1 semantics a client, a load balancer and an attacker rely on, with raw sockets
+against the real server on loopback: keep-alive, Connection: close, conflicting framing, 413,
+request-head size, WebSocket message size.
 
 Open client sockets are counted from the server process itself (/proc), never inferred."""
 
