@@ -14,8 +14,8 @@ import httpx
 import pytest
 import trio
 
-from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.build import build_record
+from trioproxy.accounting.locations import open_store
 from trioproxy.protocol.gapsketch import GapSketch
 from trioproxy.testing import FakeUpstream, openai_chat_sse
 

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import trio
 import trio_websocket as tws
+from trioproxy.testing.http.websocket import Turn
 
 from trioproxy.testing import FakeUpstream, anthropic_sse, openai_chat_sse
-from trioproxy.testing.websocket import Turn
 
 from .conftest import proxy_settings, start_proxy
 from .test_health_drain import (
@@ -159,7 +159,7 @@ async def test_websockets_finish_their_response_then_close_with_1012(nursery) ->
     """After the grace period a Responses WebSocket closes with 1012 (service restart) as soon
     as no response is in flight: an idle one at once, a busy one once its response ended. So
     the drain does not wait the whole graceful timeout for sockets Codex keeps open."""
-    from .test_websocket import connect, create, start_fake, start_proxy, turn
+    from .ws_proxy import connect, create, start_fake, start_proxy, turn
 
     fake = await start_fake(nursery, turns=[Turn(), Turn(gaps=0.4)])
     proxy = await start_proxy(nursery, fake.base_url)
@@ -189,7 +189,7 @@ async def test_websockets_finish_their_response_then_close_with_1012(nursery) ->
 
 
 async def test_a_websocket_busy_at_the_graceful_timeout_is_closed_with_1012(nursery) -> None:
-    from .test_websocket import connect, create, start_fake, start_proxy
+    from .ws_proxy import connect, create, start_fake, start_proxy
 
     fake = await start_fake(nursery, turns=[Turn(gaps=5.0)])
     proxy = await start_proxy(nursery, fake.base_url)

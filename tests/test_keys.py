@@ -1,4 +1,4 @@
-"""API key extraction, keyed fingerprints, and the fingerprint secret file."""
+"""API key extraction, keyed fingerprints (cached, bounded), and the fingerprint secret file."""
 
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ def test_x_api_key_wins_over_authorization() -> None:
     assert extract_api_key(headers) == KEY
 
 
+def test_openai_bills_the_bearer_token_when_both_headers_are_sent() -> None:
+    real, decoy = "sk-proj-REALKEYbilled0001", "sk-proj-DECOYkeyXXXX0002"
+    headers = [(b"x-api-key", decoy.encode()), (b"authorization", f"Bearer {real}".encode())]
+    assert extract_api_key(headers, "openai") == real
+    assert extract_api_key(headers, "anthropic") == decoy  # Anthropic's API-key header
+
+
 @pytest.mark.parametrize("headers", [
     [],
     [(b"authorization", b"Basic dXNlcjpwYXNz")],
@@ -52,6 +59,25 @@ def test_fingerprint_is_keyed_truncated_and_stable() -> None:
 
 def test_short_keys_do_not_reveal_their_tail() -> None:
     assert fingerprint("sk-short", b"a" * 32)[1] == ""
+
+
+def test_fingerprints_are_cached_per_secret_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import hmac
+
+    from trioproxy.accounting import keys
+
+    monkeypatch.setattr(keys, "FINGERPRINT_CACHE", 3)
+    monkeypatch.setattr(keys, "_FINGERPRINTS", {})
+    for round_ in range(2):
+        for i in range(10):
+            key = f"sk-test-key-number-{i}"
+            for secret in (b"s" * 32, b"t" * 32):
+                want = hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:16]
+                assert keys.fingerprint(key, secret) == (want, key[-4:]), round_
+            assert len(keys._FINGERPRINTS) <= 3
+    assert keys.fingerprint("short", b"s" * 32)[1] == ""
+    assert keys.fingerprint("short", b"s" * 32)[1] == ""
 
 
 def test_secret_created_private_and_reused(tmp_path: Path) -> None:

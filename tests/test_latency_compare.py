@@ -223,8 +223,8 @@ def test_without_numpy_the_command_names_the_extra(sqlite_db: str) -> None:
 def test_pooled_itl_interval_covers_the_truth_of_one_distribution() -> None:
     """Both groups are drawn from one ITL distribution (p50 ~ 25 ms): each interval holds the
     pooled p50 of the other group's model, and the point estimate is the report's own."""
-    from trioproxy.commands.latency_compare import compare_groups
     from trioproxy.accounting.latency_summary import summarize_latency
+    from trioproxy.commands.latency_compare import compare_groups
 
     rng = random.Random(1)
     rows = [{"ttft_ms": r.ttft_ms, "itl_p50_ms": r.itl_p50_ms, "itl_p90_ms": r.itl_p90_ms,

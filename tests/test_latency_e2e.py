@@ -14,13 +14,14 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from trioproxy.testing.http.websocket import FakeResponsesWS, Turn
 
+from trioproxy.accounting.build import build_record
 from trioproxy.accounting.locations import open_store
 from trioproxy.accounting.record import LATENCY_FIELDS
 from trioproxy.commands.cli import main
 from trioproxy.exchange import Exchange
 from trioproxy.extensions import Extension
-from trioproxy.accounting.build import build_record
 from trioproxy.protocol.gapsketch import GapSketch
 from trioproxy.testing import (
     FakeUpstream,
@@ -31,13 +32,12 @@ from trioproxy.testing import (
     openai_chat_sse,
     openai_responses_sse,
 )
-from trioproxy.testing.websocket import FakeResponsesWS, Turn
 
 from .conftest import ProxyServer, RawClient, proxy_settings, start_proxy
 from .h2client import h2_request
 from .test_store import T0, database_url, make_record
-from .test_websocket import connect, create, turn
-from .test_websocket import start_proxy as start_ws_proxy
+from .ws_proxy import connect, create, turn
+from .ws_proxy import start_proxy as start_ws_proxy
 
 ANTHROPIC = [("x-api-key", "sk-ant-test-key-0001"), ("anthropic-version", "2023-06-01"),
              ("content-type", "application/json")]

@@ -12,8 +12,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioproxy.accounting.locations import open_store
-from trioproxy.metrics import TOKEN_BUCKETS, Metrics
-from trioproxy.testing import FakeUpstream, anthropic_sse, openai_chat_sse
+from trioproxy.metrics import MAX_MODELS, TOKEN_BUCKETS, Metrics
+from trioproxy.testing import FakeUpstream, anthropic_sse, error_reply, openai_chat_sse
 
 from .conftest import RawClient, proxy_settings, start_proxy
 
@@ -112,6 +112,33 @@ def test_models_beyond_the_cap_are_counted_as_other() -> None:
     names = ("gpt-4o", "gpt-4o-mini", "o3-mini", "gpt-4o", None, "gpt-4.1")
     assert [metrics.model_label(m, provider="openai") for m in names] == \
         ["gpt-4o", "gpt-4o-mini", "other", "gpt-4o", "none", "other"]
+
+
+@pytest.mark.trio
+async def test_refused_made_up_models_do_not_use_up_the_model_labels(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    """A client cannot fill the bounded ``model`` label with names it makes up (requests the
+    upstream refuses), nor blow up a scrape with a huge name."""
+    proxy = await start_proxy(nursery, proxy_settings(upstream))
+    for _ in range(MAX_MODELS):
+        upstream.enqueue(error_reply("openai", 404, "invalid_request_error", "no such model"))
+    upstream.enqueue(openai_chat_sse(["Hi"], include_usage=True))
+    with trio.fail_after(30):
+        async with httpx.AsyncClient() as client:
+            for i in range(MAX_MODELS):
+                made_up = f"junk-{i}-" + "x" * 5000
+                resp = await client.post(
+                    proxy.url + "/v1/chat/completions", json={"model": made_up, "stream": True},
+                    headers={"authorization": f"Bearer {KEY}"})
+                assert resp.status_code == 404
+            await chat_stream(client, proxy.url)
+            await proxy.wait_exchanges(MAX_MODELS + 1)
+            text = await scrape(client, proxy.url)
+    assert value(text, "trioproxy_requests_total", model="gpt-4o-mini-2024-07-18",
+                 status_class="2xx") == 1
+    assert max(len(v) for _, labels, _ in samples(text) for v in labels.values()) < 200
+    await proxy.stop()
 
 
 def test_token_buckets_are_the_opentelemetry_boundaries() -> None:

@@ -1,25 +1,17 @@
-"""Usage parsers: recorded-shape streams fed whole, byte by byte and split at random points."""
+"""Usage parsers: recorded-shape streams fed whole, byte by byte and split at random points;
+only the events that can carry usage are decoded; truncated streams, provider variants and odd
+upstreams; the WebSocket entry points."""
 
 from __future__ import annotations
 
-import gzip
-import itertools
 import json
-import tracemalloc
-import zlib
-from pathlib import Path
 from typing import Any
 
-import brotli
 import pytest
-import zstandard
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from trioproxy.protocol.decoding import DecodeError, Decoder, decompress
 from trioproxy.providers import (
     AnthropicMessagesParser,
-    DecodingParser,
     NullParser,
     OpenAIChatParser,
     OpenAIResponsesParser,
@@ -28,114 +20,7 @@ from trioproxy.providers import (
     make_parser,
 )
 
-DATA = Path(__file__).parent / "data"
-POINTS = st.lists(st.integers(min_value=0, max_value=100_000), max_size=30)
-
-# fixture -> (api, expected fields); streaming is the file suffix.
-EXPECTED: dict[str, tuple[str, dict[str, Any]]] = {
-    "anthropic_stream.sse": ("anthropic.messages", {
-        "model": "claude-sonnet-4-5-20250929", "response_id": "msg_01XFDUDYJgAACzvnptvVoYEL",
-        "input_tokens": 12 + 1500 + 20480, "output_tokens": 87, "cache_read_tokens": 20480,
-        "cache_write_tokens": 1500, "stop_reason": "tool_use", "complete": True, "known": True,
-        "error": None,
-    }),
-    "anthropic_stream_legacy.sse": ("anthropic.messages", {
-        "response_id": "msg_01Legacy", "input_tokens": 25, "output_tokens": 15,
-        "cache_read_tokens": 0, "cache_write_tokens": 0, "stop_reason": "end_turn",
-        "complete": True, "known": True,
-    }),
-    "anthropic_stream_error.sse": ("anthropic.messages", {
-        "response_id": "msg_01Err", "input_tokens": 3410, "output_tokens": 3,
-        "cache_read_tokens": 3000, "stop_reason": None, "complete": False, "known": True,
-        "error": "overloaded_error: Overloaded",
-    }),
-    "anthropic_message.json": ("anthropic.messages", {
-        "model": "claude-opus-4-1-20250805", "response_id": "msg_01JSON", "input_tokens": 2095,
-        "output_tokens": 503, "cache_read_tokens": 0, "stop_reason": "max_tokens",
-        "complete": True, "known": True,
-    }),
-    "anthropic_error.json": ("anthropic.messages", {
-        "known": False, "complete": True, "input_tokens": None,
-        "error": "rate_limit_error: Number of request tokens has exceeded your per-minute"
-        " rate limit",
-    }),
-    "chat_stream_usage.sse": ("openai.chat", {
-        "model": "gpt-4o-mini-2024-07-18", "response_id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
-        "input_tokens": 1117, "output_tokens": 46, "cache_read_tokens": 1024,
-        "audio_input_tokens": 0, "reasoning_tokens": 0, "accepted_prediction_tokens": 0,
-        "rejected_prediction_tokens": 0, "stop_reason": "tool_calls", "complete": True,
-        "known": True,
-    }),
-    "chat_stream_no_usage.sse": ("openai.chat", {
-        "model": "gpt-4.1-2025-04-14", "response_id": "chatcmpl-NoUsage", "input_tokens": None,
-        "output_tokens": None, "stop_reason": "length", "complete": True, "known": False,
-        "raw_usage": None,
-    }),
-    "chat_stream_azure.sse": ("openai.chat", {
-        "model": "gpt-4o-2024-11-20", "response_id": "chatcmpl-Azure1", "input_tokens": 9,
-        "output_tokens": 2, "cache_read_tokens": None, "stop_reason": "stop", "complete": True,
-        "known": True,
-    }),
-    "chat_stream_error.sse": ("openai.chat", {
-        "response_id": "chatcmpl-Err", "known": False, "complete": False,
-        "error": "server_error: The server had an error while processing your request.",
-    }),
-    "chat_completion.json": ("openai.chat", {
-        "model": "gpt-4o-audio-preview-2024-12-17", "response_id": "chatcmpl-JSON1",
-        "input_tokens": 300, "output_tokens": 120, "cache_read_tokens": 128,
-        "audio_input_tokens": 40, "audio_output_tokens": 50, "reasoning_tokens": 32,
-        "accepted_prediction_tokens": 7, "rejected_prediction_tokens": 3, "stop_reason": "stop",
-        "complete": True, "known": True,
-    }),
-    "responses_stream.sse": ("openai.responses", {
-        "model": "gpt-5-codex",
-        "response_id": "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b",
-        "input_tokens": 9120, "output_tokens": 412, "cache_read_tokens": 8064,
-        "reasoning_tokens": 256, "stop_reason": "completed", "complete": True, "known": True,
-        "error": None,
-    }),
-    "responses_incomplete.sse": ("openai.responses", {
-        "response_id": "resp_incomplete", "input_tokens": 500, "output_tokens": 64,
-        "reasoning_tokens": 60, "stop_reason": "max_output_tokens", "complete": True,
-        "known": True,
-    }),
-    "responses_failed.sse": ("openai.responses", {
-        "response_id": "resp_failed", "known": False, "complete": True, "stop_reason": "failed",
-        "error": "server_error: The model failed to generate a response.",
-    }),
-    "responses_error.sse": ("openai.responses", {
-        "response_id": "resp_err", "model": "gpt-5-codex", "known": False, "complete": False,
-        "error": "rate_limit_exceeded: Rate limit reached for gpt-5-codex",
-    }),
-    "responses.json": ("openai.responses", {
-        "model": "o4-mini-2025-04-16", "response_id": "resp_json", "input_tokens": 36,
-        "output_tokens": 87, "cache_read_tokens": 0, "reasoning_tokens": 64,
-        "stop_reason": "completed", "complete": True, "known": True,
-    }),
-}
-SSE_FIXTURES = [name for name in EXPECTED if name.endswith(".sse")]
-
-
-def load(name: str) -> bytes:
-    return (DATA / name).read_bytes()
-
-
-def run(name: str, chunks: list[bytes], encoding: str | None = None) -> Usage:
-    api, _ = EXPECTED[name]
-    parser = make_parser(api, streaming=name.endswith(".sse"), content_encoding=encoding)
-    for chunk in chunks:
-        parser.feed(chunk)
-    return parser.close()
-
-
-def split(data: bytes, points: list[int]) -> list[bytes]:
-    cuts = sorted({p % (len(data) + 1) for p in points} | {0, len(data)})
-    return [data[a:b] for a, b in itertools.pairwise(cuts)]
-
-
-def bytewise(data: bytes) -> list[bytes]:
-    return [data[i : i + 1] for i in range(len(data))]
-
+from .recorded import EXPECTED, POINTS, SSE_FIXTURES, bytewise, load, run, split
 
 # -- the recorded shapes ------------------------------------------------------------------------
 
@@ -309,59 +194,23 @@ def test_an_internal_failure_is_contained(monkeypatch: pytest.MonkeyPatch) -> No
     assert parser.close().known is False and parser.failed == "RuntimeError: boom"
 
 
-# -- garbage ------------------------------------------------------------------------------------
-
-APIS = ["anthropic.messages", "anthropic.count_tokens", "openai.chat", "openai.responses"]
-
-
-@settings(max_examples=60, deadline=None)
-@given(api=st.sampled_from(APIS), streaming=st.booleans(), data=st.binary(max_size=400),
-       points=POINTS)
-def test_random_bytes_never_raise_and_give_unknown(
-    api: str, streaming: bool, data: bytes, points: list[int]
-) -> None:
-    parser = make_parser(api, streaming=streaming)
-    for chunk in split(data, points):
-        parser.feed(chunk)
-    assert parser.close().known is False
+def _escape_keys(text: str, *keys: str) -> str:
+    """JSON where the given keys are spelled with \\u escapes (valid, and the same meaning)."""
+    for key in keys:
+        text = text.replace(f'"{key}"', '"' + "".join(f"\\u{ord(c):04x}" for c in key) + '"')
+    return text
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=30), inner,
-                                                                 max_size=3),
-    max_leaves=8,
-)
-SLOTS = {  # fixture, a JSON fragment to replace with arbitrary JSON
-    "anthropic_stream.sse": b'{"input_tokens":12,"cache_creation_input_tokens":1500,'
-                            b'"cache_read_input_tokens":20480,"output_tokens":87}',
-    "chat_stream_usage.sse": b'"prompt_tokens_details":{"cached_tokens":1024,"audio_tokens":0}',
-    "responses_stream.sse": b'{"cached_tokens":8064}',
-}
-
-
-@settings(max_examples=40, deadline=None)
-@given(name=st.sampled_from(sorted(SLOTS)), value=JSON)
-def test_wrongly_typed_fields_never_raise(name: str, value: object) -> None:
-    slot = SLOTS[name]
-    encoded = json.dumps(value).encode()
-    if slot.startswith(b'"'):
-        encoded = slot.split(b":", 1)[0] + b":" + encoded
-    data = load(name)
-    assert slot in data
-    usage = run(name, [data.replace(slot, encoded)])
-    assert usage.complete and isinstance(usage.known, bool)
-    assert usage.output_tokens is None or isinstance(usage.output_tokens, int)
-
-
-@settings(max_examples=40, deadline=None)
-@given(events=st.lists(JSON, max_size=5))
-def test_responses_feed_event_never_raises(events: list[object]) -> None:
-    parser = OpenAIResponsesParser(True)
-    for event in events:
-        parser.feed_event(event)  # type: ignore[arg-type]
-        parser.feed_event({"type": "response.completed", "response": event})
-    assert isinstance(parser.close(), Usage)
+def test_chat_usage_with_escaped_key_names_is_still_counted() -> None:
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o",
+             "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7}}
+    first = {**chunk, "choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": None}
+    events = [json.dumps(first), _escape_keys(json.dumps(chunk), "usage", "prompt_tokens"),
+              "[DONE]"]
+    parser = OpenAIChatParser(streaming=True)
+    parser.feed("".join(f"data: {e}\n\n" for e in events).encode())
+    usage = parser.close()
+    assert usage.known and (usage.input_tokens, usage.output_tokens) == (11, 7)
 
 
 # -- the WebSocket entry points -----------------------------------------------------------------
@@ -391,168 +240,3 @@ def test_responses_feed_message_decodes_only_interesting_frames(
         parser.feed_message(frame.decode())
     assert parser.close().input_tokens == 9120
     assert len(calls) == 2 and len(frames) == 15
-
-
-# -- compressed bodies --------------------------------------------------------------------------
-
-
-def _zstd(data: bytes) -> bytes:
-    return zstandard.ZstdCompressor().compress(data)
-
-
-COMPRESS = {
-    "gzip": gzip.compress,
-    "deflate": zlib.compress,
-    "br": brotli.compress,
-    "zstd": _zstd,
-}
-
-
-@pytest.mark.parametrize("encoding", sorted(COMPRESS))
-@pytest.mark.parametrize("name", ["anthropic_stream.sse", "chat_completion.json",
-                                  "responses_stream.sse", "anthropic_message.json"])
-@settings(max_examples=8, deadline=None)
-@given(points=POINTS)
-def test_compressed_bodies_give_the_same_usage(
-    name: str, encoding: str, points: list[int]
-) -> None:
-    plain = load(name)
-    body = COMPRESS[encoding](plain)
-    assert run(name, split(body, points), encoding) == run(name, [plain])
-
-
-def test_raw_deflate_gzip_members_and_encoding_chains() -> None:
-    name, plain = "chat_completion.json", load("chat_completion.json")
-    expected = run(name, [plain])
-    raw = zlib.compressobj(wbits=-15)
-    raw_body = raw.compress(plain) + raw.flush()
-    members = gzip.compress(plain[:100]) + gzip.compress(plain[100:])
-    chain = brotli.compress(gzip.compress(plain))
-    assert run(name, bytewise(raw_body), "deflate") == expected
-    assert run(name, bytewise(members), "gzip") == expected
-    assert run(name, split(chain, [5, 50]), "gzip, br") == expected
-    assert run(name, [plain], "identity") == expected
-
-
-@pytest.mark.parametrize("encoding", sorted(COMPRESS))
-def test_corrupt_compressed_body_gives_unknown_usage(encoding: str) -> None:
-    body = COMPRESS[encoding](load("anthropic_message.json"))
-    broken = body[:10] + bytes(b ^ 0x5A for b in body[10:40]) + body[40:]
-    usage = run("anthropic_message.json", [broken], encoding)
-    assert usage.known is False
-
-
-def test_unsupported_encoding_gives_unknown_usage() -> None:
-    parser = make_parser("openai.chat", streaming=False, content_encoding="compress")
-    parser.feed(load("chat_completion.json"))
-    assert parser.close().known is False
-
-
-BOMB_COMPRESS = {
-    "gzip": lambda d: gzip.compress(d, 1),
-    "deflate": lambda d: zlib.compress(d, 1),
-    "br": lambda d: brotli.compress(d, quality=1),
-    "zstd": _zstd,
-}
-
-
-@pytest.mark.parametrize("encoding", sorted(BOMB_COMPRESS))
-def test_decompression_bomb_stops_at_the_cap(encoding: str) -> None:
-    plain = b'{"usage": ' + b" " * 30_000_000 + b"}"
-    bomb = BOMB_COMPRESS[encoding](plain)
-    parser = DecodingParser(OpenAIChatParser(False), encoding, limit=1_000_000)
-    tracemalloc.start()
-    try:
-        parser.feed(bomb)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert parser.failed is not None and "cap" in parser.failed
-    assert peak < 8_000_000  # never held the 30 MB
-    assert parser.close().known is False
-    assert decompress(bomb, encoding, limit=1_000_000) is None
-    assert decompress(bomb, encoding) == plain
-
-
-def test_decoder_reports_errors_as_decode_error() -> None:
-    with pytest.raises(DecodeError):
-        Decoder("compress")
-    with pytest.raises(DecodeError):
-        Decoder("gzip").decode(b"\x1f\x8b\x08\x00garbage" * 4)
-    assert decompress(b"not brotli at all", "br") is None
-
-
-# -- content events (latency) -------------------------------------------------------------------
-
-def _content_by_meaning(name: str) -> int:
-    """Content events of a recorded stream, every event decoded and judged by meaning."""
-    from trioproxy.protocol.sse import SSEFramer
-    from trioproxy.providers.anthropic import is_content_delta
-    from trioproxy.providers.openai_chat import has_content
-    from trioproxy.providers.openai_responses import is_content_event
-
-    api, _ = EXPECTED[name]
-    count = 0
-    for event in SSEFramer().feed(load(name)):
-        obj = json.loads(event.data) if event.data.startswith(b"{") else None
-        if not isinstance(obj, dict):
-            continue
-        kind = obj.get("type", "")
-        count += bool(
-            (api == "anthropic.messages" and kind == "content_block_delta"
-             and is_content_delta(obj))
-            or (api == "openai.chat" and has_content(obj))
-            or (api == "openai.responses" and kind.endswith(".delta") and is_content_event(obj)))
-    return count
-
-
-def _content_events(name: str, chunks: list[bytes]) -> tuple[int, float | None]:
-    from trioproxy.protocol.latency import LatencyTracker
-
-    api, _ = EXPECTED[name]
-    tracker = LatencyTracker(0.0)
-    parser = make_parser(api, streaming=True, latency=tracker)
-    for i, chunk in enumerate(chunks):
-        parser.feed(chunk, float(i))
-    parser.close()
-    return tracker.content_events, tracker.first_content
-
-
-STREAMS = [n for n in EXPECTED if n.endswith(".sse")]
-
-
-@pytest.mark.parametrize("name", STREAMS)
-def test_recorded_streams_count_content_events_as_decoding_would(name: str) -> None:
-    data = load(name)
-    expected = _content_by_meaning(name)
-    assert _content_events(name, [data]) == (expected, 0.0 if expected else None)
-    assert _content_events(name, bytewise(data))[0] == expected
-
-
-@pytest.mark.parametrize("name", STREAMS)
-def test_recorded_streams_give_the_same_usage_with_a_latency_tracker(name: str) -> None:
-    from trioproxy.protocol.latency import LatencyTracker
-
-    api, _ = EXPECTED[name]
-    parser = make_parser(api, streaming=True, latency=LatencyTracker(0.0))
-    parser.feed(load(name), 1.0)
-    assert parser.close() == run(name, [load(name)])
-
-
-def _escape_keys(text: str, *keys: str) -> str:
-    """JSON where the given keys are spelled with \\u escapes (valid, and the same meaning)."""
-    for key in keys:
-        text = text.replace(f'"{key}"', '"' + "".join(f"\\u{ord(c):04x}" for c in key) + '"')
-    return text
-
-
-def test_chat_usage_with_escaped_key_names_is_still_counted() -> None:
-    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o",
-             "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7}}
-    first = {**chunk, "choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": None}
-    events = [json.dumps(first), _escape_keys(json.dumps(chunk), "usage", "prompt_tokens"),
-              "[DONE]"]
-    parser = OpenAIChatParser(streaming=True)
-    parser.feed("".join(f"data: {e}\n\n" for e in events).encode())
-    usage = parser.close()
-    assert usage.known and (usage.input_tokens, usage.output_tokens) == (11, 7)

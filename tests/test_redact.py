@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from trioproxy import Settings
-from trioproxy.accounting.redact import redact_dsn
 from trioproxy.accounting.ledger import open_ledger
+from trioproxy.accounting.redact import redact_dsn
 
 from .test_store import _postgres_schema_url
 

@@ -1,4 +1,7 @@
-"""End to end: the real proxy under Hypercorn, the fake upstream, a raw HTTP/1.1 client."""
+"""End to end: the real proxy under Hypercorn, the fake upstream, a raw HTTP/1.1 client. Streamed
+events reach the client as they arrive and byte for byte, the request reaches the upstream
+unchanged, one header policy on every path, a reused connection, the proxy's own request id
+beside the client's, and a slow client's backpressure."""
 
 from __future__ import annotations
 
@@ -10,21 +13,10 @@ import pytest
 import trio
 
 from trioproxy.log import RequestIdFilter
-from trioproxy.testing import Abort, FakeUpstream, Pause, Reply, anthropic_sse, error_reply
+from trioproxy.testing import FakeUpstream, Pause, Reply, anthropic_sse, error_reply
 
+from .client_requests import ANTHROPIC, MESSAGES_STREAM, body_bytes
 from .conftest import ProxyServer, RawClient, proxy_settings, start_proxy
-
-ANTHROPIC = [("x-api-key", "sk-ant-test-key-0001"), ("anthropic-version", "2023-06-01"),
-             ("content-type", "application/json")]
-OPENAI = [("authorization", "Bearer sk-test-key-0002"), ("content-type", "application/json")]
-MESSAGES_STREAM = json.dumps(
-    {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True,
-     "messages": [{"role": "user", "content": "hi"}]}
-).encode()
-
-
-def body_bytes(reply: Reply) -> bytes:
-    return b"".join(p for p in reply.body if isinstance(p, bytes | bytearray))
 
 
 async def test_first_event_reaches_client_before_upstream_sends_the_second(
@@ -108,127 +100,12 @@ async def test_query_string_and_body_bytes_reach_upstream_unchanged(
     assert seen.header("host") == f"127.0.0.1:{upstream.port}"
 
 
-async def test_client_disconnect_closes_the_upstream_connection_promptly(
-    autojump_clock: trio.abc.Clock, upstream: FakeUpstream, proxy: ProxyServer,
-) -> None:
-    upstream.enqueue(anthropic_sse(["a", "b", "c"], gaps=[0, 0, 0, 500]))
-    client = await RawClient.connect(proxy.port)
-    with trio.fail_after(60):
-        await client.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-        resp = await client.read_head()
-        await client.read_body(resp, max_chunks=1)
-        await upstream.wait_for_requests(1)
-        conn = next(c for c in upstream.connections if c.conn_id == upstream.requests[-1].conn_id)
-        assert conn.closed_at is None
-        gone_at = trio.current_time()
-        await client.aclose()
-        await conn.closed.wait()
-    assert conn.closed_at - gone_at < 0.1
-    (ex,) = await proxy.wait_exchanges(1)
-    assert ex.end_reason == "client_disconnect"
-
-
-@pytest.mark.parametrize(("headers", "shape"), [(ANTHROPIC, "anthropic"), (OPENAI, "openai")])
-async def test_connect_failure_is_502_in_the_provider_shape(
-    nursery: trio.Nursery, headers, shape: str,
-) -> None:
-    with trio.socket.socket() as s:  # a port with nothing listening
-        await s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    from trioproxy import Settings
-
-    server = await start_proxy(
-        nursery, Settings(anthropic_base_url=dead, openai_base_url=dead, accounting=False))
-    client = await RawClient.connect(server.port)
-    path = "/v1/messages" if shape == "anthropic" else "/v1/chat/completions"
-    with trio.fail_after(20):
-        resp = await client.request("POST", path, headers, b"{}")
-    await client.aclose()
-    assert resp.status == 502 and resp.header("x-trioproxy-request-id")
-    body = json.loads(resp.body)
-    if shape == "anthropic":
-        assert body["type"] == "error" and body["error"]["type"] == "api_error"
-    else:
-        assert body["error"]["type"] == "server_error"
-        assert body["error"]["code"] == "upstream_connect_error"
-    assert "cannot connect" in (body["error"]["message"])
-    await server.stop()
-
-
-async def test_timeout_before_response_headers_is_504(
-    autojump_clock: trio.abc.Clock, upstream: FakeUpstream, raw_client: RawClient,
-    proxy: ProxyServer,
-) -> None:
-    upstream.enqueue(Reply(before_headers=3600))
-    with trio.fail_after(2000):
-        start = trio.current_time()
-        resp = await raw_client.request("POST", "/v1/chat/completions", OPENAI, b"{}")
-    assert resp.status == 504
-    assert json.loads(resp.body)["error"]["code"] == "upstream_timeout"
-    assert 600 <= trio.current_time() - start < 700  # the per-read timeout, default 600 s
-    (ex,) = await proxy.wait_exchanges(1)
-    assert ex.end_reason == "timeout"
-
-
-async def test_mid_stream_upstream_failure_is_a_truncated_stream(
-    upstream: FakeUpstream, raw_client: RawClient, proxy: ProxyServer,
-) -> None:
-    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")],
-                           body=[b"event: a\ndata: 1\n\n", b"event: b\ndata: 2\n\n", Abort()]))
-    with trio.fail_after(20):
-        resp = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-    assert resp.status == 200
-    assert resp.body == b"event: a\ndata: 1\n\nevent: b\ndata: 2\n\n"
-    assert not resp.complete and resp.error  # no terminating chunk: the client can tell
-    (ex,) = await proxy.wait_exchanges(1)
-    assert ex.end_reason == "upstream_error"
-
-
-async def test_oversized_body_is_413_and_never_reaches_upstream(
-    nursery: trio.Nursery, upstream: FakeUpstream,
-) -> None:
-    server = await start_proxy(nursery, proxy_settings(upstream, max_body_bytes=1000))
-    client = await RawClient.connect(server.port)
-    with trio.fail_after(20):
-        resp = await client.request("POST", "/v1/messages", ANTHROPIC, b"x" * 1001)
-    await client.aclose()
-    assert resp.status == 413
-    assert json.loads(resp.body)["error"]["type"] == "request_too_large"
-    assert upstream.requests == []
-    await server.stop()
-
-
-async def test_unknown_path_is_404_and_never_reaches_upstream(
-    upstream: FakeUpstream, raw_client: RawClient,
-) -> None:
-    with trio.fail_after(20):
-        resp = await raw_client.request("GET", "/admin/secrets", [("host", "evil.example")])
-    assert resp.status == 404
-    assert "no route" in json.loads(resp.body)["error"]["message"]
-    assert upstream.requests == []
-
-
 async def test_keepalive_connection_is_reused(upstream: FakeUpstream, raw_client: RawClient) -> None:
     with trio.fail_after(20):
         for _ in range(3):
             resp = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
             assert resp.complete
     assert len({r.conn_id for r in upstream.requests}) == 1
-
-
-async def test_keepalive_connection_cut_before_the_response_is_not_resent(
-    upstream: FakeUpstream, raw_client: RawClient, proxy: ProxyServer,
-) -> None:
-    with trio.fail_after(20):
-        first = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-        upstream.enqueue(Reply(close_before_response=True))
-        cut = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-        after = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-    assert first.complete and cut.status == 502 and after.status == 200 and after.complete
-    assert "not resent" in json.loads(cut.body)["error"]["message"]
-    conns = [r.conn_id for r in upstream.requests]  # the upstream may have taken it: sent once
-    assert len(conns) == 3 and conns[0] == conns[1] != conns[2]
-    assert proxy.app.runtime.pool.retried == 0
 
 
 async def test_inbound_request_id_is_a_correlation_id_beside_the_proxys_own(
@@ -281,33 +158,6 @@ async def test_request_id_header_is_configurable(nursery: trio.Nursery, upstream
     await server.stop()
 
 
-async def test_sse_keepalive_comments_only_at_event_boundaries(
-    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
-) -> None:
-    server = await start_proxy(nursery, proxy_settings(upstream, sse_keepalive=15.0))
-    event1, event2 = b"event: a\ndata: 1\n\n", b"event: b\ndata: 2\n\n"
-    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")],
-                           body=[event1, Pause(50), b"event: b\n", Pause(40), b"data: 2\n\n"]))
-    client = await RawClient.connect(server.port)
-    with trio.fail_after(200):
-        resp = await client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-    await client.aclose()
-    assert resp.complete
-    # three comments in the 50 s silence at a boundary; none inside the half-sent event
-    assert resp.body == event1 + b": keepalive\n\n" * 3 + event2
-    await server.stop()
-
-
-async def test_no_keepalive_by_default(
-    autojump_clock: trio.abc.Clock, upstream: FakeUpstream, raw_client: RawClient,
-) -> None:
-    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")],
-                           body=[b"data: 1\n\n", Pause(100), b"data: 2\n\n"]))
-    with trio.fail_after(200):
-        resp = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-    assert resp.body == b"data: 1\n\ndata: 2\n\n"
-
-
 async def test_slow_client_backpressures_the_upstream_read(
     upstream: FakeUpstream, proxy: ProxyServer,
 ) -> None:
@@ -326,181 +176,3 @@ async def test_slow_client_backpressures_the_upstream_read(
         # 100 MiB upstream; the proxy holds only its channel plus socket buffers
         assert stalled_at < 32 * 1024 * 1024 and ex.bytes_out == stalled_at
         await client.aclose()
-
-
-async def test_tls_upstream_is_verified_against_the_trust_store(nursery: trio.Nursery) -> None:
-    import ssl
-
-    import trustme
-
-    from trioproxy import Settings
-
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
-    fake = FakeUpstream(tls=server_ctx)
-    await nursery.start(fake.serve)
-    settings = Settings(anthropic_base_url=fake.url, openai_base_url=fake.url, accounting=False)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
-    trusted = await start_proxy(nursery, settings, ssl_context=client_ctx)
-    untrusted = await start_proxy(nursery, settings)  # system store: does not know this CA
-    results = []
-    for server in (trusted, untrusted):
-        client = await RawClient.connect(server.port)
-        with trio.fail_after(20):
-            results.append(await client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM))
-        await client.aclose()
-    assert fake.url.startswith("https://")
-    assert results[0].status == 200 and results[0].complete
-    assert results[1].status == 502 and b"CERTIFICATE_VERIFY_FAILED" in results[1].body
-    await trusted.stop()
-    await untrusted.stop()
-
-
-async def test_upstream_silent_mid_stream_past_the_read_timeout_is_cut(
-    autojump_clock: trio.abc.Clock, upstream: FakeUpstream, raw_client: RawClient,
-    proxy: ProxyServer,
-) -> None:
-    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")],
-                           body=[b"data: 1\n\n", Pause(900), b"data: 2\n\n"]))
-    with trio.fail_after(2000):
-        resp = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-    assert resp.body == b"data: 1\n\n" and not resp.complete
-    (ex,) = await proxy.wait_exchanges(1)
-    assert ex.end_reason == "timeout" and "read timeout" in ex.error
-
-
-async def test_the_read_timeout_counts_from_the_last_upstream_byte_exactly(
-    autojump_clock: trio.abc.Clock, upstream: FakeUpstream, raw_client: RawClient,
-    proxy: ProxyServer,
-) -> None:
-    """Bytes that arrive between the watcher's looks restart the wait: the cut comes
-    read_timeout (600 s) after the last byte, not at a coarser tick."""
-    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")],
-                           body=[b"data: 1\n\n", Pause(7), b"data: 2\n\n", Pause(900),
-                                 b"data: 3\n\n"]))
-    with trio.fail_after(2000):
-        resp = await raw_client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-    assert resp.body == b"data: 1\n\ndata: 2\n\n" and not resp.complete
-    (ex,) = await proxy.wait_exchanges(1)
-    assert ex.end_reason == "timeout"
-    assert 600 <= ex.finalised_at - ex.last_chunk_at < 600.1
-
-
-async def test_keepalive_comments_do_not_extend_the_read_timeout(
-    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
-) -> None:
-    """Comments the proxy sends to the client are not upstream bytes: an upstream silent past
-    the read timeout is cut with keep-alive comments on, as without them."""
-    server = await start_proxy(nursery, proxy_settings(upstream, sse_keepalive=15.0))
-    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")],
-                           body=[b"data: 1\n\n", Pause(900), b"data: 2\n\n"]))
-    client = await RawClient.connect(server.port)
-    with trio.fail_after(2000):
-        resp = await client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-    assert not resp.complete and b"data: 2" not in resp.body
-    assert resp.body.replace(b": keepalive\n\n", b"") == b"data: 1\n\n"
-    assert resp.body.count(b": keepalive\n\n") >= 39  # every 15 s of the 600 s wait
-    (ex,) = await server.wait_exchanges(1)
-    assert ex.end_reason == "timeout"
-    assert 600 <= ex.finalised_at - ex.last_chunk_at < 600.1
-    await client.aclose()
-    await server.stop()
-
-
-async def test_a_client_that_pauses_reading_is_not_an_upstream_timeout(
-    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
-) -> None:
-    proxy = await start_proxy(nursery, proxy_settings(upstream, write_stall_timeout=1200))
-    chunk = b"data: " + b"y" * 65530 + b"\n\n"
-    reply = Reply(headers=[("content-type", "text/event-stream")], body=[chunk] * 400)
-    upstream.enqueue(reply)
-    client = await RawClient.connect(proxy.port)
-    with trio.fail_after(3000):
-        await client.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-        resp = await client.read_head()
-        await trio.sleep(900)  # longer than the 600 s read timeout, while the channel is full
-        await client.read_body(resp)
-    await client.aclose()
-    assert resp.complete and resp.body == body_bytes(reply)
-    await proxy.stop()
-
-
-async def test_a_client_that_stops_reading_frees_the_upstream_connection(
-    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
-) -> None:
-    """One connection per origin: a client that reads nothing would otherwise hold it for
-    ever. After the write-stall timeout the exchange ends as client_stalled with one record,
-    the upstream connection is closed and the next client gets through."""
-    proxy = await start_proxy(nursery, proxy_settings(
-        upstream, max_connections=1, write_stall_timeout=30, pool_timeout=300))
-    chunk = b"data: " + b"z" * 65530 + b"\n\n"
-    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], body=[chunk] * 2000))
-    stalled = await RawClient.connect(proxy.port)
-    with trio.fail_after(600):
-        await stalled.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-        await stalled.read_head()  # and then read nothing
-        after = await RawClient.connect(proxy.port)
-        resp = await after.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-        (first, *_) = await proxy.wait_exchanges(1)
-    assert resp.status == 200 and resp.complete
-    assert first.end_reason == "client_stalled" and not first.upstream_complete
-    assert upstream.connections[0].close_reason == "peer"  # the proxy closed it
-    await stalled.aclose()
-    await after.aclose()
-    await proxy.wait_exchanges(2)
-    assert [ex.end_reason for ex in proxy.exchanges] == ["client_stalled", "complete"]
-    await proxy.stop()
-
-
-async def test_exhausted_connection_pool_is_a_504_that_names_the_limit(
-    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
-) -> None:
-    server = await start_proxy(nursery, proxy_settings(upstream, max_connections=1, pool_timeout=5))
-    upstream.enqueue(anthropic_sse(["a"], gaps=[0, 100]))
-    busy = await RawClient.connect(server.port)
-    waiting = await RawClient.connect(server.port)
-    with trio.fail_after(300):
-        await busy.send_request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-        await busy.read_head()
-        resp = await waiting.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-    assert resp.status == 504
-    assert "TRIOPROXY_MAX_CONNECTIONS" in json.loads(resp.body)["error"]["message"]
-    await busy.aclose()
-    await waiting.aclose()
-    await server.stop()
-
-
-async def test_header_value_http11_forbids_is_400_and_the_value_is_never_logged(
-    upstream: FakeUpstream, proxy: ProxyServer, caplog: pytest.LogCaptureFixture,
-) -> None:
-    from .h2client import h2_request
-
-    caplog.set_level(logging.DEBUG, logger="trioproxy")
-    headers = [("x-api-key", "sk-ant-SUPERSECRET\x0c123456"), ("anthropic-version", "2023-06-01")]
-    with trio.fail_after(20):
-        resp = await h2_request(proxy.port, "POST", "/v1/messages", headers, MESSAGES_STREAM)
-    assert resp.status == 400
-    assert "x-api-key" in json.loads(resp.body)["error"]["message"]
-    assert "SUPERSECRET" not in resp.body.decode()
-    assert all("SUPERSECRET" not in r.getMessage()
-               for r in caplog.records if r.name.startswith("trioproxy"))
-    assert upstream.requests == []
-    (ex,) = await proxy.wait_exchanges(1)
-    assert ex.status == 400
-
-
-async def test_sse_with_content_length_survives_keepalive_comments(
-    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, upstream: FakeUpstream,
-) -> None:
-    server = await start_proxy(nursery, proxy_settings(upstream, sse_keepalive=15.0))
-    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], chunked=False,
-                           body=[b"data: 1\n\n", Pause(20), b"data: 2\n\n"]))
-    client = await RawClient.connect(server.port)
-    with trio.fail_after(200):
-        resp = await client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES_STREAM)
-    await client.aclose()
-    assert resp.complete and resp.header("content-length") is None
-    assert resp.body == b"data: 1\n\n: keepalive\n\ndata: 2\n\n"
-    await server.stop()

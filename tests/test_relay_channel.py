@@ -15,8 +15,8 @@ import trio
 from trioproxy.extensions import Extension
 from trioproxy.testing import FakeUpstream, Pause, Reply, anthropic_sse
 
+from .client_requests import ANTHROPIC, MESSAGES_STREAM, body_bytes
 from .conftest import RawClient, proxy_settings, start_proxy
-from .test_relay import ANTHROPIC, MESSAGES_STREAM, body_bytes
 
 KiB = 1024
 

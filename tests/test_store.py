@@ -142,6 +142,44 @@ def test_sqlite_uses_wal_normal_sync_and_busy_timeout(tmp_path: Path) -> None:
 # -- insert / get -----------------------------------------------------------------------------
 
 
+def test_wal_switch_retries_a_locked_file_and_gives_up_on_other_errors() -> None:
+    import sqlite3
+
+    from trioproxy.accounting.sqlite import _use_wal
+
+    def error(code: int) -> sqlite3.OperationalError:
+        exc = sqlite3.OperationalError("database is locked" if code == 5 else "disk I/O error")
+        exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+        return exc
+
+    class Conn:  # another connection is setting up the new file: locked twice, then free
+        def __init__(self, failures: list[int]) -> None:
+            self.failures, self.mode, self.calls = failures, "delete", 0
+
+        def execute(self, sql: str) -> Any:
+            self.calls += 1
+            if self.failures:
+                raise error(self.failures.pop(0))
+            if sql.endswith("= WAL"):
+                self.mode = "wal"
+            return self
+
+        def fetchone(self) -> tuple[str]:
+            return (self.mode,)
+
+    conn = Conn([5, 5])
+    _use_wal(conn, 10.0)  # type: ignore[arg-type]
+    assert conn.mode == "wal"
+    already = Conn([])
+    already.mode = "wal"
+    _use_wal(already, 10.0)  # type: ignore[arg-type]
+    assert already.calls == 1  # looked, nothing to switch
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        _use_wal(Conn([10]), 10.0)  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _use_wal(Conn([5] * 1000), 0.0)  # type: ignore[arg-type]
+
+
 def test_every_field_round_trips(store: Any) -> None:
     rec = make_record(
         1, transport="http", method="POST", path="/v1/messages", status=200, streamed=True,

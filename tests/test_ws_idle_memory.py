@@ -11,7 +11,7 @@ import trio
 
 from trioproxy.exchange import Exchange
 
-from .test_websocket import connect, create, start_fake, start_proxy, turn
+from .ws_proxy import connect, create, start_fake, start_proxy, turn
 
 
 def alive(kind: type, test) -> list[object]:
