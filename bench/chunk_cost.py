@@ -51,7 +51,7 @@ except ImportError:
     except ImportError:  # revisions before the latency tracker
         LatencyTracker = None
 try:
-    from trioproxy.protocol.websocket import ResponseLedger
+    from trioproxy.relay.ws_responses import ResponseBook
     from trioproxy.relay.http import handed_over
 except ImportError:  # revisions before the latency wiring
     ResponseLedger = handed_over = None

@@ -18,19 +18,19 @@ import pytest
 import trio
 import wsproto
 from hypercorn.trio import serve
-from trioproxy.config.settings.spec import Spec, markdown_table, read_config_file
-from trioproxy.testing.http.websocket import FakeResponsesWS
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request
 
 from trioproxy import TrioProxy
 from trioproxy.commands.cli import build_config, settings_from_args
 from trioproxy.commands.cli import main as cli_main
 from trioproxy.config import SPECS, ConfigError, Settings
+from trioproxy.config.spec import Spec, markdown_table, read_config_file
 from trioproxy.contrib.model_alias import ModelAlias
 from trioproxy.extensions import load_spec
 from trioproxy.log import LOGGERS, log_access, request_id_var, setup_logging
 from trioproxy.protocol.headers import hypercorn_head_limit
 from trioproxy.testing import FakeUpstream
+from trioproxy.testing.websocket import FakeResponsesWS
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = [s for s in SPECS if s.secret]

@@ -12,10 +12,10 @@ import json
 import pytest
 import trio
 import trio_websocket as tws
-from trioproxy.testing.http.websocket import FakeResponsesWS
 
 from trioproxy import Settings
 from trioproxy.testing import FakeUpstream, anthropic_json, openai_chat_json
+from trioproxy.testing.websocket import FakeResponsesWS
 
 from .conftest import ProxyServer, RawClient, start_proxy
 

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import trio
 import trio_websocket as tws
-from trioproxy.testing.http.websocket import Turn
 
 from trioproxy.testing import FakeUpstream, anthropic_sse, openai_chat_sse
+from trioproxy.testing.websocket import Turn
 
 from .conftest import proxy_settings, start_proxy
 from .test_health_drain import (

@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from trioproxy.testing.http.calibration import OneOrigin
-from trioproxy.testing.http.websocket import FakeResponsesWS, Turn
 
 from trioproxy.accounting.locations import open_store
 from trioproxy.testing import FakeUpstream
+from trioproxy.testing.calibration import OneOrigin
+from trioproxy.testing.websocket import FakeResponsesWS, Turn
 
 from .fleet import (
     KEY,

@@ -13,10 +13,10 @@ import re
 import pytest
 import trio
 import trio_websocket as tws
-from trioproxy.testing.http.websocket import FakeResponsesWS
 
 from trioproxy import Settings
 from trioproxy.testing import FakeUpstream, Reply, openai_chat_json, openai_chat_sse
+from trioproxy.testing.websocket import FakeResponsesWS
 
 from .conftest import ProxyServer, RawClient, start_proxy
 from .h2client import h2_request

@@ -12,12 +12,12 @@ import h11
 import pytest
 import trio
 from hypercorn.config import Config
-from trioproxy.testing.http.websocket import FakeResponsesWS
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from trioproxy.protocol.headers import MAX_HEAD_BYTES, hypercorn_head_limit
 from trioproxy.testing import FakeUpstream
+from trioproxy.testing.websocket import FakeResponsesWS
 
 from .conftest import ProxyServer, RawClient, proxy_settings, start_proxy
 from .spawned_server import (

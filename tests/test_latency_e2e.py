@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from trioproxy.testing.http.websocket import FakeResponsesWS, Turn
 
 from trioproxy.accounting.build import build_record
 from trioproxy.accounting.locations import open_store
@@ -32,6 +31,7 @@ from trioproxy.testing import (
     openai_chat_sse,
     openai_responses_sse,
 )
+from trioproxy.testing.websocket import FakeResponsesWS, Turn
 
 from .conftest import ProxyServer, RawClient, proxy_settings, start_proxy
 from .h2client import h2_request

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import httpx
 import trio
-from trioproxy.testing.http.replies import _json_reply
 
 from trioproxy.metrics import MAX_MODELS, Metrics
 from trioproxy.testing import FakeUpstream, anthropic_json
+from trioproxy.testing.replies import _json_reply
 
 from .conftest import proxy_settings, start_proxy
 from .test_metrics import scrape, value

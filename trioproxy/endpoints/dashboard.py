@@ -231,7 +231,7 @@ async def answer_dashboard(
         return True
     if rest in _STATIC:
         name, content_type = _STATIC[rest]
-        body = resources.files("trioproxy.static").joinpath(name).read_bytes()
+        body = resources.files("trioproxy.endpoints.static").joinpath(name).read_bytes()
         await send_all(send, ex, answer(ex, 200, body, content_type, _PAGE_HEADERS))
         return True
     if rest == b"api/usage":

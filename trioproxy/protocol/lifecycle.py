@@ -1,8 +1,8 @@
 """The lifecycle of one exchange as a state machine without I/O (in the style of h11's _state.py).
 
 An exchange is one proxied HTTP request, or one response on the Responses WebSocket. The trio
-drivers (``relay.py``, ``websocket.py``) feed it what happened; it validates each transition and
-decides the outcome exactly once, in :meth:`Lifecycle.decide`.
+drivers (``relay/http.py``, ``relay/ws_responses.py``) feed it what happened; it validates each
+transition and decides the outcome exactly once, in :meth:`Lifecycle.decide`.
 
 States::
 

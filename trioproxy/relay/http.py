@@ -114,7 +114,7 @@ class HttpRelay:
             try:
                 resp = await self._pool.send_request(
                     request.base, ex.method.encode(), request.target, request.headers, request.body)
-            except ProxyError as exc:  # connect / timeout / protocol, or a header h11 refuses
+            except ProxyError as exc:  # connect / timeout / protocol, or a header http11 refuses
                 log.warning("%s before response: %s", exc.kind, exc.message)
                 last = error_messages(ex, exc)
             else:
