@@ -76,22 +76,38 @@ def summarize_group(recs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="scale durations by 0.05 (~30 s)")
     ap.add_argument("--scale", type=float, default=None, help="duration scale (default 1, quick 0.05)")
     ap.add_argument("--streams", type=int, default=3, help="streams per path x client")
     ap.add_argument("--paths", default=",".join(PATHS))
-    args = ap.parse_args()
-    scale = args.scale if args.scale is not None else (0.05 if args.quick else 1.0)
-    quick = args.quick or scale < 1.0
-    common.banner("idle", quick)
-    common.check_trioproxy_imports()
-    paths = args.paths.split(",")
-    bench = shape(scale)
-    total = stream_seconds(scale)
-    progress = Progress("idle", every=3.0 if quick else 10.0)
-    t_start = time.monotonic()
+    return ap.parse_args()
+
+
+def stream_requests(paths: list[str], streams: int, bench: dict[str, Any], scale: float,
+                    total: float) -> tuple[list[tuple[str, str, int, str]], list[loadgen.Req]]:
+    """``streams`` requests per path x client, each with its own stream id: (path, client, k,
+    id) per request, and the requests."""
+    meta: list[tuple[str, str, int, str]] = []
+    reqs: list[loadgen.Req] = []
+    for path in paths:
+        for client, timeout in CLIENTS.items():
+            for k in range(streams):
+                sid = f"{path}.{client}.{k}"
+                meta.append((path, client, k, sid))
+                reqs.append(loadgen.Req(
+                    "POST", "/v1/messages?beta=true", loadgen.stream_body(**bench, id=sid),
+                    idle_timeout=timeout * scale if timeout else None,
+                    total_timeout=total * 1.2 + 60, keep_body=True, timeline=True, label=sid))
+    return meta, reqs
+
+
+def run_streams(paths: list[str], streams: int, bench: dict[str, Any], scale: float,
+                total: float, progress: Progress
+                ) -> tuple[list[tuple[str, str, int, str]], list[loadgen.StreamResult], dict[str, Any]]:
+    """Start the paths, warm each up, then run every stream at once on one engine, one
+    connection per stream to its own path's port. Returns (meta, results, the upstream's stats)."""
     with Procs() as procs:
         up, targets = start_paths(procs, paths, keepalive=KEEPALIVE * scale)
         eng = loadgen.Engine()
@@ -99,21 +115,11 @@ def main() -> None:
         loadgen.parallel(eng, [t.port for t in targets.values()],
                          [loadgen.Req("POST", "/v1/messages", warm) for _ in targets],
                          deadline=time.monotonic() + 10)
-        meta: list[tuple[str, str, int, str]] = []
-        reqs: list[loadgen.Req] = []
-        for path in paths:
-            for client, timeout in CLIENTS.items():
-                for k in range(args.streams):
-                    sid = f"{path}.{client}.{k}"
-                    meta.append((path, client, k, sid))
-                    reqs.append(loadgen.Req(
-                        "POST", "/v1/messages?beta=true", loadgen.stream_body(**bench, id=sid),
-                        idle_timeout=timeout * scale if timeout else None,
-                        total_timeout=total * 1.2 + 60, keep_body=True, timeline=True, label=sid))
+        meta, reqs = stream_requests(paths, streams, bench, scale, total)
         ports = {p: targets[p].port for p in paths}
         by_port = [ports[m[0]] for m in meta]
         progress(f"{len(reqs)} streams of {total:.0f} s ({len(paths)} paths x {len(CLIENTS)} "
-                 f"clients x {args.streams}), keepalive {KEEPALIVE * scale:g} s", force=True)
+                 f"clients x {streams}), keepalive {KEEPALIVE * scale:g} s", force=True)
 
         def tick(results: list[loadgen.StreamResult]) -> None:
             ended = defaultdict(int)
@@ -122,35 +128,44 @@ def main() -> None:
             progress(f"{len(reqs) - len(results)} open, ended: {dict(ended)} "
                      f"(stream t={time.monotonic() - t_run:.0f}/{total:.0f} s)")
 
-        # one engine, one connection per stream, each to its own path's port
         t_run = time.monotonic()
         results = loadgen.parallel(eng, by_port, reqs, deadline=t_run + total * 1.2 + 90,
                                    tick=tick, tick_every=progress.every)
         stats = loadgen.control(up.port, "GET", "/bench/stats")
-    outcomes = stats.get("outcomes", {})
+    return meta, results, stats
+
+
+def upstream_saw(u: dict[str, Any], quick: bool) -> str:
+    """What the upstream saw of one stream, from its ``/bench/stats`` outcome."""
+    if not u:
+        return "unknown"
+    if u["outcome"] == "complete":
+        return "ran to the end"
+    # rounded so that the streams of one group read alike
+    return f"peer gone at {u['at']:.{1 if quick else 0}f}s"
+
+
+def stream_records(meta: list[tuple[str, str, int, str]], results: list[loadgen.StreamResult],
+                   outcomes: dict[str, Any], bench: dict[str, Any], quick: bool
+                   ) -> list[dict[str, Any]]:
+    """One record per stream: what the client saw, its bytes against the upstream's."""
     records = []
     for (path, client, k, sid), r in zip(meta, results):
         expected = fake.expected_body({**bench, "id": sid})
         verdict, comments = compare(path, r.body or b"", expected, r.outcome == "complete")
         u = outcomes.get(sid, {})
-        if not u:
-            upstream_saw = "unknown"
-        elif u["outcome"] == "complete":
-            upstream_saw = "ran to the end"
-        else:  # rounded so that the streams of one group read alike
-            upstream_saw = f"peer gone at {u['at']:.{1 if quick else 0}f}s"
         records.append({
             "path": path, "client": client, "k": k, "id": sid, "outcome": r.outcome,
             "reason": r.reason, "status": r.status, "ttfb_s": r.ttfb, "first_event_s": r.first_event,
             "t_end_s": r.t_end, "max_gap_s": r.max_gap, "nbytes": r.nbytes,
-            "bytes_vs_upstream": verdict, "keepalive_comments": comments, "upstream": upstream_saw,
+            "bytes_vs_upstream": verdict, "keepalive_comments": comments,
+            "upstream": upstream_saw(u, quick),
             "upstream_detail": u, "timeline": r.timeline if k == 0 else None,
         })
-    groups = []
-    for path in paths:
-        for client in CLIENTS:
-            recs = [x for x in records if x["path"] == path and x["client"] == client]
-            groups.append({"path": path, "client": client, **summarize_group(recs)})
+    return records
+
+
+def print_groups(groups: list[dict[str, Any]]) -> None:
     rows = [[g["path"], g["client"], f"{g['completed']}/{g['streams']}",
              fmt(g["abort_at_s"], "s", 1) if g["aborted"] else "-",
              fmt(g["longest_gap_s"], "s", 1), fmt(g["ttfb_s_p50"] * 1000 if g["ttfb_s_p50"] is not None
@@ -160,15 +175,40 @@ def main() -> None:
             for g in groups]
     print(table(["path", "client", "completed", "aborted at", "longest gap", "ttfb p50",
                  "bytes vs upstream", "ka comments", "upstream saw", "abort reason"], rows))
+
+
+def result_config(scale: float, total: float, streams: int, paths: list[str]) -> dict[str, Any]:
+    return {"scale": scale, "silence_s": SILENCE * scale, "deltas": DELTAS,
+            "delta_span_s": DELTA_SPAN * scale, "stream_s": total,
+            "client_idle_timeouts_s": {c: (t * scale if t else None) for c, t in CLIENTS.items()},
+            "keepalive_s": KEEPALIVE * scale, "streams_per_cell": streams, "paths": paths,
+            "bytes_note": "compared with the exact bytes the upstream sent for that request "
+                          "(what the direct path receives); the keepalive path after removing "
+                          "': keepalive\\n\\n' comments; 'prefix' = an aborted stream whose "
+                          "bytes are a correct prefix"}
+
+
+def main() -> None:
+    args = parse_args()
+    scale = args.scale if args.scale is not None else (0.05 if args.quick else 1.0)
+    quick = args.quick or scale < 1.0
+    common.banner("idle", quick)
+    common.check_trioproxy_imports()
+    paths = args.paths.split(",")
+    bench = shape(scale)
+    total = stream_seconds(scale)
+    progress = Progress("idle", every=3.0 if quick else 10.0)
+    t_start = time.monotonic()
+    meta, results, stats = run_streams(paths, args.streams, bench, scale, total, progress)
+    records = stream_records(meta, results, stats.get("outcomes", {}), bench, quick)
+    groups = []
+    for path in paths:
+        for client in CLIENTS:
+            recs = [x for x in records if x["path"] == path and x["client"] == client]
+            groups.append({"path": path, "client": client, **summarize_group(recs)})
+    print_groups(groups)
     out = common.write_result("idle", quick, {
-        "config": {"scale": scale, "silence_s": SILENCE * scale, "deltas": DELTAS,
-                   "delta_span_s": DELTA_SPAN * scale, "stream_s": total,
-                   "client_idle_timeouts_s": {c: (t * scale if t else None) for c, t in CLIENTS.items()},
-                   "keepalive_s": KEEPALIVE * scale, "streams_per_cell": args.streams, "paths": paths,
-                   "bytes_note": "compared with the exact bytes the upstream sent for that request "
-                                 "(what the direct path receives); the keepalive path after removing "
-                                 "': keepalive\\n\\n' comments; 'prefix' = an aborted stream whose "
-                                 "bytes are a correct prefix"},
+        "config": result_config(scale, total, args.streams, paths),
         "groups": groups, "streams": records, "run_seconds": time.monotonic() - t_start,
     })
     print(f"wrote {out} in {time.monotonic() - t_start:.0f} s")

@@ -119,58 +119,77 @@ class RawParser:
                 del buf[:2]
                 self.state = 1
             elif st == 0:
-                i = buf.find(b"\r\n\r\n")
-                if i < 0:
+                if not self._head(buf):
                     break
-                lines = bytes(buf[:i]).split(b"\r\n")
-                del buf[:i + 4]
-                status = int(lines[0].split(b" ", 2)[1])
-                headers = []
-                for line in lines[1:]:
-                    k, _, v = line.partition(b":")
-                    headers.append((k.strip().lower(), v.strip()))
-                if 100 <= status < 200:
-                    continue
-                self.status = status
-                self.headers = headers
-                hd = dict(headers)
-                if hd.get(b"connection", b"").lower() == b"close":
-                    self.keep_alive = False
-                if b"chunked" in hd.get(b"transfer-encoding", b"").lower():
-                    self.state = 1
-                elif b"content-length" in hd:
-                    self.remaining = int(hd[b"content-length"])
-                    self.state = 5
-                    if self.remaining == 0:
-                        self.done = True
-                elif status in (204, 304):
-                    self.done = True
-                else:
-                    self.state = 6
-                    self.keep_alive = False
-            elif st == 5:
-                if not buf:
-                    break
-                take = min(self.remaining, len(buf))
-                out.append(bytes(buf[:take]))
-                del buf[:take]
-                self.remaining -= take
-                if self.remaining == 0:
-                    self.done = True
             elif st == 4:
-                i = buf.find(b"\r\n")
-                if i < 0:
+                if not self._trailer_line(buf):
                     break
-                empty = i == 0
-                del buf[:i + 2]
-                if empty:
-                    self.done = True
-            else:  # 6: until the connection closes
+            else:  # 5 Content-Length body, 6 until the connection closes
                 if not buf:
                     break
-                out.append(bytes(buf))
-                del buf[:]
+                self._body_to_end(buf, out)
         return out
+
+    # Once per response, outside the per-chunk path of ``feed``: the head, the end of a
+    # Content-Length or until-close body, the trailers. Each returns False when it needs more.
+
+    def _head(self, buf: bytearray) -> bool:
+        """The status line and headers (a 1xx head is skipped); they decide the body framing."""
+        i = buf.find(b"\r\n\r\n")
+        if i < 0:
+            return False
+        lines = bytes(buf[:i]).split(b"\r\n")
+        del buf[:i + 4]
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = []
+        for line in lines[1:]:
+            k, _, v = line.partition(b":")
+            headers.append((k.strip().lower(), v.strip()))
+        if 100 <= status < 200:
+            return True
+        self.status = status
+        self.headers = headers
+        hd = dict(headers)
+        if hd.get(b"connection", b"").lower() == b"close":
+            self.keep_alive = False
+        if b"chunked" in hd.get(b"transfer-encoding", b"").lower():
+            self.state = 1
+        elif b"content-length" in hd:
+            self.remaining = int(hd[b"content-length"])
+            self.state = 5
+            if self.remaining == 0:
+                self.done = True
+        elif status in (204, 304):
+            self.done = True
+        else:
+            self.state = 6
+            self.keep_alive = False
+        return True
+
+    def _body_to_end(self, buf: bytearray, out: list[bytes]) -> None:
+        """A non-empty ``buf`` of a Content-Length body (state 5) or of one that runs until the
+        connection closes (state 6) into ``out``."""
+        if self.state == 6:
+            out.append(bytes(buf))
+            del buf[:]
+            return
+        take = min(self.remaining, len(buf))
+        out.append(bytes(buf[:take]))
+        del buf[:take]
+        self.remaining -= take
+        if self.remaining == 0:
+            self.done = True
+
+    def _trailer_line(self, buf: bytearray) -> bool:
+        """One trailer line; the empty one ends the response."""
+        i = buf.find(b"\r\n")
+        if i < 0:
+            return False
+        empty = i == 0
+        del buf[:i + 2]
+        if empty:
+            self.done = True
+        return True
 
     def eof(self) -> bool:
         """The connection closed: True if that ends the body cleanly."""
@@ -381,6 +400,7 @@ class ClientConn:
             self._readable()
 
     def _readable(self) -> None:
+        """One ``recv``. The per-chunk path (timing, parsing, stamps) stays inline on purpose."""
         try:
             chunk = self.sock.recv(262144)
         except (BlockingIOError, InterruptedError):
@@ -395,17 +415,10 @@ class ClientConn:
         if r is None or self.req is None:  # unsolicited bytes or close on an idle connection
             self.close()
             return
-        t0 = r.t_send_ns
         if not chunk:
-            parser = self.parser
-            if not parser.eof():
-                r.outcome = "truncated" if parser.status is not None else "error"
-                r.reason = err or "server closed the connection before the end of the body"
-                r.t_end = (now - t0) / 1e9
-                self._finish(reuse=False)
-            else:
-                self._complete(reuse=False)
+            self._closed(err, now)
             return
+        t0 = r.t_send_ns
         gap = (now - self.last_ns) / 1e9
         if gap > r.max_gap:
             r.max_gap = gap
@@ -417,16 +430,11 @@ class ClientConn:
         try:
             payloads = self.parser.feed(chunk)
         except ValueError as exc:
-            r.outcome = "truncated"
-            r.reason = f"bad response framing: {exc}"
-            r.t_end = (now - t0) / 1e9
-            self._finish(reuse=False)
+            self._ended("truncated", f"bad response framing: {exc}", now)
             return
         for payload in payloads:
             if r.first_event is None:
-                r.first_event = (now - t0) / 1e9
-                if req.on_first is not None:
-                    req.on_first(r)
+                self._first_body_byte(now)
             r.nbytes += len(payload)
             if req.timeline:
                 r.timeline.append(((now - t0) / 1e9, r.nbytes))
@@ -451,6 +459,30 @@ class ClientConn:
                     r.emit_last_ns = emit
         if self.parser.done:
             self._complete(reuse=self.parser.keep_alive)
+
+    def _first_body_byte(self, now: int) -> None:
+        r = self.r
+        r.first_event = (now - r.t_send_ns) / 1e9
+        if self.req.on_first is not None:
+            self.req.on_first(r)
+
+    def _closed(self, err: str, now: int) -> None:
+        """The server closed the connection (or ``recv`` failed with ``err``) at ``now``: the
+        end of an until-close body, else a truncated (or, before any head, failed) response."""
+        parser = self.parser
+        if parser.eof():
+            self._complete(reuse=False)
+            return
+        self._ended("truncated" if parser.status is not None else "error",
+                    err or "server closed the connection before the end of the body", now)
+
+    def _ended(self, outcome: str, reason: str, now: int) -> None:
+        """The response ended early at ``now``; the connection is not reused."""
+        r = self.r
+        r.outcome = outcome
+        r.reason = reason
+        r.t_end = (now - r.t_send_ns) / 1e9
+        self._finish(reuse=False)
 
     def _complete(self, reuse: bool) -> None:
         r = self.r

@@ -113,11 +113,7 @@ class Conn:
         parts: list[bytes] = []
         if timeline:
             r.timeline = [(0.0, 0)]
-        hdrs = [("host", f"{HOST}:{self.port}"), ("content-type", "application/json"),
-                ("content-length", str(len(body))), ("accept", "text/event-stream"),
-                ("x-api-key", "sk-ant-bench"), ("anthropic-version", "2023-06-01")]
-        if headers:
-            hdrs += headers
+        hdrs = self._headers(body, headers)
         try:
             stream = await self._ensure()
         except OSError as exc:
@@ -125,8 +121,38 @@ class Conn:
             return r
         parser: RawParser | H11Parser = H11Parser(self.h11) if self.h11 is not None else RawParser()
         data = self._encode(method, target, hdrs, body)
-        r.t_send_ns = t0 = time.time_ns()
-        last = t0
+        last = await self._exchange(stream, data, parser, r, parts, idle_timeout=idle_timeout,
+                                    total_timeout=total_timeout, keep_body=keep_body,
+                                    timeline=timeline, stamps=stamps)
+        r.status = parser.status
+        r.headers = parser.headers
+        if parser.done:
+            r.outcome = "complete"
+            r.t_end = (last - r.t_send_ns) / 1e9
+            self.reusable = parser.keep_alive
+        if not self.reusable:
+            await self.aclose()
+        r.events = len(r.delays)
+        if keep_body:
+            r.body = b"".join(parts)
+        return r
+
+    def _headers(self, body: bytes, extra: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
+        hdrs = [("host", f"{HOST}:{self.port}"), ("content-type", "application/json"),
+                ("content-length", str(len(body))), ("accept", "text/event-stream"),
+                ("x-api-key", "sk-ant-bench"), ("anthropic-version", "2023-06-01")]
+        if extra:
+            hdrs += extra
+        return hdrs
+
+    async def _exchange(
+        self, stream: trio.SocketStream, data: bytes, parser: RawParser | H11Parser,
+        r: StreamResult, parts: list[bytes], *, idle_timeout: float | None,
+        total_timeout: float | None, keep_body: bool, timeline: bool, stamps: bool,
+    ) -> int:
+        """Send ``data`` and read until the body ends, the server closes, a timeout fires or the
+        connection fails, filling ``r`` and ``parts``. Returns when the last byte came (ns)."""
+        r.t_send_ns = t0 = last = time.time_ns()
         carry = b""
         delays = r.delays
         finditer = EMIT_RE.finditer
@@ -138,20 +164,13 @@ class Conn:
                         with trio.move_on_after(idle_timeout) as idle_cs:
                             chunk = await stream.receive_some(65536)
                         if idle_cs.cancelled_caught:
-                            now = time.time_ns()
-                            r.outcome = "aborted"
-                            r.reason = f"client idle timeout ({idle_timeout:g} s without a byte)"
-                            r.t_end = (now - t0) / 1e9
-                            r.max_gap = max(r.max_gap, (now - last) / 1e9)
+                            _abort(r, f"client idle timeout ({idle_timeout:g} s without a byte)", last)
                             break
                     else:
                         chunk = await stream.receive_some(65536)
                     now = time.time_ns()
                     if not chunk:
-                        if not parser.eof():
-                            r.outcome = "truncated" if parser.status is not None else "error"
-                            r.reason = "server closed the connection before the end of the body"
-                            r.t_end = (now - t0) / 1e9
+                        _closed(r, parser, now)
                         break
                     gap = (now - last) / 1e9
                     if gap > r.max_gap:
@@ -182,27 +201,33 @@ class Conn:
                                 r.emit_last_ns = emit
             except (h11.RemoteProtocolError, ValueError, trio.BrokenResourceError,
                     trio.ClosedResourceError, OSError) as exc:
-                r.outcome = "truncated" if parser.status is not None else "error"
-                r.reason = f"{type(exc).__name__}: {exc}"
-                r.t_end = (time.time_ns() - t0) / 1e9
+                _failed(r, parser, exc)
         if total_cs.cancelled_caught:
-            now = time.time_ns()
-            r.outcome = "aborted"
-            r.reason = f"bench safety cap ({total_timeout:g} s total)"
-            r.t_end = (now - t0) / 1e9
-            r.max_gap = max(r.max_gap, (now - last) / 1e9)
-        r.status = parser.status
-        r.headers = parser.headers
-        if parser.done:
-            r.outcome = "complete"
-            r.t_end = (last - t0) / 1e9
-            self.reusable = parser.keep_alive
-        if not self.reusable:
-            await self.aclose()
-        r.events = len(delays)
-        if keep_body:
-            r.body = b"".join(parts)
-        return r
+            _abort(r, f"bench safety cap ({total_timeout:g} s total)", last)
+        return last
+
+
+def _abort(r: StreamResult, reason: str, last: int) -> None:
+    """The client gave up (idle timeout or safety cap); ``last``: when the last byte came."""
+    now = time.time_ns()
+    r.outcome = "aborted"
+    r.reason = reason
+    r.t_end = (now - r.t_send_ns) / 1e9
+    r.max_gap = max(r.max_gap, (now - last) / 1e9)
+
+
+def _failed(r: StreamResult, parser: RawParser | H11Parser, exc: Exception) -> None:
+    r.outcome = "truncated" if parser.status is not None else "error"
+    r.reason = f"{type(exc).__name__}: {exc}"
+    r.t_end = (time.time_ns() - r.t_send_ns) / 1e9
+
+
+def _closed(r: StreamResult, parser: RawParser | H11Parser, now: int) -> None:
+    """The server closed the connection: fine if that ends the body, else truncated."""
+    if not parser.eof():
+        r.outcome = "truncated" if parser.status is not None else "error"
+        r.reason = "server closed the connection before the end of the body"
+        r.t_end = (now - r.t_send_ns) / 1e9
 
 
 async def trio_loop(port: int, concurrency: int, duration: float, body: bytes, impl: str,

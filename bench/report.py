@@ -363,8 +363,11 @@ def main() -> None:
     ovh = common.load_result("overhead", q)
     if ovh:
         parts.append(overhead.markdown_section(ovh))
-    for cmp_md in sorted(RESULTS.glob("compare_*.md")):
-        parts.append(f"Before/after: see [{cmp_md.name}]({cmp_md.name}) (compare_revs.py).\n")
+    # results/ keeps the current runs only: a compare_revs.py before/after is linked while its
+    # file is there (earlier ones are in git history)
+    compares = [f"[{md.name}]({md.name})" for md in sorted(RESULTS.glob("compare_*.md"))]
+    if compares:
+        parts.append(f"Before/after (compare_revs.py): {', '.join(compares)}.\n")
     prof = RESULTS / "profile.txt"
     if prof.exists() and not q:
         parts.append("## Profile\n\nSee [profile.txt](profile.txt) (trioproxy under the latency "

@@ -33,6 +33,7 @@ import argparse
 import sqlite3
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import common
@@ -101,35 +102,54 @@ def ledger_check(db: Any, results: list[loadgen.StreamResult], wait_s: float = 3
             "record_end_reasons": dict(ends)}
 
 
-def run_path(eng: loadgen.Engine, up: common.Proc, t: common.Target, p: dict[str, Any],
-             progress: Progress, ledger: Any = None) -> dict[str, Any]:
-    n = p["streams"]
-    sampler = t.sampler() if t.proc else up.sampler()  # direct: the upstream's own cost
-    rss0 = sampler.rss()
-    cpu_base = idle_cpu(sampler, p["baseline_s"], eng)
-    group = "scale-" + "".join(c if c.isalnum() else "_" for c in t.path)  # URL-safe
-    opened = [0]
+class HeldStreams:
+    """A path's streams while they are held open: filled in by the requests' callbacks."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.opened = 0  # streams with a first body byte
+        self.done = 0  # streams ended
+        self.results: list[loadgen.StreamResult | None] = [None] * n
+
+    def first_byte(self, r: loadgen.StreamResult) -> None:
+        self.opened += 1
+
+    def finisher(self, i: int) -> Callable[[loadgen.StreamResult], None]:
+        def finished(r: loadgen.StreamResult) -> None:
+            self.results[i] = r
+            self.done += 1
+        return finished
+
+
+def open_streams(eng: loadgen.Engine, t: common.Target, p: dict[str, Any], group: str,
+                 streams: HeldStreams, sampler: common.ProcSampler, progress: Progress
+                 ) -> dict[str, float]:
+    """Open the streams (the upstream holds each after its first event) and wait until each
+    is open or ended: the time that took, the proxy's and the load generator's CPU meanwhile."""
+    n = streams.n
     body = loadgen.stream_body(events=4, interval=0.01, hold=group, hold_max=p["hold_max_s"])
     reqs = [loadgen.Req("POST", "/v1/messages", body, stamps=True,
-                        total_timeout=p["hold_max_s"] + 60,
-                        on_first=lambda r: opened.__setitem__(0, opened[0] + 1))
+                        total_timeout=p["hold_max_s"] + 60, on_first=streams.first_byte)
             for _ in range(n)]
-    results: list[loadgen.StreamResult | None] = [None] * n
-    done = [0]
     c_open0, gen0 = sampler.cpu(), common.self_cpu()
     t0 = time.monotonic()
     for i, req in enumerate(reqs):
-        def finished(r: loadgen.StreamResult, i: int = i) -> None:
-            results[i] = r
-            done[0] += 1
-        req.on_done = finished
+        req.on_done = streams.finisher(i)
         loadgen.ClientConn(eng, t.port).request(req)
-    eng.run(lambda: opened[0] + done[0] >= n, t0 + max(90.0, n * 0.02),
-            tick=lambda: progress(f"{t.path}: {opened[0]}/{n} streams open"), tick_every=5.0)
+    eng.run(lambda: streams.opened + streams.done >= n, t0 + max(90.0, n * 0.02),
+            tick=lambda: progress(f"{t.path}: {streams.opened}/{n} streams open"), tick_every=5.0)
     open_s = time.monotonic() - t0
     cpu_open = sampler.cpu() - c_open0
     gen_open = common.self_cpu() - gen0
-    progress(f"{t.path}: {opened[0]} open in {open_s:.1f} s ({done[0]} ended early)", force=True)
+    progress(f"{t.path}: {streams.opened} open in {open_s:.1f} s ({streams.done} ended early)",
+             force=True)
+    return {"open_s": open_s, "cpu_open": cpu_open, "gen_open": gen_open}
+
+
+def measure_idle(eng: loadgen.Engine, sampler: common.ProcSampler, p: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """After the settle time: RSS and fds with the streams open, CPU while they idle (the
+    proxy's, and the load generator's per second), RSS after the idle window."""
     eng.run(lambda: False, time.monotonic() + p["settle_s"])  # settle
     rss_open = sampler.rss()
     worker_rss_open = sampler.worker_rss()
@@ -137,47 +157,81 @@ def run_path(eng: loadgen.Engine, up: common.Proc, t: common.Target, p: dict[str
     gen0 = common.self_cpu()
     cpu_idle = idle_cpu(sampler, p["idle_s"], eng)
     gen_idle = (common.self_cpu() - gen0) / p["idle_s"]
-    rss_after_idle = sampler.rss()
-    still_open = opened[0] - done[0]
+    return {"rss_open": rss_open, "worker_rss_open": worker_rss_open, "fds": fds,
+            "cpu_idle": cpu_idle, "gen_idle": gen_idle, "rss_after_idle": sampler.rss()}
+
+
+def release_and_drain(eng: loadgen.Engine, up: common.Proc, path: str, group: str,
+                      p: dict[str, Any], streams: HeldStreams, progress: Progress
+                      ) -> tuple[Any, float, list[loadgen.StreamResult]]:
+    """Release the held streams and wait for them to end: (the upstream's answer to the
+    release, seconds to drain, every stream's result)."""
     released = loadgen.control(up.port, "POST", f"/bench/release?group={group}")
     t_rel = time.monotonic()
-    eng.run(lambda: done[0] >= n, t_rel + p["drain_max_s"],
-            tick=lambda: progress(f"{t.path}: {done[0]}/{n} streams done"), tick_every=5.0)
+    eng.run(lambda: streams.done >= streams.n, t_rel + p["drain_max_s"],
+            tick=lambda: progress(f"{path}: {streams.done}/{streams.n} streams done"),
+            tick_every=5.0)
     drain_s = time.monotonic() - t_rel
     final = [r if r is not None else loadgen.StreamResult(
         outcome="error", reason=f"not finished {p['drain_max_s']:g} s after the release")
-        for r in results]
-    outcomes: dict[str, int] = defaultdict(int)
-    for r in final:
-        outcomes[r.outcome] += 1
+        for r in streams.results]
+    return released, drain_s, final
+
+
+def run_path(eng: loadgen.Engine, up: common.Proc, t: common.Target, p: dict[str, Any],
+             progress: Progress, ledger: Any = None) -> dict[str, Any]:
+    """One path: its idle baseline, then the streams opened, held idle, released and drained;
+    returns the path's row."""
+    sampler = t.sampler() if t.proc else up.sampler()  # direct: the upstream's own cost
+    rss0 = sampler.rss()
+    cpu_base = idle_cpu(sampler, p["baseline_s"], eng)
+    group = "scale-" + "".join(c if c.isalnum() else "_" for c in t.path)  # URL-safe
+    streams = HeldStreams(p["streams"])
+    opening = open_streams(eng, t, p, group, streams, sampler, progress)
+    idle = measure_idle(eng, sampler, p)
+    still_open = streams.opened - streams.done
+    released, drain_s, final = release_and_drain(eng, up, t.path, group, p, streams, progress)
     eng.run(lambda: False, time.monotonic() + 0.5)
     rss_end = sampler.rss()
     records = ledger_check(ledger, final) if ledger is not None else None
-    per_stream = (rss_open - rss0) / still_open if still_open else None
+    return path_row(t, streams, final, still_open, released, records, {
+        **opening, **idle, "rss0": rss0, "cpu_base": cpu_base, "drain_s": drain_s,
+        "rss_end": rss_end})
+
+
+def path_row(t: common.Target, streams: HeldStreams, final: list[loadgen.StreamResult],
+             still_open: int, released: Any, records: dict[str, Any] | None,
+             m: dict[str, Any]) -> dict[str, Any]:
+    """The path's row from its measurements ``m`` (bytes, CPU seconds, seconds)."""
+    outcomes: dict[str, int] = defaultdict(int)
+    for r in final:
+        outcomes[r.outcome] += 1
+    open_s, cpu_open, cpu_idle = m["open_s"], m["cpu_open"], m["cpu_idle"]
+    per_stream = (m["rss_open"] - m["rss0"]) / still_open if still_open else None
     return {
         "path": t.path, "measured_process": "proxy" if t.proc else "upstream (direct path)",
-        "streams": n, "opened": opened[0], "open_during_idle": still_open,
+        "streams": streams.n, "opened": streams.opened, "open_during_idle": still_open,
         "released": released.get("streams") if isinstance(released, dict) else None,
         "outcomes": dict(outcomes),
         "errors": sorted({r.reason for r in final if r.outcome != "complete"})[:5],
-        "open_seconds": open_s, "open_cpu_ms_per_stream": cpu_open / max(1, opened[0]) * 1000,
+        "open_seconds": open_s, "open_cpu_ms_per_stream": cpu_open / max(1, streams.opened) * 1000,
         "open_proxy_cores": cpu_open / open_s if open_s else None,
-        "loadgen_open_cores": gen_open / open_s if open_s else None,
-        "loadgen_idle_cores": gen_idle, "records": records,
-        "rss_baseline_mb": rss0 / 2**20, "rss_open_mb": rss_open / 2**20,
-        "worker_rss_open_mb": worker_rss_open / 2**20,
-        "rss_after_idle_mb": rss_after_idle / 2**20, "rss_end_mb": rss_end / 2**20,
+        "loadgen_open_cores": m["gen_open"] / open_s if open_s else None,
+        "loadgen_idle_cores": m["gen_idle"], "records": records,
+        "rss_baseline_mb": m["rss0"] / 2**20, "rss_open_mb": m["rss_open"] / 2**20,
+        "worker_rss_open_mb": m["worker_rss_open"] / 2**20,
+        "rss_after_idle_mb": m["rss_after_idle"] / 2**20, "rss_end_mb": m["rss_end"] / 2**20,
         "rss_per_stream_kb": per_stream / 1024 if per_stream is not None else None,
-        "cpu_idle_baseline": cpu_base, "cpu_idle_with_streams": cpu_idle,
-        "cpu_idle_per_1k_streams": ((cpu_idle - (cpu_base or 0)) / still_open * 1000)
+        "cpu_idle_baseline": m["cpu_base"], "cpu_idle_with_streams": cpu_idle,
+        "cpu_idle_per_1k_streams": ((cpu_idle - (m["cpu_base"] or 0)) / still_open * 1000)
         if cpu_idle is not None and still_open else None,
-        "fds_open": fds, "drain_seconds": drain_s,
+        "fds_open": m["fds"], "drain_seconds": m["drain_s"],
         "completed_within_drain_max": sum(r.outcome == "complete" for r in final),
         "ttfb_ms": common.summarize(common.ms([r.ttfb for r in final if r.ttfb is not None])),
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--streams", type=int, default=None)
@@ -190,7 +244,51 @@ def main() -> None:
     ap.add_argument("--max-connections", default=None,
                     help="trioproxy's TRIOPROXY_MAX_CONNECTIONS (default: its own, auto)")
     ap.add_argument("--name", default="scale", help="result file name (results/NAME.json)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def start_targets(procs: Procs, up: common.Proc, paths: list[str], max_connections: str | None
+                  ) -> tuple[dict[str, common.Target], dict[str, Any]]:
+    """Start every path's proxy (accounting on, a data dir of its own; ``PATH+TRIOPROXY_X=V``
+    a setting, ``PATH@REV`` a revision): the targets, and the ledger of each trioproxy path."""
+    targets: dict[str, common.Target] = {}
+    ledgers: dict[str, Any] = {}
+    for path in paths:
+        if path == "direct":
+            targets[path] = common.Target(path, up.port, None)
+            continue
+        data = procs.logdir / f"data-{len(targets)}"
+        data.mkdir()
+        env = {"TRIOPROXY_ACCOUNTING": "true", "XDG_DATA_HOME": str(data)}
+        if max_connections:
+            env["TRIOPROXY_MAX_CONNECTIONS"] = max_connections
+        base, *extra = path.split("+")  # trioproxy+TRIOPROXY_X=1: a variant, same run
+        env.update(e.split("=", 1) for e in extra)
+        base, _, rev = base.partition("@")  # trioproxy@REV: that revision's code
+        if rev:
+            env["PYTHONPATH"] = common.export_revision(rev)
+        proc = procs.proxy(base, up.port, trioproxy_env=env)
+        targets[path] = common.Target(path, proc.port, proc)
+        if path.startswith("trioproxy"):
+            ledgers[path] = data / "trioproxy" / "usage.db"
+    return targets, ledgers
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    print(table(["path", "open", "open s", "drain s", "RSS base MB", "RSS open MB", "KB/stream",
+                 "idle cpu base", "idle cpu open", "fds", "outcomes", "one record"],
+                [[r["path"], r["open_during_idle"], fmt(r["open_seconds"], "", 1),
+                  fmt(r["drain_seconds"], "", 1),
+                  fmt(r["rss_baseline_mb"], "", 1), fmt(r["rss_open_mb"], "", 1),
+                  fmt(r["rss_per_stream_kb"], "", 1), fmt(r["cpu_idle_baseline"], "", 3),
+                  fmt(r["cpu_idle_with_streams"], "", 3), r["fds_open"],
+                  ",".join(f"{k}:{v}" for k, v in r["outcomes"].items()),
+                  r["records"]["streams_with_one_record"] if r["records"] else "-"]
+                 for r in rows]))
+
+
+def main() -> None:
+    args = parse_args()
     common.banner(args.name, args.quick)
     common.check_trioproxy_imports()
     p = plan(args.quick, args.streams, args.idle, args.settle)
@@ -201,26 +299,7 @@ def main() -> None:
     nofile = common.raise_nofile()[0]
     with Procs() as procs:
         up = procs.upstream()
-        targets: dict[str, common.Target] = {}
-        ledgers: dict[str, Any] = {}
-        for path in paths:
-            if path == "direct":
-                targets[path] = common.Target(path, up.port, None)
-                continue
-            data = procs.logdir / f"data-{len(targets)}"
-            data.mkdir()
-            env = {"TRIOPROXY_ACCOUNTING": "true", "XDG_DATA_HOME": str(data)}
-            if args.max_connections:
-                env["TRIOPROXY_MAX_CONNECTIONS"] = args.max_connections
-            base, *extra = path.split("+")  # trioproxy+TRIOPROXY_X=1: a variant, same run
-            env.update(e.split("=", 1) for e in extra)
-            base, _, rev = base.partition("@")  # trioproxy@REV: that revision's code
-            if rev:
-                env["PYTHONPATH"] = common.export_revision(rev)
-            proc = procs.proxy(base, up.port, trioproxy_env=env)
-            targets[path] = common.Target(path, proc.port, proc)
-            if path.startswith("trioproxy"):
-                ledgers[path] = data / "trioproxy" / "usage.db"
+        targets, ledgers = start_targets(procs, up, paths, args.max_connections)
         eng = loadgen.Engine(max_opening=64)
         warm = loadgen.stream_body(events=4, interval=0.001)
         for t in targets.values():
@@ -233,16 +312,7 @@ def main() -> None:
                      f"{fmt(row['cpu_idle_with_streams'], '', 3)} (baseline "
                      f"{fmt(row['cpu_idle_baseline'], '', 3)}), outcomes {row['outcomes']}, "
                      f"records {row['records']}", force=True)
-    print(table(["path", "open", "open s", "drain s", "RSS base MB", "RSS open MB", "KB/stream",
-                 "idle cpu base", "idle cpu open", "fds", "outcomes", "one record"],
-                [[r["path"], r["open_during_idle"], fmt(r["open_seconds"], "", 1),
-                  fmt(r["drain_seconds"], "", 1),
-                  fmt(r["rss_baseline_mb"], "", 1), fmt(r["rss_open_mb"], "", 1),
-                  fmt(r["rss_per_stream_kb"], "", 1), fmt(r["cpu_idle_baseline"], "", 3),
-                  fmt(r["cpu_idle_with_streams"], "", 3), r["fds_open"],
-                  ",".join(f"{k}:{v}" for k, v in r["outcomes"].items()),
-                  r["records"]["streams_with_one_record"] if r["records"] else "-"]
-                 for r in rows]))
+    print_rows(rows)
     out = common.write_result(args.name, args.quick, {
         "config": {**p, "paths": paths, "max_opening": 64, "keepalive_s": 15.0,
                    "trioproxy_max_connections": args.max_connections or "auto (default)",
