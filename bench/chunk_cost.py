@@ -10,7 +10,7 @@ Measures, per SSE event (one event per chunk, as upstreams send them):
 - the relay writer's hand-over of one chunk, as before the latency work (the bare chunk) and
   with it (a ``(chunk, read_at)`` item, ``relay.handed_over``: a clock read and ``on_relay``),
   inside ``trio.run`` since it reads trio's clock;
-- the WebSocket ledger's attribution of one delta frame, with its latency (``feed_message``);
+- the WebSocket response book's attribution of one delta frame, with its latency (``feed_message``);
 and, for scale, one ``b"".join`` of two chunks (the writer's coalescing).
 
 Run: ``python bench/chunk_cost.py [--events 20000] [--repeat 7] [--out FILE]``. Prints a table
@@ -51,10 +51,24 @@ except ImportError:
     except ImportError:  # revisions before the latency tracker
         LatencyTracker = None
 try:
-    from trioproxy.relay.ws_responses import ResponseBook
     from trioproxy.relay.http import handed_over
+    try:
+        from trioproxy.relay.ws_responses import ResponseBook
+    except ImportError:  # before the layout by role: the book was protocol's ResponseLedger
+        from trioproxy.protocol.websocket import ResponseLedger as ResponseBook
 except ImportError:  # revisions before the latency wiring
-    ResponseLedger = handed_over = None
+    ResponseBook = handed_over = None
+
+
+def _close(parser):
+    """The parser's usage: ``close()``, which older revisions spelled ``finish()``."""
+    return (parser.close if hasattr(parser, "close") else parser.finish)()
+
+
+def _figures(tracker, ended: float, output_tokens: int):
+    """The tracker's latency figures: ``figures()``, which older revisions spelled ``finish()``."""
+    method = tracker.figures if hasattr(tracker, "figures") else tracker.finish
+    return method(ended, output_tokens)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -86,7 +100,7 @@ def _parser_run(api: str) -> Callable[[list[bytes]], None]:
         parser = make_parser(api, streaming=True)
         for e in events:
             parser.feed(e)
-        parser.finish()
+        _close(parser)
 
     return run
 
@@ -107,7 +121,7 @@ def _timed_parser_run(api: str, how: str) -> Callable[[list[bytes]], None]:
                 now += 0.001
                 parser.now = now
                 parser.feed(e)
-        tracker.finish(now, parser.finish().output_tokens)
+        _figures(tracker, now, _close(parser).output_tokens)
 
     return run
 
@@ -119,7 +133,7 @@ def _tracker_run(events: list[bytes]) -> None:
         now += 0.001
         tracker.on_content(now)
         tracker.on_relay(now, now + 0.0001)
-    tracker.finish(now, len(events))
+    _figures(tracker, now, len(events))
 
 
 def _paced_trackers(n: int, gaps: int, spread: float) -> list:
@@ -139,11 +153,11 @@ def _paced_trackers(n: int, gaps: int, spread: float) -> list:
     return trackers
 
 
-def _finish_run(trackers: list) -> None:
+def _figures_run(trackers: list) -> None:
     """Per response: the figures (sorted gaps, percentiles, and the gap sketch where it
     exists) at the end of a response."""
     for tracker in trackers:
-        tracker.finish(tracker.last_content + 0.001, 201)
+        _figures(tracker, tracker.last_content + 0.001, 201)
 
 
 def _stripper_run(events: list[bytes]) -> None:
@@ -194,27 +208,27 @@ def _ws_frames(n: int) -> list[str]:
                         "delta": f" word{i}"}, separators=(",", ":")) for i in range(n)]
 
 
-def _ws_ledger_run(timed: bool) -> Callable[[list], None]:
+def _ws_book_run(timed: bool) -> Callable[[list], None]:
     def run(frames: list) -> None:
-        _ws_ledger(frames, timed)
+        _ws_book(frames, timed)
 
     return _in_trio(run)
 
 
-def _ws_ledger(frames: list, timed: bool) -> None:
-    """Delta frames attributed by the ledger; untimed: no tracker, no parser feed (before)."""
-    ledger = ResponseLedger("ws_x", "s", "/v1/responses", [], False)
-    rec = ledger.start(10)
+def _ws_book(frames: list, timed: bool) -> None:
+    """Delta frames attributed by the response book; untimed: no tracker, no parser (before)."""
+    book = ResponseBook("ws_x", "s", "/v1/responses", [], False)
+    response = book.start(10)
     if not timed:
-        rec.ex.tracker = rec.ex.parser = None
-    ledger.forwarded(rec)
-    ledger.on_upstream_frame('{"type":"response.created","response":{"id":"r"}}', 0.0,
-                             "response.created", {"type": "response.created",
-                                                  "response": {"id": "r"}}, 0.0)
+        response.ex.tracker = response.ex.parser = None
+    book.forwarded(response)
+    book.on_upstream_frame('{"type":"response.created","response":{"id":"r"}}', 0.0,
+                           "response.created", {"type": "response.created",
+                                                "response": {"id": "r"}}, 0.0)
     now = 0.0
     for f in frames:
         now += 0.001
-        ledger.on_upstream_frame(f, now, "response.output_text.delta", None, now)
+        book.on_upstream_frame(f, now, "response.output_text.delta", None, now)
 
 
 def _join_run(events: list[bytes]) -> None:
@@ -240,9 +254,9 @@ def main() -> None:
         cases.append(("LatencyTracker on_content+on_relay", _tracker_run, streams["openai.chat"]))
         n = max(20, args.events // 200)
         cases += [  # per response, not per event
-            ("LatencyTracker.finish, 200 gaps 20ms±10% (per response)", _finish_run,
+            ("LatencyTracker.figures, 200 gaps 20ms±10% (per response)", _figures_run,
              _paced_trackers(n, 200, 0.0)),
-            ("LatencyTracker.finish, 200 gaps lognormal s=1 (per response)", _finish_run,
+            ("LatencyTracker.figures, 200 gaps lognormal s=1 (per response)", _figures_run,
              _paced_trackers(n, 200, 1.0)),
         ]
     cases += [
@@ -256,8 +270,8 @@ def main() -> None:
              streams["openai.chat"]),
             ("writer hand-over + relay delay (now)", _in_trio(_handover_timed_run),
              streams["openai.chat"]),
-            ("ws ledger delta frame (before)", _ws_ledger_run(False), _ws_frames(args.events)),
-            ("ws ledger delta frame + latency (now)", _ws_ledger_run(True),
+            ("ws response book delta frame (before)", _ws_book_run(False), _ws_frames(args.events)),
+            ("ws response book delta frame + latency (now)", _ws_book_run(True),
              _ws_frames(args.events)),
         ]
     rows = []
