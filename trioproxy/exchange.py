@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from .extensions import HookContext
 from .protocol.latency import Latency, LatencyTracker
 from .protocol.lifecycle import End, Lifecycle
 from .protocol.routing import Route
@@ -154,6 +155,21 @@ class Exchange:
     def log_label(self) -> str:
         """How log lines name this exchange: the proxy's id, and the inbound id beside it."""
         return f"{self.request_id}({self.correlation_id})" if self.correlation_id else self.request_id
+
+    def hook_context(self, payload: dict[str, Any] | None = None) -> HookContext:
+        """What extension hooks are told of this exchange; without ``payload``, what the
+        exchange noted of its request."""
+        if payload is not None:
+            model = payload.get("model")
+            stream = bool(payload.get("stream"))
+        else:
+            model = self.model_requested
+            stream = self.stream_requested if self.stream_requested is not None else self.streamed
+        return HookContext(
+            request_id=self.request_id, api=self.api(), provider=self.provider,
+            transport=self.transport, path=self.path,
+            model=model if isinstance(model, str) else None, stream=stream, bypass=self.bypass,
+        )
 
     def api(self) -> str:
         return self.route.api if self.route else "unrouted"

@@ -15,7 +15,7 @@ from json.decoder import scanstring
 from typing import Any
 
 from .exchange import Exchange
-from .extensions import ExtensionManager, HookContext, MutableHeaders
+from .extensions import ExtensionManager, MutableHeaders
 from .protocol import headers as hdr
 from .protocol.decoding import loads_object
 from .protocol.routing import ACCOUNTED_APIS
@@ -47,26 +47,6 @@ def decode_payload(body: bytes, content_encoding: bytes | None) -> dict[str, Any
 
 def encode_payload(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def hook_context(ex: Exchange, payload: dict[str, Any] | None = None) -> HookContext:
-    """The context hooks get; without ``payload`` it uses what the exchange noted."""
-    if payload is not None:
-        model = payload.get("model")
-        stream = bool(payload.get("stream"))
-    else:
-        model = ex.model_requested
-        stream = ex.stream_requested if ex.stream_requested is not None else ex.streamed
-    return HookContext(
-        request_id=ex.request_id,
-        api=ex.api(),
-        provider=ex.provider,
-        transport=ex.transport,
-        path=ex.path,
-        model=model if isinstance(model, str) else None,
-        stream=stream,
-        bypass=ex.bypass,
-    )
 
 
 @dataclass(slots=True)
@@ -146,7 +126,7 @@ async def _run_hooks(
 ) -> tuple[dict[str, Any], list[str], list[tuple[bytes, bytes]]]:
     """(payload, names of the hooks that changed it, outbound headers) after the hooks ran."""
     mutable = MutableHeaders(headers)
-    result = await manager.run_payload(hook_context(ex, payload), payload, mutable)
+    result = await manager.run_payload(ex.hook_context(payload), payload, mutable)
     out_headers = headers
     if mutable.changed:  # an extension cannot send hop-by-hop or x-trioproxy-* upstream
         length = hdr.get(headers, b"content-length")

@@ -15,7 +15,6 @@ from .config.settings import Settings
 from .exchange import Exchange, Finaliser
 from .extensions import ExtensionManager
 from .log import access_enabled, log_access
-from .payload import hook_context
 from .upstream import UpstreamPool
 
 log = logging.getLogger("trioproxy")
@@ -128,7 +127,7 @@ class Runtime:
         if self.writer is not None:
             self.writer.submit(rec)
         if self.extensions.has_complete_hooks:
-            await self.extensions.run_complete(hook_context(ex), rec)
+            await self.extensions.run_complete(ex.hook_context(), rec)
 
     async def finalise(self, ex: Exchange, *, recorded: bool = True, logged: bool = True) -> None:
         """Finalise one exchange exactly once: decide its outcome, write the access line, then

@@ -22,7 +22,11 @@ def _text(value: bytes | None, limit: int = 512) -> str | None:
 
 def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
     """The usage record of one finalised exchange."""
-    usage = ex.usage()
+    # What the exchange knows, read first (each computed once there); then what is derived.
+    usage, timings, latency = ex.usage(), ex.timings_ms(), ex.latency()
+    free = ex.api() == "anthropic.count_tokens"  # counting tokens consumes none: cost 0
+    known = usage is not None and usage.known and not free
+    cost = 0.0 if free else (ex.cost_usd() if known else None)
     headers = ex.request_headers
     key = extract_api_key(headers, ex.provider)  # the credential that provider bills
     key_fp, key_last4 = fingerprint(key, secret) if key else (None, None)
@@ -34,9 +38,6 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
     if ex.route is not None and ex.route.accounted and not complete and ex.status is not None \
             and 200 <= ex.status < 300:
         stop_reason = "incomplete"
-    timings = ex.timings_ms()
-    free = ex.api() == "anthropic.count_tokens"  # counting tokens consumes none: cost 0
-    known = usage is not None and usage.known and not free
     return UsageRecord(
         request_id=ex.request_id,
         correlation_id=ex.correlation_id,
@@ -57,7 +58,7 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
         stop_reason=stop_reason,
         end_reason=ex.end_reason,
         error=ex.error or (usage.error if usage is not None else None),
-        cost_usd=0.0 if free else (ex.cost_usd() if known else None),
+        cost_usd=cost,
         ttfb_ms=timings["ttfb_ms"],
         duration_ms=timings["duration_ms"],
         max_gap_ms=timings["max_gap_ms"],
@@ -68,7 +69,7 @@ def build_record(ex: Exchange, secret: bytes) -> UsageRecord:
         user_agent=_text(hdr.get(headers, b"user-agent")),
         session_id=session,
         extra=_record_extra(ex),
-        **latency_columns(ex.latency()),
+        **latency_columns(latency),
     )
 
 

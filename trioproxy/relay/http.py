@@ -46,7 +46,6 @@ from ..errors import (
 )
 from ..exchange import Exchange, Finaliser
 from ..extensions import ExtensionFailed, ExtensionManager, MutableHeaders
-from ..payload import hook_context
 from ..protocol import headers as hdr
 from ..protocol.lifecycle import End
 from ..protocol.usage_wire import (
@@ -245,7 +244,7 @@ class HttpRelay:
         ext = self._extensions
         if ext is not None and ext.has_response_start_hooks and not ex.bypass:
             mutable = MutableHeaders(headers)
-            await ext.run_response_start(hook_context(ex), resp.status, mutable)
+            await ext.run_response_start(ex.hook_context(), resp.status, mutable)
             headers = mutable.raw()
         headers.extend(proxy_headers(ex))
         return {"type": "http.response.start", "status": resp.status, "headers": headers}

@@ -18,7 +18,7 @@ import trio_websocket as tws
 from ..asgi import Receive, Send
 from ..extensions import ExtensionFailed, MutableHeaders
 from ..log import request_id_var
-from ..payload import encode_payload, hook_context
+from ..payload import encode_payload
 from ..protocol.lifecycle import End
 from ..protocol.websocket import (
     Message,
@@ -57,7 +57,7 @@ async def _payload_stage(runtime: Runtime, ctx: CreateContext, frame_text: str) 
         return frame_text
     ctx.payload = payload
     headers = MutableHeaders(ctx.handshake_headers)  # read-only here: a frame has no headers
-    result = await manager.run_payload(hook_context(ctx.exchange, payload), payload, headers)
+    result = await manager.run_payload(ctx.exchange.hook_context(payload), payload, headers)
     if not result.changed_by:
         return frame_text
     ctx.payload = result.payload

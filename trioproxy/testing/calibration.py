@@ -27,16 +27,18 @@ import trio
 import trio_websocket
 
 from ..upstream.connect_proxy import PrefixedStream
-from .http import FakeUpstream, RecordedRequest, Reply, default_reply
+from .http import FakeUpstream
 from .replies import (
     anthropic_json,
     anthropic_sse,
+    default_reply,
     openai_chat_json,
     openai_chat_sse,
     openai_headers,
     openai_responses_json,
     openai_responses_sse,
 )
+from .script import RecordedRequest, Reply
 from .websocket import FakeResponsesWS, Turn
 
 __all__ = ["CalibrationUpstream", "OneOrigin", "Pacing", "paced_reply", "serve_fake_upstream"]

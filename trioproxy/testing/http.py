@@ -39,14 +39,14 @@ from typing import Any
 import h11
 import trio
 
-from .replies import (
+from .replies import default_reply
+from .script import (
     HOP_BY_HOP,
     Abort,
     Pause,
     RecordedRequest,
     Reply,
     anthropic_request_id,
-    default_reply,
     openai_request_id,
 )
 

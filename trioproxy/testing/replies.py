@@ -1,6 +1,5 @@
-"""Scripted replies for the fake upstreams: the script types (``Reply``, ``Pause``, ``Abort``),
-real-style provider headers and bodies (Anthropic Messages, Chat Completions, Responses; SSE and
-JSON; errors) and the JSON style knob that varies whitespace and key order like real upstreams.
+"""Real-style provider replies for the fake upstreams: headers and bodies (Anthropic Messages,
+Chat Completions, Responses; SSE and JSON; errors; the model list), each a :class:`.script.Reply`.
 
 Import them from :mod:`trioproxy.testing`, which serves them.
 """
@@ -8,137 +7,27 @@ Import them from :mod:`trioproxy.testing`, which serves them.
 from __future__ import annotations
 
 import json
-import random
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-_rng = random.Random()
-_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-DEFAULT_TEXT = ["Hello", " world"]
-ANTHROPIC_MODEL = "claude-sonnet-4-5-20250929"
-CHAT_MODEL = "gpt-4o-mini-2024-07-18"
-RESPONSES_MODEL = "gpt-5-2025-08-07"
-HOP_BY_HOP = [("connection", "keep-alive"), ("keep-alive", "timeout=30")]
-
-
-def _rand(alphabet: str, n: int) -> str:
-    return "".join(_rng.choices(alphabet, k=n))
-
-
-@dataclass(frozen=True)
-class JSONStyle:
-    """How the fake writes JSON in SSE events. Real upstreams differ: OpenAI writes compact
-    JSON (``"choices":[]``); Python's ``json.dumps`` default and several OpenAI-compatible
-    servers write ``"choices": []``. ``shuffled`` reorders the keys of every object (from
-    ``seed``, else at random); ``ascii`` escapes non-ASCII as ``\\uXXXX``."""
-
-    spaced: bool = False
-    shuffled: bool = False
-    ascii: bool = False
-    seed: int | None = None
-
-    def dumps(self, obj: Any) -> str:
-        if self.shuffled:
-            obj = _shuffle_keys(obj, random.Random(self.seed) if self.seed is not None else _rng)
-        separators = (", ", ": ") if self.spaced else (",", ":")
-        return json.dumps(obj, separators=separators, ensure_ascii=self.ascii)
-
-
-COMPACT = JSONStyle()
-
-
-def _shuffle_keys(obj: Any, rng: random.Random) -> Any:
-    if isinstance(obj, dict):
-        items = [(k, _shuffle_keys(v, rng)) for k, v in obj.items()]
-        rng.shuffle(items)
-        return dict(items)
-    if isinstance(obj, list):
-        return [_shuffle_keys(v, rng) for v in obj]
-    return obj
-
-
-def anthropic_request_id() -> str:
-    return "req_011C" + _rand(_B58, 20)
-
-
-def openai_request_id() -> str:
-    return "req_" + _rand("0123456789abcdef", 32)
-
-
-# -- the script -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pause:
-    """Sleep (trio time) between body chunks."""
-
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Abort:
-    """Close the TCP connection here: no terminating chunk, no EndOfMessage."""
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    headers: list[tuple[str, str]] = field(default_factory=list)  # extra / override headers
-    body: list[bytes | Pause | Abort] = field(default_factory=list)
-    chunked: bool = True  # False: content-length framing (the sum of all bytes parts)
-    before_headers: float = 0  # sleep before the status line
-    close_before_response: bool = False  # read the request, then close without a byte
-    reset_before_response: bool = False  # read the request, then reset (TCP RST) without a byte
-    keep_alive: bool = True  # False: `connection: close`, close after the response
-    # True: each Pause ends at a fixed time from the request's arrival (the sum of the pauses
-    # so far), so late wake-ups do not add up: a calibration upstream's known schedule
-    scheduled: bool = False
-    uses: int = field(default=0, init=False, compare=False)  # times sent; a re-send gets new ids
-
-    @property
-    def request_id(self) -> str | None:
-        """The upstream request id header (`request-id` / `x-request-id`) this reply carries."""
-        for k, v in self.headers:
-            if k.lower() in ("request-id", "x-request-id"):
-                return v
-        return None
-
-    @property
-    def body_bytes(self) -> bytes:
-        return b"".join(p for p in self.body if isinstance(p, bytes | bytearray))
-
-
-def header_values(headers: list[tuple[bytes, bytes]], name: str) -> list[str]:
-    """Every value of header ``name`` (case-insensitive), decoded as latin-1."""
-    key = name.lower().encode()
-    return [v.decode("latin-1") for k, v in headers if k.lower() == key]
-
-
-@dataclass
-class RecordedRequest:
-    method: str
-    target: bytes  # raw request-target, byte-exact (query included)
-    path: str  # percent-decoded path, without the query
-    query: bytes
-    headers: list[tuple[bytes, bytes]]  # lower-cased names (h11), order kept
-    body: bytes
-    conn_id: int
-    received_at: float = 0.0  # trio.current_time() when the body was complete
-    reply: Reply | None = None
-    reply_request_id: str | None = None  # the `request-id`/`x-request-id` sent back
-
-    def header(self, name: str) -> str | None:
-        values = self.header_all(name)
-        return values[0] if values else None
-
-    def header_all(self, name: str) -> list[str]:
-        return header_values(self.headers, name)
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
+from .script import (
+    ALNUM,
+    ANTHROPIC_MODEL,
+    B58,
+    CHAT_MODEL,
+    COMPACT,
+    DEFAULT_TEXT,
+    RESPONSES_MODEL,
+    Abort,
+    JSONStyle,
+    Pause,
+    RecordedRequest,
+    Reply,
+    anthropic_request_id,
+    openai_request_id,
+    random_chars,
+    rng,
+)
 
 # -- real-style headers and bodies ------------------------------------------------------------
 
@@ -160,9 +49,9 @@ def anthropic_headers(content_type: str = "application/json") -> list[tuple[str,
                (f"anthropic-ratelimit-{kind}-remaining", str(limit - 1)),
                (f"anthropic-ratelimit-{kind}-reset", _reset_at(1))]
     hs += [("strict-transport-security", "max-age=31536000; includeSubDomains; preload"),
-           ("x-envoy-upstream-service-time", str(_rng.randint(200, 900))),
+           ("x-envoy-upstream-service-time", str(rng.randint(200, 900))),
            ("via", "1.1 google"), ("cf-cache-status", "DYNAMIC"), ("x-robots-tag", "none"),
-           ("server", "cloudflare"), ("cf-ray", _rand("0123456789abcdef", 16) + "-SJC")]
+           ("server", "cloudflare"), ("cf-ray", random_chars("0123456789abcdef", 16) + "-SJC")]
     return hs
 
 
@@ -170,17 +59,17 @@ def openai_headers(content_type: str = "application/json") -> list[tuple[str, st
     return [("content-type", content_type),
             ("x-request-id", openai_request_id()),
             ("openai-organization", "user-fake0rg1d2e3f4g5h6i7j8k"),
-            ("openai-processing-ms", str(_rng.randint(100, 900))),
-            ("openai-project", "proj_" + _rand(_ALNUM, 24)),
+            ("openai-processing-ms", str(rng.randint(100, 900))),
+            ("openai-project", "proj_" + random_chars(ALNUM, 24)),
             ("openai-version", "2020-10-01"),
-            ("x-envoy-upstream-service-time", str(_rng.randint(100, 900))),
+            ("x-envoy-upstream-service-time", str(rng.randint(100, 900))),
             ("x-ratelimit-limit-requests", "10000"), ("x-ratelimit-limit-tokens", "30000000"),
             ("x-ratelimit-remaining-requests", "9999"),
             ("x-ratelimit-remaining-tokens", "29999990"),
             ("x-ratelimit-reset-requests", "6ms"), ("x-ratelimit-reset-tokens", "0s"),
             ("strict-transport-security", "max-age=31536000; includeSubDomains; preload"),
             ("x-content-type-options", "nosniff"), ("cf-cache-status", "DYNAMIC"),
-            ("server", "cloudflare"), ("cf-ray", _rand("0123456789abcdef", 16) + "-SJC"),
+            ("server", "cloudflare"), ("cf-ray", random_chars("0123456789abcdef", 16) + "-SJC"),
             ("alt-svc", 'h3=":443"; ma=86400')]
 
 
@@ -237,7 +126,8 @@ def anthropic_sse(
     content_block_stop, message_delta, message_stop (3 + n + 3 events, one body chunk each)."""
     chunks = DEFAULT_TEXT if text_chunks is None else text_chunks
     out = max(1, len(chunks)) if output_tokens is None else output_tokens
-    message = {"id": msg_id or "msg_01" + _rand(_B58, 22), "type": "message", "role": "assistant",
+    message = {"id": msg_id or "msg_01" + random_chars(B58, 22), "type": "message",
+               "role": "assistant",
                "model": model, "content": [], "stop_reason": None, "stop_sequence": None,
                "usage": _anthropic_usage(input_tokens, 1, cache_read, cache_creation)}
     events = [_sse("message_start", {"type": "message_start", "message": message}, style),
@@ -261,7 +151,7 @@ def anthropic_json(
     stop_reason: str = "end_turn", msg_id: str | None = None,
 ) -> Reply:
     return _json_reply("anthropic", {
-        "id": msg_id or "msg_01" + _rand(_B58, 22), "type": "message", "role": "assistant",
+        "id": msg_id or "msg_01" + random_chars(B58, 22), "type": "message", "role": "assistant",
         "model": model, "content": [{"type": "text", "text": text}], "stop_reason": stop_reason,
         "stop_sequence": None,
         "usage": _anthropic_usage(input_tokens, output_tokens, cache_read, cache_creation)})
@@ -287,9 +177,9 @@ def openai_chat_sse(
     ``style`` says how the JSON is written (whitespace, key order)."""
     chunks = DEFAULT_TEXT if text_chunks is None else text_chunks
     completion = max(1, len(chunks)) if completion_tokens is None else completion_tokens
-    base = {"id": "chatcmpl-" + _rand(_ALNUM, 29), "object": "chat.completion.chunk",
+    base = {"id": "chatcmpl-" + random_chars(ALNUM, 29), "object": "chat.completion.chunk",
             "created": 1760000000, "model": model, "service_tier": "default",
-            "system_fingerprint": "fp_" + _rand("0123456789abcdef", 10)}
+            "system_fingerprint": "fp_" + random_chars("0123456789abcdef", 10)}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         c = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
@@ -312,12 +202,14 @@ def openai_chat_json(
     finish_reason: str = "stop",
 ) -> Reply:
     return _json_reply("openai", {
-        "id": "chatcmpl-" + _rand(_ALNUM, 29), "object": "chat.completion", "created": 1760000000,
+        "id": "chatcmpl-" + random_chars(ALNUM, 29), "object": "chat.completion",
+        "created": 1760000000,
         "model": model, "choices": [{"index": 0, "message": {
             "role": "assistant", "content": text, "refusal": None, "annotations": []},
             "logprobs": None, "finish_reason": finish_reason}],
         "usage": _chat_usage(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens),
-        "service_tier": "default", "system_fingerprint": "fp_" + _rand("0123456789abcdef", 10),
+        "service_tier": "default",
+        "system_fingerprint": "fp_" + random_chars("0123456789abcdef", 10),
     }, pretty=True)
 
 
@@ -355,7 +247,7 @@ def openai_responses_sse(
     response.completed (or response.failed / response.incomplete per `status`)."""
     chunks = DEFAULT_TEXT if text_chunks is None else text_chunks
     out = max(1, len(chunks)) if output_tokens is None else output_tokens
-    rid, item_id, text = "resp_" + _rand("0123456789abcdef", 48), "msg_" + _rand(
+    rid, item_id, text = "resp_" + random_chars("0123456789abcdef", 48), "msg_" + random_chars(
         "0123456789abcdef", 48), "".join(chunks)
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
     part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
@@ -395,11 +287,11 @@ def openai_responses_json(
     cached_tokens: int = 0, output_tokens: int = 2, reasoning_tokens: int = 0,
     status: str = "completed",
 ) -> Reply:
-    obj = _response_obj(model, status, [_message_item("msg_" + _rand("0123456789abcdef", 48),
+    obj = _response_obj(model, status, [_message_item("msg_" + random_chars("0123456789abcdef", 48),
                                                       text, "completed")],
                         _responses_usage(input_tokens, cached_tokens, output_tokens,
                                          reasoning_tokens))
-    obj["id"] = "resp_" + _rand("0123456789abcdef", 48)
+    obj["id"] = "resp_" + random_chars("0123456789abcdef", 48)
     return _json_reply("openai", obj, pretty=True)
 
 
