@@ -206,7 +206,7 @@ class HttpRelay:
                 scope.cancel()
                 if watch.upstream is not None:
                     await watch.upstream.aclose()
-                await self._close(ex)
+                await self._finalise(ex)
                 return
 
     def _on_response_head(self, resp: UpstreamResponse, ex: Exchange) -> ResponsePlan:
