@@ -159,10 +159,9 @@ async def test_websockets_finish_their_response_then_close_with_1012(nursery) ->
     """After the grace period a Responses WebSocket closes with 1012 (service restart) as soon
     as no response is in flight: an idle one at once, a busy one once its response ended. So
     the drain does not wait the whole graceful timeout for sockets Codex keeps open."""
-    from .ws_proxy import connect, create, start_fake, start_proxy, turn
+    from .ws_proxy import connect, create, start_pair, turn
 
-    fake = await start_fake(nursery, turns=[Turn(), Turn(gaps=0.4)])
-    proxy = await start_proxy(nursery, fake.base_url)
+    fake, proxy = await start_pair(nursery, turns=[Turn(), Turn(gaps=0.4)])
     runtime = proxy.app.runtime
     with trio.fail_after(20):
         async with connect(proxy) as idle, connect(proxy) as busy:
@@ -189,10 +188,9 @@ async def test_websockets_finish_their_response_then_close_with_1012(nursery) ->
 
 
 async def test_a_websocket_busy_at_the_graceful_timeout_is_closed_with_1012(nursery) -> None:
-    from .ws_proxy import connect, create, start_fake, start_proxy
+    from .ws_proxy import connect, create, start_pair
 
-    fake = await start_fake(nursery, turns=[Turn(gaps=5.0)])
-    proxy = await start_proxy(nursery, fake.base_url)
+    fake, proxy = await start_pair(nursery, turns=[Turn(gaps=5.0)])
     with trio.fail_after(20):
         async with connect(proxy) as ws:
             await ws.send_message(create())

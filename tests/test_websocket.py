@@ -13,15 +13,14 @@ from trioproxy.contrib.model_alias import ModelAlias
 from trioproxy.extensions import Extension
 from trioproxy.testing.websocket import MiB, Turn
 
-from .ws_proxy import connect, create, start_fake, start_proxy, tokens, turn
+from .ws_proxy import connect, create, start_fake, start_pair, start_proxy, tokens, turn
 
 
 async def test_multi_turn_session_chains_previous_response_id_and_records_each_response(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(10):
-        fake = await start_fake(nursery)
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery)
         async with connect(proxy, headers=[(b"session-id", b"sess-42")]) as ws:
             warm = await turn(ws, create(generate=False))
             first = await turn(ws, create())
@@ -52,8 +51,7 @@ async def test_multi_turn_session_chains_previous_response_id_and_records_each_r
 
 async def test_session_id_defaults_to_the_socket_id(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        fake = await start_fake(nursery)
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery)
         async with connect(proxy) as ws:
             await turn(ws, create())
             socket_id = dict(ws.handshake_headers)[b"x-trioproxy-request-id"].decode()
@@ -66,8 +64,7 @@ async def test_session_id_defaults_to_the_socket_id(nursery: trio.Nursery) -> No
 async def test_large_frames_pass_both_ways_intact(nursery: trio.Nursery, size_mib: int) -> None:
     size = size_mib * MiB
     with trio.fail_after(10):
-        fake = await start_fake(nursery, turns=[Turn(big_delta_bytes=size)])
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery, turns=[Turn(big_delta_bytes=size)])
         frame = create(instructions="y" * size)
         async with connect(proxy) as ws:
             events = await turn(ws, frame)
@@ -103,8 +100,7 @@ async def test_a_create_while_a_response_is_open_gets_a_record_of_its_own(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(10):
-        fake = await start_fake(nursery, turns=[Turn(end="stop")])
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery, turns=[Turn(end="stop")])
         async with connect(proxy) as ws:
             await ws.send_message(create())
             await ws.get_message()  # response.created, then the upstream goes quiet
@@ -121,8 +117,7 @@ async def test_back_to_back_creates_are_each_charged_their_own_tokens(
     """Two response.create frames sent before the first response began: two records, each
     with the usage of its own response.completed, in order."""
     with trio.fail_after(10):
-        fake = await start_fake(nursery)
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery)
         async with connect(proxy) as ws:
             await ws.send_message(create(model="gpt-5-codex"))
             await ws.send_message(create(model="gpt-5"))
@@ -194,8 +189,7 @@ async def test_fail_closed_create_gets_an_error_event_and_one_record(nursery: tr
 
 async def test_binary_and_non_create_frames_pass_through_unchanged(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        fake = await start_fake(nursery)
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery)
         async with connect(proxy) as ws:
             await ws.send_message(b"\x00\x01binary")
             await ws.send_message('  {"type": "response.cancel"}')

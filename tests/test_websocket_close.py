@@ -22,15 +22,14 @@ from trioproxy.exchange import Exchange
 from trioproxy.extensions import Extension
 from trioproxy.testing.websocket import MiB, Turn
 
-from .ws_proxy import BIG, Proxy, connect, create, start_fake, start_proxy, turn
+from .ws_proxy import BIG, Proxy, connect, create, start_fake, start_pair, start_proxy, turn
 
 
 async def test_client_disconnect_closes_upstream_within_100ms_and_records_incomplete(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(10):
-        fake = await start_fake(nursery, turns=[Turn(end="stop")])
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery, turns=[Turn(end="stop")])
         async with connect(proxy) as ws:
             await ws.send_message(create())
             assert json.loads(await ws.get_message())["type"] == "response.created"
@@ -69,8 +68,8 @@ async def test_upstream_close_code_reaches_the_client(nursery: trio.Nursery, cod
 
 async def test_connection_cap_error_event_and_close_reach_the_client(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        fake = await start_fake(nursery, turns=[Turn(deltas=(), end="error_close", close_code=1000)])
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(
+            nursery, turns=[Turn(deltas=(), end="error_close", close_code=1000)])
         async with connect(proxy) as ws:
             await ws.send_message(create())
             events = []
@@ -88,8 +87,7 @@ async def test_upstream_vanishing_without_close_frame_reaches_client_as_1011(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(10):
-        fake = await start_fake(nursery, turns=[Turn(end="drop")])
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery, turns=[Turn(end="drop")])
         async with connect(proxy) as ws:
             await ws.send_message(create())
             with pytest.raises(tws.ConnectionClosed) as info:

@@ -19,7 +19,7 @@ from wsproto.extensions import PerMessageDeflate
 from trioproxy.accounting.build import build_record
 from trioproxy.testing.websocket import Rejection, Turn
 
-from .ws_proxy import AUTH, connect, create, refusal, start_fake, start_proxy, turn
+from .ws_proxy import AUTH, connect, create, refusal, start_fake, start_pair, start_proxy, turn
 
 
 async def test_handshake_headers_forwarded_dropped_and_request_id_on_accept(
@@ -74,8 +74,7 @@ async def test_upstream_refusal_reaches_client_as_the_same_http_status(
     nursery: trio.Nursery, rejection: Rejection
 ) -> None:
     with trio.fail_after(10):
-        fake = await start_fake(nursery, reject=rejection)
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery, reject=rejection)
         info = await refusal(proxy)
         (ex, _), = await proxy.wait_records(1)
     assert info.status_code == rejection.status
@@ -91,8 +90,7 @@ async def test_unknown_websocket_path_is_refused_with_404_and_nothing_upstream(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(10):
-        fake = await start_fake(nursery)
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery)
         info = await refusal(proxy, "/v1/chat/completions")
     assert info.status_code == 404
     assert json.loads(info.body or b"")["error"]["code"] == "unknown_path"
@@ -128,8 +126,7 @@ async def test_permessage_deflate_is_negotiated_with_a_client_that_offers_it(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(10):
-        fake = await start_fake(nursery)
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery)
         stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
         conn = WSConnection(ConnectionType.CLIENT)
         await stream.send_all(conn.send(Request(
@@ -225,8 +222,7 @@ async def test_a_handshake_header_h11_refuses_never_echoes_its_value(
     caplog.set_level(logging.DEBUG, logger="trioproxy")
     secret = b"sk-proj-TOPSECRETKEY1234\x0cmore"
     with trio.fail_after(10):
-        fake = await start_fake(nursery)
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery)
         status, body = await _h2_websocket_refusal(
             proxy.port, [(b"authorization", b"Bearer " + secret)])
         (ex, _), = await proxy.wait_records(1)
@@ -245,8 +241,7 @@ async def test_a_draining_proxy_refuses_new_websockets_in_openai_shape_with_one_
     retry-after and OpenAI's error body, one record; nothing reaches the upstream. A socket
     opened before the drain finishes its response, then closes with 1012 (service restart)."""
     with trio.fail_after(10):
-        fake = await start_fake(nursery, turns=[Turn(gaps=0.2)])
-        proxy = await start_proxy(nursery, fake.base_url)
+        fake, proxy = await start_pair(nursery, turns=[Turn(gaps=0.2)])
         async with connect(proxy) as ws:
             await ws.send_message(create())
             assert json.loads(await ws.get_message())["type"] == "response.created"

@@ -11,7 +11,7 @@ import trio
 
 from trioproxy.exchange import Exchange
 
-from .ws_proxy import connect, create, start_fake, start_proxy, turn
+from .ws_proxy import connect, create, start_pair, turn
 
 
 def alive(kind: type, test) -> list[object]:
@@ -22,8 +22,7 @@ def alive(kind: type, test) -> list[object]:
 async def test_an_idle_socket_keeps_nothing_of_its_finished_response(
     nursery: trio.Nursery,
 ) -> None:
-    fake = await start_fake(nursery)
-    proxy = await start_proxy(nursery, fake.base_url)
+    fake, proxy = await start_pair(nursery)
     with trio.fail_after(20):
         async with connect(proxy) as ws:
             events = await turn(ws, create())

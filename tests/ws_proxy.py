@@ -64,6 +64,12 @@ async def start_proxy(
     return proxy
 
 
+async def start_pair(nursery: trio.Nursery, **fake_kwargs: Any) -> tuple[FakeResponsesWS, Proxy]:
+    """A fake Responses WebSocket upstream and a proxy (accounting off) in front of it."""
+    fake = await start_fake(nursery, **fake_kwargs)
+    return fake, await start_proxy(nursery, fake.base_url)
+
+
 @asynccontextmanager
 async def connect(
     proxy: Proxy, path: str = "/v1/responses", headers: list[tuple[bytes, bytes]] | None = None

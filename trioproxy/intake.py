@@ -79,28 +79,17 @@ class Intake:
     async def take_in(self) -> UpstreamRequest | None:
         """The upstream request, or None when the client left while sending its body.
         Raises :class:`ProxyError` for a request the proxy refuses."""
-        ex, settings = self.ex, self.settings
         self._check_head()
         self.stage = Stage.BODY
-        body = await receive_body(self.receive, ex, settings.max_body_bytes)
+        body = await receive_body(self.receive, self.ex, self.settings.max_body_bytes)
         if body is None:
-            ex.fail(End.CLIENT_DISCONNECT, "client disconnected while sending the body")
+            self.ex.fail(End.CLIENT_DISCONNECT, "client disconnected while sending the body")
             return None
         self.stage = Stage.PAYLOAD
-        ex.bypass = hdr.is_bypass(ex.request_headers, settings.bypass_header_names)
-        ex.trailers_ok = wants_trailers(self.scope)
-        assert ex.route is not None
-        base = settings.upstream_for(ex.route.provider)
-        query = self.scope.get("query_string", b"")
-        target = base.prefix + ex.route.path + (b"?" + query if query else b"")
-        with_body = bool(body) or ex.method in ("POST", "PUT", "PATCH")
-        headers = hdr.upstream_request_headers(
-            ex.request_headers, base.host_header, len(body) if with_body else None,
-            drop=settings.bypass_header_names,
-        )
+        base, target, headers = self._upstream_head(len(body))
         try:
-            out = await prepare(ex, body, headers, self.extensions,
-                                include_usage=settings.include_usage)
+            out = await prepare(self.ex, body, headers, self.extensions,
+                                include_usage=self.settings.include_usage)
         except ExtensionFailed as exc:
             raise ExtensionRejected("request", exc) from None
         self.stage = Stage.READY
@@ -116,6 +105,22 @@ class Intake:
                                      "unknown_path")
         ex.provider = ex.route.provider  # refusals below answer in the route's shape
         hdr.check_one_credential(ex.request_headers)
+
+    def _upstream_head(self, body_length: int) -> tuple[UpstreamURL, bytes, Headers]:
+        """The provider's base URL, the request target and the outbound header policy."""
+        ex, settings = self.ex, self.settings
+        assert ex.route is not None
+        ex.bypass = hdr.is_bypass(ex.request_headers, settings.bypass_header_names)
+        ex.trailers_ok = wants_trailers(self.scope)
+        base = settings.upstream_for(ex.route.provider)
+        query = self.scope.get("query_string", b"")
+        target = base.prefix + ex.route.path + (b"?" + query if query else b"")
+        with_body = body_length > 0 or ex.method in ("POST", "PUT", "PATCH")
+        headers = hdr.upstream_request_headers(
+            ex.request_headers, base.host_header, body_length if with_body else None,
+            drop=settings.bypass_header_names,
+        )
+        return base, target, headers
 
     async def refuse(self, exc: ProxyError, send: Send) -> None:
         """Answer a refusal in the provider's error shape. Refused at the head, the body is
@@ -141,7 +146,7 @@ async def receive_body(receive: Receive, ex: Exchange, limit: int) -> bytes | No
     """The whole request body, or None if the client left first. Raises 413 over ``limit``."""
     declared = hdr.get(ex.request_headers, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ClientRequestError(f"request body exceeds the {limit} byte limit", 413, "request_too_large")
+        raise _too_large(limit)
     parts: list[bytes] = []
     size = 0
     while True:
@@ -152,12 +157,17 @@ async def receive_body(receive: Receive, ex: Exchange, limit: int) -> bytes | No
         if chunk:
             size += len(chunk)
             if size > limit:
-                raise ClientRequestError(f"request body exceeds the {limit} byte limit", 413, "request_too_large")
+                raise _too_large(limit)
             parts.append(chunk)
         if not message.get("more_body", False):
             ex.bytes_in = size
             ex.close_connection = conflicting_framing(ex.request_headers)
             return b"".join(parts)
+
+
+def _too_large(limit: int) -> ClientRequestError:
+    return ClientRequestError(f"request body exceeds the {limit} byte limit", 413,
+                              "request_too_large")
 
 
 DRAIN_LIMIT = 64 * 1024  # request bytes read and discarded to keep a connection reusable
