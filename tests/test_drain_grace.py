@@ -161,7 +161,7 @@ async def test_websockets_finish_their_response_then_close_with_1012(nursery) ->
     the drain does not wait the whole graceful timeout for sockets Codex keeps open."""
     from .ws_proxy import connect, create, start_pair, turn
 
-    fake, proxy = await start_pair(nursery, turns=[Turn(), Turn(gaps=0.4)])
+    _fake, proxy = await start_pair(nursery, turns=[Turn(), Turn(gaps=0.4)])
     runtime = proxy.app.runtime
     with trio.fail_after(20):
         async with connect(proxy) as idle, connect(proxy) as busy:
@@ -190,7 +190,7 @@ async def test_websockets_finish_their_response_then_close_with_1012(nursery) ->
 async def test_a_websocket_busy_at_the_graceful_timeout_is_closed_with_1012(nursery) -> None:
     from .ws_proxy import connect, create, start_pair
 
-    fake, proxy = await start_pair(nursery, turns=[Turn(gaps=5.0)])
+    _fake, proxy = await start_pair(nursery, turns=[Turn(gaps=5.0)])
     with trio.fail_after(20):
         async with connect(proxy) as ws:
             await ws.send_message(create())

@@ -192,9 +192,12 @@ async def test_fail_closed_answers_500_in_the_provider_shape(
     await client.aclose()
     assert a.status == 500 and json.loads(a.body)["type"] == "error"
     assert o.status == 500 and json.loads(o.body)["error"]["type"] == "server_error"
+    failure = "extension 'boom' failed in payload: RuntimeError: kaboom"
+    assert json.loads(a.body)["error"]["message"] == f"request rejected: {failure}"
     assert upstream.requests == []
     exchanges = await server.wait_exchanges(2)
     assert [e.end_reason for e in exchanges] == ["extension_error", "extension_error"]
+    assert [e.error for e in exchanges] == [failure, failure]  # the hook's failure, as it was
     await server.stop()
 
 
@@ -295,9 +298,11 @@ async def test_fail_closed_response_start_hook_is_a_clean_500(
     with trio.fail_after(20):
         resp = await client.request("POST", "/v1/messages", ANTHROPIC, MESSAGES)
     await client.aclose()
+    failure = "extension 'bad-start' failed in response_start: RuntimeError: no"
     assert resp.status == 500 and json.loads(resp.body)["type"] == "error"
+    assert json.loads(resp.body)["error"]["message"] == f"response rejected: {failure}"
     (ex,) = await server.wait_exchanges(1)
-    assert ex.end_reason == "extension_error" and "bad-start" in ex.error
+    assert ex.end_reason == "extension_error" and ex.error == failure
     await server.stop()
 
 

@@ -214,7 +214,6 @@ async def test_operational_paths_are_never_forwarded_or_recorded(
     await proxy.stop()
 
 
-
 @pytest.mark.trio
 async def test_time_to_first_chunk_and_time_per_chunk_histograms(
     nursery: trio.Nursery, upstream: FakeUpstream, autojump_clock: trio.abc.Clock

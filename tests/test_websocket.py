@@ -51,7 +51,7 @@ async def test_multi_turn_session_chains_previous_response_id_and_records_each_r
 
 async def test_session_id_defaults_to_the_socket_id(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        fake, proxy = await start_pair(nursery)
+        _fake, proxy = await start_pair(nursery)
         async with connect(proxy) as ws:
             await turn(ws, create())
             socket_id = dict(ws.handshake_headers)[b"x-trioproxy-request-id"].decode()
@@ -100,7 +100,7 @@ async def test_a_create_while_a_response_is_open_gets_a_record_of_its_own(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(10):
-        fake, proxy = await start_pair(nursery, turns=[Turn(end="stop")])
+        _fake, proxy = await start_pair(nursery, turns=[Turn(end="stop")])
         async with connect(proxy) as ws:
             await ws.send_message(create())
             await ws.get_message()  # response.created, then the upstream goes quiet
@@ -117,7 +117,7 @@ async def test_back_to_back_creates_are_each_charged_their_own_tokens(
     """Two response.create frames sent before the first response began: two records, each
     with the usage of its own response.completed, in order."""
     with trio.fail_after(10):
-        fake, proxy = await start_pair(nursery)
+        _fake, proxy = await start_pair(nursery)
         async with connect(proxy) as ws:
             await ws.send_message(create(model="gpt-5-codex"))
             await ws.send_message(create(model="gpt-5"))

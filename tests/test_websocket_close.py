@@ -68,7 +68,7 @@ async def test_upstream_close_code_reaches_the_client(nursery: trio.Nursery, cod
 
 async def test_connection_cap_error_event_and_close_reach_the_client(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        fake, proxy = await start_pair(
+        _fake, proxy = await start_pair(
             nursery, turns=[Turn(deltas=(), end="error_close", close_code=1000)])
         async with connect(proxy) as ws:
             await ws.send_message(create())
@@ -87,7 +87,7 @@ async def test_upstream_vanishing_without_close_frame_reaches_client_as_1011(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(10):
-        fake, proxy = await start_pair(nursery, turns=[Turn(end="drop")])
+        _fake, proxy = await start_pair(nursery, turns=[Turn(end="drop")])
         async with connect(proxy) as ws:
             await ws.send_message(create())
             with pytest.raises(tws.ConnectionClosed) as info:

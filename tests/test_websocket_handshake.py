@@ -74,7 +74,7 @@ async def test_upstream_refusal_reaches_client_as_the_same_http_status(
     nursery: trio.Nursery, rejection: Rejection
 ) -> None:
     with trio.fail_after(10):
-        fake, proxy = await start_pair(nursery, reject=rejection)
+        _fake, proxy = await start_pair(nursery, reject=rejection)
         info = await refusal(proxy)
         (ex, _), = await proxy.wait_records(1)
     assert info.status_code == rejection.status

@@ -22,7 +22,7 @@ def alive(kind: type, test) -> list[object]:
 async def test_an_idle_socket_keeps_nothing_of_its_finished_response(
     nursery: trio.Nursery,
 ) -> None:
-    fake, proxy = await start_pair(nursery)
+    _fake, proxy = await start_pair(nursery)
     with trio.fail_after(20):
         async with connect(proxy) as ws:
             events = await turn(ws, create())

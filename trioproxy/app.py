@@ -1,8 +1,10 @@
 """The raw ASGI application: lifespan, and dispatch of http / websocket scopes.
 
 The app owns the shared resources (upstream pool, usage store writer) for the lifetime of the
-server: they are opened in lifespan start-up inside the lifespan task's nursery and closed at
-shutdown. Requests get those resources explicitly; nothing lives at module level.
+server: they are opened in lifespan start-up (the writer on an exit stack around the lifespan
+task's nursery, which runs the metrics publisher) and closed at shutdown. Requests get those
+resources explicitly; nothing lives at module level. A request is taken in by :mod:`.intake`
+and relayed by :mod:`.relay.http`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
 
+RETRY_AFTER = b"5"  # seconds a client refused while draining waits (another instance takes it)
+
 
 def proxy_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
     """Headers the proxy adds to every response it sends."""
@@ -29,8 +31,6 @@ def proxy_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
     if ex.close_connection:
         out.append((b"connection", b"close"))
     return out
-
-
 
 
 def answer(ex: Exchange, status: int, body: bytes, content_type: bytes,

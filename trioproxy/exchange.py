@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +27,6 @@ ACCESS_LATENCY = (
     ("upstream_head_ms", "upstream_head_ms"), ("proxy_ms", "proxy_overhead_ms"),
 )
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-
-Finaliser = Callable[["Exchange"], Awaitable[None]]  # runs once per exchange, at finalisation
 
 
 def new_request_id() -> str:

@@ -3,8 +3,9 @@
 1. the exchange, opened from the head (:func:`open_exchange`);
 2. head checks: the head's size, the route (404 for a path no provider has), one credential;
 3. the body, read whole (413 over ``max_body_bytes``);
-4. the payload stage (:mod:`trioproxy.payload`): extension hooks, ``include_usage``;
-5. the upstream head: base URL, target and the header policy (:mod:`trioproxy.protocol.headers`).
+4. the upstream head: base URL, target and the header policy (:mod:`trioproxy.protocol.headers`);
+5. the payload stage (:mod:`trioproxy.payload`): extension hooks, ``include_usage`` (it sees,
+   and may change, the outbound headers).
 
 Every refusal on the way is a :class:`~trioproxy.errors.ProxyError` (a fail-closed hook's
 failure becomes :class:`~trioproxy.errors.ExtensionRejected` where it happens); the caller
@@ -16,7 +17,6 @@ the next request.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 import trio
 
@@ -30,6 +30,7 @@ from .protocol import headers as hdr
 from .protocol.headers import Headers
 from .protocol.lifecycle import End
 from .protocol.routing import provider_hint, resolve
+from .upstream import UpstreamRequest
 
 NO_ROUTE = ("trioproxy has no route for {method} {path}: use /v1/messages, /v1/chat/completions, "
             "/v1/responses, or the /anthropic/... and /openai/... prefixes")
@@ -40,16 +41,6 @@ class Stage(enum.Enum):
     BODY = "body"  # the body is being read
     PAYLOAD = "payload"  # the body is in hand: payload stage and upstream head
     READY = "ready"  # the upstream request is complete
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamRequest:
-    """What goes upstream: the provider's base URL, the target and the outbound head and body."""
-
-    base: UpstreamURL
-    target: bytes
-    headers: Headers
-    body: bytes
 
 
 def open_exchange(scope: Scope, settings: Settings) -> Exchange:

@@ -4,7 +4,7 @@ the drain before exit."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,17 +12,18 @@ import trio
 
 from .accounting.build import build_record
 from .config.settings import Settings
-from .exchange import Exchange, Finaliser
+from .exchange import Exchange
 from .extensions import ExtensionManager
 from .log import access_enabled, log_access
 from .upstream import UpstreamPool
 
 log = logging.getLogger("trioproxy")
 
+Finaliser = Callable[[Exchange], Awaitable[None]]  # run once per exchange, at finalisation
+
 # Seconds before the graceful timeout at which WebSockets still busy are closed with 1012
 # (service restart) rather than cut by Hypercorn without a close frame.
 WS_CLOSE_MARGIN = 1.0
-RETRY_AFTER = b"5"  # seconds a client refused while draining waits (another instance takes it)
 
 
 @dataclass(eq=False)

@@ -17,6 +17,7 @@ __all__ = ["add_fake_upstream_parser", "parse_duration", "parse_fraction", "run_
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(us|µs|ms|s)?\s*$")
 
+
 def parse_duration(text: str) -> float:
     """Seconds from ``300ms``, ``0.3s``, ``250us`` (a bare number is seconds)."""
     m = _DURATION.match(text)

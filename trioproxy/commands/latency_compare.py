@@ -406,7 +406,6 @@ def plot_comparison(a_rows: Sequence[dict[str, Any]], b_rows: Sequence[dict[str,
     fig.savefig(path, dpi=100)
 
 
-
 def _itl_cdf(rows: Sequence[dict[str, Any]], grid: list[float]) -> tuple[list, list]:
     """(x, fraction) of the pooled gaps: from the sketches, else the summaries' estimate."""
     from ..accounting.latency_summary import pooled_gaps

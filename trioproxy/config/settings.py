@@ -2,7 +2,7 @@
 ``TRIOPROXY_*`` environment, a TOML file (``--config`` / ``TRIOPROXY_CONFIG``) and defaults,
 in that order of precedence, and validated before anything starts.
 
-``trioproxy serve --help`` and the README's configuration table (``python -m trioproxy.config
+``trioproxy serve --help`` and the README's configuration table (``trioproxy config
 --markdown``) are generated from the same declaration.
 """
 
@@ -129,7 +129,6 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 def _level(value: str) -> str | None:
     return None if value.upper() in LEVELS else f"must be one of {', '.join(LEVELS)}"
-
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,6 @@ from ..protocol.headers import Headers
 __all__ = ["admin_presented", "host_allowed", "origin_allowed", "refusal"]
 
 
-
 def _header(headers: Headers, name: bytes) -> str | None:
     for key, value in headers:
         if key == name:

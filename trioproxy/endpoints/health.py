@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..asgi import Scope, Send, error_messages, json_answer, send_all
+from ..asgi import RETRY_AFTER, Scope, Send, error_messages, json_answer, send_all
 from ..errors import ProxyError
 from ..exchange import Exchange
 from ..protocol.lifecycle import End
 from ..protocol.routing import HEALTH_PATH, OWN_PREFIX
-from ..runtime import RETRY_AFTER, Runtime
+from ..runtime import Runtime
 
 PROBES = (OWN_PREFIX + b"healthz", OWN_PREFIX + b"readyz", HEALTH_PATH)
 

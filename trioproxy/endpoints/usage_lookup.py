@@ -39,9 +39,10 @@ async def answer_usage_lookup(runtime: Runtime, ex: Exchange, lookup_id: str, se
     key = extract_api_key(ex.request_headers, ex.provider)
     admin = admin_presented(ex.request_headers, runtime.settings.admin_token)
     for other in list(runtime.inflight.values()):
-        if other is not ex and lookup_id in (
-                other.request_id, other.correlation_id, other.upstream_request_id) and (
-                admin or (key is not None and extract_api_key(other.request_headers, other.provider) == key)):
+        same_id = lookup_id in (other.request_id, other.correlation_id, other.upstream_request_id)
+        mine = admin or (
+            key is not None and extract_api_key(other.request_headers, other.provider) == key)
+        if other is not ex and same_id and mine:
             with trio.move_on_after(10):
                 await other.finalised.wait()
     status, body = await usage_lookup(

@@ -71,7 +71,7 @@ class DecodingParser(UsageParser):
         self.inner.feed(plain, now)
 
     def close(self) -> Usage:
-        if self._closed is None:
+        if self._usage is None:
             if self._decoder is not None:
                 try:
                     self.inner.feed(self._decoder.flush())
@@ -81,8 +81,8 @@ class DecodingParser(UsageParser):
             inner = self.inner.close()
             if self.failed is not None:
                 inner = Usage(model=inner.model, response_id=inner.response_id, error=inner.error)
-            self._closed = inner
-        return self._closed
+            self._usage = inner
+        return self._usage
 
 
 def make_parser(

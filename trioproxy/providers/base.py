@@ -133,14 +133,14 @@ class UsageParser:
         self._framer = SSEFramer() if streaming else None
         self._body = bytearray()
         self._max_body = max_body
-        self._closed: Usage | None = None
+        self._usage: Usage | None = None
 
     def feed(self, data: bytes, now: float | None = None) -> None:
         """Consume a chunk of the response body that arrived at ``now`` (the relay's clock;
         content events completed by this chunk are timed by it). Never raises."""
         if now is not None:
             self.now = now
-        if self.failed is not None or self._closed is not None or not data:
+        if self.failed is not None or self._usage is not None or not data:
             return
         try:
             if self._framer is not None:
@@ -155,13 +155,13 @@ class UsageParser:
 
     def close(self) -> Usage:
         """The usage of the whole response (computed once). Never raises."""
-        if self._closed is None:
+        if self._usage is None:
             try:
-                self._closed = self._close()
+                self._usage = self._close()
             except Exception as exc:  # noqa: BLE001
                 self.give_up(f"{type(exc).__name__}: {exc}")
-                self._closed = self._unknown()
-        return self._closed
+                self._usage = self._unknown()
+        return self._usage
 
     def give_up(self, reason: str) -> None:
         """Stop parsing; ``close()`` will report unknown usage."""

@@ -73,7 +73,7 @@ class OpenAIResponsesParser(UsageParser):
         already knows it (else sniffed). Decoded only if its type matters. Never raises."""
         if now is not None:
             self.now = now
-        if self.failed is not None or self._closed is not None:
+        if self.failed is not None or self._usage is not None:
             return
         try:
             if kind is None:
@@ -87,7 +87,7 @@ class OpenAIResponsesParser(UsageParser):
         raises. Feed each frame once: either here or through :meth:`feed_message`."""
         if now is not None:
             self.now = now
-        if self.failed is not None or self._closed is not None:
+        if self.failed is not None or self._usage is not None:
             return
         try:
             if isinstance(obj, dict):

@@ -24,8 +24,9 @@ upstream reader, joins them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -44,7 +45,7 @@ from ..errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from ..exchange import Exchange, Finaliser
+from ..exchange import Exchange
 from ..extensions import ExtensionFailed, ExtensionManager, MutableHeaders
 from ..protocol import headers as hdr
 from ..protocol.lifecycle import End
@@ -57,11 +58,8 @@ from ..protocol.usage_wire import (
     usage_values,
 )
 from ..providers import make_parser
-from ..upstream import UpstreamPool, UpstreamResponse
+from ..upstream import UpstreamPool, UpstreamRequest, UpstreamResponse
 from .stream import BodyChannel, SendWatch, more_body, read_body, watched_send, write_body
-
-if TYPE_CHECKING:
-    from ..intake import UpstreamRequest
 
 log = logging.getLogger("trioproxy.relay")
 
@@ -94,7 +92,8 @@ class HttpRelay:
     client, whose handler Hypercorn may hold long after the exchange is over."""
 
     def __init__(self, settings: Settings, pool: UpstreamPool,
-                 extensions: ExtensionManager | None, finalise: Finaliser) -> None:
+                 extensions: ExtensionManager | None,
+                 finalise: Callable[[Exchange], Awaitable[None]]) -> None:
         self._settings = settings
         self._pool = pool
         self._extensions = extensions

@@ -17,14 +17,14 @@ I/O); the responses in flight and their usage records are :mod:`.ws_responses` (
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
 import trio_websocket as tws
 from wsproto.utilities import ProtocolError
 
-from ..asgi import Receive, Scope, Send
+from ..asgi import RETRY_AFTER, Receive, Scope, Send
 from ..config.settings import UpstreamURL
 from ..errors import (
     ClientRequestError,
@@ -44,10 +44,12 @@ from ..protocol.websocket import (
     is_responses_route,
     upstream_handshake_headers,
 )
-from ..runtime import RETRY_AFTER, Runtime
 from ..upstream import build_request
 from .ws_frames import FramePumps
 from .ws_responses import InflightResponse, ResponseBook
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 __all__ = ["ResponsesSocket", "relay_websocket"]
 

@@ -67,7 +67,7 @@ async def _payload_stage(runtime: Runtime, ctx: CreateContext, frame_text: str) 
 
 
 class FramePumps:
-    """The frames of one accepted socket, and the finalisation of its records."""
+    """The frames of one accepted socket, and the finalisation of its responses."""
 
     def __init__(self, runtime: Runtime, book: ResponseBook, receive: Receive, send: Send,
                  max_size: int, ping_interval: float | None) -> None:
@@ -254,7 +254,7 @@ class FramePumps:
             await self.finalise(response)
 
     async def finalise(self, response: InflightResponse) -> None:
-        """Finalises one record (``Runtime.finalise`` is shielded and runs once per exchange)."""
+        """Finalises one response (``Runtime.finalise`` is shielded and runs once per exchange)."""
         self.book.discharge(response)
         token = request_id_var.set(response.ex.log_label())
         try:

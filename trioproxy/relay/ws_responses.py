@@ -241,5 +241,5 @@ def _error_text(obj: dict[str, Any]) -> str:
 
 
 def _new_parser(latency: LatencyTracker) -> Any:
-    """The streaming usage parser of one Responses record, timing its content events."""
+    """The streaming usage parser of one response, timing its content events."""
     return make_parser("openai.responses", streaming=True, latency=latency)

@@ -62,7 +62,6 @@ class ConnInfo:
     # "reset_before_response", "idle_timeout", "close", "error"
 
 
-
 # -- the server -------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import logging
 import math
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import trio
 
@@ -32,10 +33,10 @@ from ..errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from ..protocol.headers import Headers
 from .connect_proxy import ProxyURL, check_proxies, environment_proxies, open_tunnel, proxy_for
 from .connection import (
     Connection,
-    Headers,
     Origin,
     UpstreamResponse,
     build_request,
@@ -49,6 +50,16 @@ log = logging.getLogger("trioproxy.upstream")
 
 NOT_RESENT = "; the request was not resent (the upstream may have received it)"
 SMALL_BODY = 64 * 1024  # bodies up to this size are sent in one write with the head
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """What goes upstream: the provider's base URL, the target and the outbound head and body."""
+
+    base: UpstreamURL
+    target: bytes
+    headers: Headers
+    body: bytes
 
 
 class UpstreamPool:
