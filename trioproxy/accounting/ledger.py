@@ -35,6 +35,10 @@ async def open_ledger(settings: Settings) -> AsyncIterator[tuple[UsageWriter, by
 
     The store is opened (and migrated) lazily in the writer thread, so a database that is
     down at start-up does not stop the proxy: records wait in memory and are retried.
+
+    The lifespan enters it on an exit stack from inside its nursery and leaves it after the
+    nursery has closed, so neither this nor :func:`~.writer.open_usage_writer` may hold a
+    nursery or a cancel scope open across its ``yield``.
     """
     home = settings.data_home
     url = resolve_database_url(settings.database_url, home)
